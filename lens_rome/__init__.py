@@ -1,0 +1,17 @@
+"""lens_rome: causal tracing and ROME fact editing on TransformerLens hook points."""
+
+from lens_rome import hooks
+from lens_rome.models import DEFAULT_MODEL, adapter_for, load_model
+from lens_rome.tracing import TraceResult, locate_subject, trace, trace_all
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "TraceResult",
+    "adapter_for",
+    "hooks",
+    "load_model",
+    "locate_subject",
+    "trace",
+    "trace_all",
+]
+__version__ = "0.1.0"

