@@ -1,0 +1,291 @@
+"""Views of a causal trace: a paper-style heatmap and an inline, offline widget.
+
+:func:`plot_trace` draws the heatmap of the paper's Figure 1 (Meng et al.
+2022): one row per prompt token (subject tokens marked ``*``), one column per
+layer, the colour the answer's score when that state is restored.  As in the
+paper, the colour scale starts at the corrupted run's score, so white means
+"restoring this state does not help" and dark means "restoring it brings the
+answer back".  It returns a :class:`matplotlib.figure.Figure` built without
+pyplot, so it needs no GUI backend and leaves a user's pyplot state alone.
+
+:func:`show_trace` shows the prompt's tokens in circuitsvis's
+``ColoredTokensMulti`` component: pick a layer, and each token is coloured by
+the indirect effect of restoring its state at that layer; hover over a token
+to read its value at every layer.  The circuitsvis wheel ships its whole
+JavaScript bundle (``circuitsvis/dist/cdn/iife.js``, about 1.3 MB; React,
+the components and their dependencies), and :class:`TraceView` embeds it
+inline, so the view renders with no network access: in Jupyter, in VS Code,
+and as a saved standalone HTML file.  (circuitsvis's own ``RenderedHTML``
+probes the internet on every display and, when online, loads the bundle from
+a CDN instead, so a notebook saved online shows nothing offline.)
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from lens_rome.tracing import KINDS, TraceResult
+
+__all__ = ["TraceView", "plot_trace", "render_offline", "show_trace"]
+
+# Colormaps and names of the paper's Figure 1 panels.
+COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+KIND_NAMES = {"hidden": "state", "mlp": "MLP", "attn": "Attn"}
+SEVER_NAMES = {"mlp": "MLP", "attn": "Attn"}
+
+
+def _checked_scores(result: TraceResult) -> np.ndarray:
+    """``result.scores`` as a float64 array ``[n_tokens, n_layers]``, checked against the tokens."""
+    if not isinstance(result, TraceResult):
+        raise TypeError(f"expected a lens_rome TraceResult, got {type(result).__name__}")
+    if result.kind not in KINDS:
+        raise ValueError(f"result.kind must be one of {KINDS}, got {result.kind!r}")
+    scores = torch.as_tensor(result.scores).detach().to("cpu", torch.float64).numpy()
+    if scores.ndim != 2 or scores.shape[0] != len(result.tokens) or scores.shape[1] == 0:
+        raise ValueError(
+            f"result.scores must be [n_tokens, n_layers] with n_tokens = len(result.tokens) = "
+            f"{len(result.tokens)} and at least one layer; got shape {tuple(scores.shape)}"
+        )
+    return scores
+
+
+def score_label(result: TraceResult) -> str:
+    """What a score measures, e.g. ``p(' Paris')`` or ``log p(' Paris')``."""
+    prefix = "log p" if result.metric == "logprob" else "p"
+    return f"{prefix}({result.answer!r})"
+
+
+def default_title(result: TraceResult) -> str:
+    """The paper's panel title, e.g. ``Impact of restoring MLP after corrupted input``."""
+    title = f"Impact of restoring {KIND_NAMES[result.kind]} after corrupted input"
+    if result.sever:
+        title += f" (severed {SEVER_NAMES.get(result.sever, result.sever)})"
+    return title
+
+
+def layer_axis_label(result: TraceResult) -> str:
+    """The paper's x label: which layers one column restores."""
+    if result.kind == "hidden":
+        return f"single restored layer within {result.model_name or 'the model'}"
+    return f"center of interval of {result.window} restored {KIND_NAMES[result.kind]} layers"
+
+
+def token_labels(result: TraceResult) -> list[str]:
+    """The prompt's tokens with ``*`` after each subject token, as in the paper."""
+    start, end = result.subject_range
+    return [token + "*" if start <= i < end else token for i, token in enumerate(result.tokens)]
+
+
+# --------------------------------------------------------------------------- heatmap
+
+
+def _root_figure(ax) -> Figure:
+    """The top-level figure holding ``ax`` (``ax.figure`` may be a subfigure)."""
+    try:
+        return ax.get_figure(root=True)
+    except TypeError:  # matplotlib < 3.10: follow subfigures up by hand
+        fig = ax.figure
+        while getattr(fig, "figure", fig) is not fig:
+            fig = fig.figure
+        return fig
+
+
+def plot_trace(result: TraceResult, ax=None, title: str | None = None) -> Figure:
+    """Heatmap of ``result.scores`` in the style of the paper's Figure 1.
+
+    Rows are the prompt's tokens (top to bottom, subject tokens marked ``*``),
+    columns the layers; the colour scale runs from the corrupted score up.
+
+    Args:
+        ax: a matplotlib ``Axes`` to draw in (the colorbar goes next to it);
+            default: a new figure sized to the prompt.
+        title: default: the paper's, e.g. "Impact of restoring state after
+            corrupted input".
+
+    Returns:
+        The figure: ``fig.savefig("trace.png")``.  In Jupyter it displays
+        inline once pyplot or ``%matplotlib inline`` has set up the inline
+        backend; otherwise ``display(fig)`` after ``import matplotlib.pyplot``.
+    """
+    scores = _checked_scores(result)
+    n_tokens, n_layers = scores.shape
+    if ax is None:
+        fig = Figure(figsize=(4.5, 0.9 + 0.24 * n_tokens), dpi=150, layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = _root_figure(ax)
+    # The paper's vmin: white means "no better than the corrupted run".
+    vmax = max(float(np.nanmax(scores)), result.low_score)
+    image = ax.imshow(
+        scores, cmap=COLORMAPS[result.kind], vmin=result.low_score, vmax=vmax,
+        aspect="auto", interpolation="nearest",
+    )
+    ax.set_yticks(range(n_tokens), token_labels(result))
+    step = 5 if n_layers > 10 else 1
+    ax.set_xticks(range(0, n_layers, step))
+    ax.set_xlabel(layer_axis_label(result))
+    ax.set_title(default_title(result) if title is None else title, fontsize="medium")
+    colorbar = ax.figure.colorbar(image, ax=ax)
+    colorbar.ax.set_xlabel(score_label(result))  # under the bar, where the paper puts it
+    return fig
+
+
+# --------------------------------------------------------------------------- inline widget
+
+
+class TraceView:
+    """An HTML view that displays inline in Jupyter and works offline.
+
+    ``str(view)`` is the HTML fragment (header and widget, JavaScript inline);
+    :meth:`save` writes it as a standalone page.
+    """
+
+    def __init__(self, fragment: str, title: str = "lens_rome causal trace"):
+        self.fragment = fragment
+        self.title = title
+
+    def _repr_html_(self) -> str:
+        return self.fragment
+
+    def __html__(self) -> str:
+        return self.fragment
+
+    def __str__(self) -> str:
+        return self.fragment
+
+    def __repr__(self) -> str:
+        return f"<TraceView {self.title!r}: {len(self.fragment)} characters of HTML>"
+
+    def to_html(self) -> str:
+        """A standalone HTML document holding the view."""
+        return (
+            "<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(self.title)}</title>\n</head>\n<body>\n"
+            f"{self.fragment}\n</body>\n</html>\n"
+        )
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write :meth:`to_html` to ``path``; refuses to replace a file unless ``overwrite``."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_html(), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+
+@functools.lru_cache(maxsize=1)
+def circuitsvis_bundle() -> str:
+    """circuitsvis's JavaScript bundle, safe to place inside a ``<script>`` element."""
+    import circuitsvis  # noqa: PLC0415
+
+    bundle = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    if not bundle.is_file():
+        raise FileNotFoundError(
+            f"circuitsvis {circuitsvis.__version__} has no JavaScript bundle at {bundle}; "
+            f"the offline view needs it: reinstall circuitsvis from its wheel "
+            f"(pip install --force-reinstall circuitsvis)"
+        )
+    # "</script" would end the element early; "<\/script" is the same string to JavaScript.
+    return re.sub(r"</(script)", r"<\\/\1", bundle.read_text(encoding="utf-8"), flags=re.I)
+
+
+def render_offline(component: str, **props) -> str:
+    """HTML that renders circuitsvis ``component`` with ``props``, bundle inline.
+
+    Like ``circuitsvis.utils.render.render_local``, but the props cannot end
+    the script element (``<`` is escaped inside the JSON).
+    """
+    if not component.isidentifier():
+        raise ValueError(f"component must be a circuitsvis component name such as "
+                         f"'ColoredTokensMulti', got {component!r}")
+    element_id = f"circuits-vis-{uuid.uuid4().hex[:13]}"
+    props = {
+        key: value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value
+        for key, value in props.items()
+        if value is not None
+    }
+    props_json = json.dumps(props).replace("<", "\\u003c")
+    return (
+        f'<div id="{element_id}" style="margin: 15px 0;"></div>\n'
+        f'<script type="module">\n{circuitsvis_bundle()}\n'
+        f'CircuitsVis.render("{element_id}", CircuitsVis.{component}, {props_json});\n'
+        f"</script>"
+    )
+
+
+def _format_score(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _header(result: TraceResult) -> str:
+    """Prompt, answer, clean and corrupted scores, and what the colours mean."""
+    esc = html.escape
+    start, end = result.subject_range
+    label = score_label(result)
+    if result.kind == "hidden":
+        kind = "hidden (residual stream after each block)"
+    else:
+        kind = (f"{result.kind} (window of {result.window} {KIND_NAMES[result.kind]} layers "
+                f"centred on each layer)")
+    if result.sever:
+        kind += f", {SEVER_NAMES.get(result.sever, result.sever)} severed"
+    model = f" &middot; model {esc(result.model_name)}" if result.model_name else ""
+    subject_tokens = "".join(result.tokens[start:end])
+    rows = [
+        f"<b>Causal trace</b> &middot; kind {esc(kind)}{model} &middot; {result.samples} "
+        f"noise samples",
+        f"prompt: <code>{esc(result.prompt)}</code>",
+        f"subject: <code>{esc(result.subject)}</code> (tokens {start}&ndash;{end - 1}: "
+        f"<code>{esc(subject_tokens)}</code>) &middot; answer: <code>{esc(repr(result.answer))}"
+        f"</code>",
+        f"clean {esc(label)} = <b>{_format_score(result.high_score)}</b> &middot; corrupted "
+        f"{esc(label)} = <b>{_format_score(result.low_score)}</b> &middot; total effect "
+        f"{_format_score(result.total_effect)}",
+        "colour: indirect effect of restoring the token's state at the selected layer "
+        "(restored score &minus; corrupted score; blue helps, red hurts); hover over a "
+        "token to read it at every layer",
+    ]
+    body = "".join(f"<div>{row}</div>" for row in rows)
+    style = "font-family: sans-serif; font-size: 13px; line-height: 1.5;"
+    return f'<div class="lens-rome-trace-header" style="{style}">{body}</div>'
+
+
+def show_trace(result: TraceResult) -> TraceView:
+    """The prompt's tokens coloured by the indirect effect of restoring them, layer by layer.
+
+    Renders circuitsvis's ``ColoredTokensMulti`` (one button per layer) under a
+    header with the prompt, the answer, the clean and corrupted scores and the
+    kind.  The returned :class:`TraceView` displays inline in Jupyter, and
+    ``view.save("trace.html")`` writes a page that opens offline.
+    """
+    scores = _checked_scores(result)
+    effect = scores - result.low_score
+    n_layers = effect.shape[1]
+    # One colour scale for every layer, so layers compare by eye (circuitsvis
+    # would otherwise keep the first layer's scale for all).  Bounds stay off
+    # zero at circuitsvis's 6 displayed decimals, or its form shows a stray "0".
+    high = max(float(np.nanmax(effect)), 1e-6)
+    low = min(float(np.nanmin(effect)), -1e-6)
+    widget = render_offline(
+        "ColoredTokensMulti",
+        # circuitsvis writes tokens as raw HTML; escape them so "<" shows as text.
+        tokens=[html.escape(token, quote=False) for token in result.tokens],
+        values=effect,
+        labels=[f"layer {layer}" for layer in range(n_layers)],
+        positiveBounds=[high] * n_layers,
+        negativeBounds=[low] * n_layers,
+    )
+    title = f"Causal trace ({result.kind}): {result.prompt} -> {result.answer!r}"
+    return TraceView(f"<div>{_header(result)}\n{widget}\n</div>", title=title)

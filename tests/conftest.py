@@ -1,0 +1,80 @@
+"""Fixtures: tiny random models for fast exact tests, the embedded model for integration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from lens_rome.models import use_linear_layout
+
+KNOWN_FACTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "known_facts.json"
+
+TRAINING_TEXT = [
+    "The Eiffel Tower is located in the city of Paris.",
+    "The Space Needle is in downtown Seattle.",
+    "Miles Davis plays the trumpet. The Colosseum is in Rome.",
+] * 5
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A byte-level BPE tokenizer trained here in a second (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<bos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", pad_token="<pad>").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)  # TransformerLens reloads it by path
+
+
+def _tiny_model(tokenizer, **architecture) -> HookedTransformer:
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=6, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=64,
+        d_vocab=len(tokenizer), initializer_range=0.3, default_prepend_bos=False,
+        model_name="tiny", **architecture,
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.eval()
+    return use_linear_layout(model)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_tokenizer):
+    """GPT-2 style: LayerNorm, learned positions, GELU MLP."""
+    return _tiny_model(tiny_tokenizer, act_fn="gelu_new", normalization_type="LN",
+                       positional_embedding_type="standard")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer):
+    """Llama style: RMSNorm, rotary positions, gated SiLU MLP, grouped-query attention."""
+    return _tiny_model(tiny_tokenizer, act_fn="silu", normalization_type="RMS",
+                       positional_embedding_type="rotary", gated_mlp=True,
+                       n_key_value_heads=2, final_rms=True)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    from lens_rome import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def known_facts():
+    if not KNOWN_FACTS.exists():
+        pytest.skip(f"{KNOWN_FACTS} is absent (the shared data folder is not beside the project)")
+    return json.loads(KNOWN_FACTS.read_text())

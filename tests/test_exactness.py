@@ -1,0 +1,66 @@
+"""``trace`` must equal the paper's one-restoration-per-pass algorithm given the same noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lens_rome import locate_subject, trace
+from lens_rome.hooks import Replacement
+from reference import reference_trace
+
+TOLERANCE = 1e-4
+CASES = [
+    ("hidden", None), ("mlp", None), ("attn", None), ("hidden", "mlp"), ("hidden", "attn"),
+]
+
+
+def _compare(model, prompt, subject, kind, sever, *, samples=3, window=4, metric="prob",
+             scale=1.0):
+    tokens, subject_range = locate_subject(model, prompt, subject)
+    n_subject = subject_range[1] - subject_range[0]
+    generator = torch.Generator().manual_seed(7)
+    noise = torch.randn(samples, n_subject, model.cfg.d_model, generator=generator) * scale
+    result = trace(model, prompt, subject, kind, samples=samples, window=window, noise=noise,
+                   sever=sever, metric=metric)
+    expected, low = reference_trace(model, tokens, subject_range, result.answer_token, noise,
+                                    kind, window, sever, metric=metric)
+    deviation = (result.scores - expected).abs().max().item()
+    assert abs(result.low_score - low) < TOLERANCE
+    assert deviation < TOLERANCE, f"largest deviation {deviation:.2e}"
+    return deviation
+
+
+@pytest.mark.parametrize("kind,sever", CASES)
+@pytest.mark.parametrize("architecture", ["tiny_gpt2", "tiny_llama"])
+def test_trace_matches_paper_algorithm_on_tiny_models(architecture, kind, sever, request):
+    model = request.getfixturevalue(architecture)
+    # The subject starts after the first token: positions before it are skipped by trace,
+    # and the restorations after it read earlier positions from the key/value cache.
+    _compare(model, "Where is The Eiffel Tower? It is in the city of", "The Eiffel Tower",
+             kind, sever)
+
+
+@pytest.mark.parametrize("metric", ["prob", "logprob"])
+def test_metrics_match_paper_algorithm(tiny_llama, metric):
+    _compare(tiny_llama, "The Space Needle is in downtown", "The Space Needle", "mlp", None,
+             metric=metric)
+
+
+def test_replacement_noise_matches_paper_algorithm(tiny_gpt2):
+    prompt, subject = "The Space Needle is in downtown", "Space Needle"
+    tokens, subject_range = locate_subject(tiny_gpt2, prompt, subject)
+    result = trace(tiny_gpt2, prompt, subject, "attn", samples=2, window=3, noise=Replacement())
+    rule = Replacement().draw(tiny_gpt2, tokens[0, subject_range[0]:subject_range[1]], 2,
+                              torch.Generator().manual_seed(0))
+    expected, _ = reference_trace(tiny_gpt2, tokens, subject_range, result.answer_token,
+                                  rule.values, "attn", 3, replace=True)
+    assert (result.scores - expected).abs().max().item() < TOLERANCE
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("kind,sever", [("hidden", None), ("mlp", None), ("attn", None),
+                                        ("hidden", "mlp")])
+def test_trace_matches_paper_algorithm_on_smollm(smollm, kind, sever):
+    _compare(smollm, "The Eiffel Tower is in the city of", "Eiffel Tower", kind, sever,
+             samples=2, window=10, scale=0.5)

@@ -1,0 +1,152 @@
+"""trace(): subject location, results, bad input, and the embedded model's behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lens_rome import TraceResult, locate_subject, trace
+from lens_rome.hooks import Gaussian, SubjectSwap
+
+PROMPT = "The Space Needle is in downtown"
+SUBJECT = "The Space Needle"
+
+
+@pytest.mark.parametrize("subject", ["Eiffel", "The Eiffel Tower", "iffel Tow", "Tower?"])
+def test_subject_is_located_by_character_offsets(tiny_gpt2, subject):
+    """The subject's tokens are the fewest consecutive tokens whose text covers it, even
+    when its edges fall inside a token."""
+    prompt = "Where is The Eiffel Tower? It is in"
+    tokens, (start, end) = locate_subject(tiny_gpt2, prompt, subject)
+    pieces = [tiny_gpt2.tokenizer.decode([t]) for t in tokens[0, start:end]]
+    assert subject in "".join(pieces)
+    assert subject not in "".join(pieces[1:]) and subject not in "".join(pieces[:-1])
+
+
+def test_result_shapes_and_effects(tiny_llama):
+    result = trace(tiny_llama, PROMPT, SUBJECT, "mlp", samples=2, window=3)
+    n_tokens = len(result.tokens)
+    assert result.scores.shape == (n_tokens, tiny_llama.cfg.n_layers)
+    assert result.subject_range[0] == 0
+    assert result.total_effect == pytest.approx(result.high_score - result.low_score)
+    assert torch.allclose(result.indirect_effect, result.scores - result.low_score)
+    frame = result.to_frame()
+    assert len(frame) == n_tokens * tiny_llama.cfg.n_layers
+    assert set(frame.columns) >= {"position", "token", "is_subject", "layer", "score"}
+    assert frame.is_subject.sum() == (result.subject_range[1] - result.subject_range[0]) * 6
+    # Restoring every state at the last token after the last layer gives the clean run back.
+    hidden = trace(tiny_llama, PROMPT, SUBJECT, "hidden", samples=2)
+    assert hidden.scores[-1, -1].item() == pytest.approx(hidden.high_score, abs=1e-5)
+
+
+def test_tokens_before_the_subject_keep_the_corrupted_score(tiny_gpt2):
+    result = trace(tiny_gpt2, "Where is The Eiffel Tower? It is in", "Eiffel Tower",
+                   samples=2)
+    start = result.subject_range[0]
+    assert start > 0
+    assert torch.all(result.scores[:start] == result.low_score)
+
+
+def test_same_seed_same_scores_and_target(tiny_llama):
+    first = trace(tiny_llama, PROMPT, SUBJECT, samples=2, seed=3)
+    again = trace(tiny_llama, PROMPT, SUBJECT, samples=2, seed=3)
+    other = trace(tiny_llama, PROMPT, SUBJECT, samples=2, seed=4)
+    assert torch.equal(first.scores, again.scores)
+    assert not torch.equal(first.scores, other.scores)
+    targeted = trace(tiny_llama, PROMPT, SUBJECT, samples=2, seed=3, target=first.answer)
+    assert torch.equal(targeted.scores, first.scores)
+
+
+def test_noise_rules_run(tiny_gpt2):
+    from lens_rome.hooks import MultivariateGaussian, Replacement, StudentT, Uniform
+
+    for rule in [Gaussian(), Gaussian(level=0.5), StudentT(), Uniform(), MultivariateGaussian(),
+                 Replacement(), 0.2]:
+        result = trace(tiny_gpt2, PROMPT, SUBJECT, samples=2, noise=rule)
+        assert torch.isfinite(result.scores).all(), rule
+
+
+def test_subject_swap_needs_equal_length(tiny_gpt2):
+    n_subject = (lambda r: r[1] - r[0])(locate_subject(tiny_gpt2, PROMPT, SUBJECT)[1])
+    with pytest.raises(ValueError, match="alternative subject 'x' has 1 tokens"):
+        trace(tiny_gpt2, PROMPT, SUBJECT, samples=2, noise=SubjectSwap(["x"] if n_subject != 1 else ["xx yy zz"]))
+
+
+def test_save_and_load_round_trip(tiny_llama, tmp_path):
+    result = trace(tiny_llama, PROMPT, SUBJECT, "attn", samples=2, window=2, sever=None)
+    path = result.save(tmp_path / "trace.json")
+    loaded = TraceResult.load(path)
+    assert torch.equal(loaded.scores, result.scores)
+    assert loaded.subject_range == result.subject_range and loaded.tokens == result.tokens
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        result.save(path)
+    result.save(path, overwrite=True)
+    path.write_text('{"scores": [1, 2')
+    with pytest.raises(ValueError, match="not a readable lens_rome trace result"):
+        TraceResult.load(path)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(subject="Eiffel Tower"), "subject 'Eiffel Tower' does not occur in prompt"),
+        (dict(prompt=""), "prompt must be a non-empty string"),
+        (dict(subject=""), "subject must be a non-empty string"),
+        (dict(samples=0), "samples must be an integer >= 1, got 0"),
+        (dict(window=0), "window must be an integer >= 1, got 0"),
+        (dict(kind="mlps"), "unknown kind 'mlps'; expected one of \\['hidden', 'mlp', 'attn'\\]"),
+        (dict(metric="logit"), "unknown metric 'logit'"),
+        (dict(sever="embed"), "sever must be None, 'mlp' or 'attn'"),
+        (dict(kind="mlp", sever="mlp"), "sever applies to hidden-state traces"),
+        (dict(target=""), "target must be a non-empty string"),
+        (dict(noise=-1.0), "noise level must be >= 0"),
+        (dict(noise=torch.zeros(2, 1, 64)), "noise tensor has shape \\(2, 1, 64\\); expected"),
+    ],
+)
+def test_bad_input_is_named(tiny_gpt2, kwargs, message):
+    arguments = dict(prompt=PROMPT, subject=SUBJECT, samples=2) | kwargs
+    with pytest.raises(ValueError, match=message):
+        trace(tiny_gpt2, arguments.pop("prompt"), arguments.pop("subject"), **arguments)
+
+
+def test_noise_of_wrong_type(tiny_gpt2):
+    with pytest.raises(TypeError, match="noise must be a float level, a tensor"):
+        trace(tiny_gpt2, PROMPT, SUBJECT, noise="s3")
+
+
+# --------------------------------------------------------------------------- embedded model
+
+
+def _answered(model, facts, limit):
+    """Facts whose expected attribute starts the model's greedy answer."""
+    chosen = []
+    for fact in facts:
+        tokens = model.to_tokens(fact["prompt"], prepend_bos=False)
+        with torch.no_grad():
+            top = model.tokenizer.decode(model(tokens)[0, -1].argmax())
+        if top.strip() and fact["attribute"].startswith(top.strip()):
+            chosen.append(fact)
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
+@pytest.mark.embedded
+def test_smollm_recalls_facts_at_the_subject_then_at_the_last_token(smollm, known_facts):
+    """The paper's two sites: an early site at the subject in early/middle layers, a late
+    site at the last token in late layers, each recovering at least half the clean score."""
+    facts = _answered(smollm, known_facts, limit=3)
+    assert len(facts) == 3
+    n_layers = smollm.cfg.n_layers
+    for fact in facts:
+        result = trace(smollm, fact["prompt"], fact["subject"], "hidden", samples=5)
+        start, end = result.subject_range
+        early = result.scores[start:end, : 2 * n_layers // 3].max().item()
+        # The last layer itself is excluded: restoring it there gives the clean run back.
+        late = result.scores[-1, n_layers // 2 : n_layers - 2].max().item()
+        assert early >= 0.5 * result.high_score, (fact["prompt"], early, result.high_score)
+        assert late >= 0.5 * result.high_score, (fact["prompt"], late, result.high_score)
+        assert result.low_score < 0.5 * result.high_score  # the corruption did remove the fact
