@@ -272,13 +272,16 @@ def load_model(
     cache_dir: str | Path | None = None,
     device: str = "cpu",
     rebuild: bool = False,
+    linear_layout: bool = True,
 ) -> HookedTransformer:
     """A float32 ``HookedTransformer`` in eval mode, with no weight processing.
 
     ``name`` is an embedded model (``"smollm2-135m"``, ``"gemma-3-270m"``),
     loaded offline from its pip package and cached under ``cache_dir``; or any
     name ``HookedTransformer.from_pretrained`` knows (needs a network the first
-    time).  ``rebuild=True`` ignores the cache.
+    time).  ``rebuild=True`` ignores the cache.  ``linear_layout`` stores the
+    weights in the memory order ``F.linear`` reads (see :func:`use_linear_layout`;
+    the same values, faster on small batches).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
@@ -291,8 +294,7 @@ def load_model(
     model.lens_rome_name = name
     model.eval()
     model = model.to(device)
-    use_linear_layout(model)
-    return model
+    return use_linear_layout(model) if linear_layout else model
 
 
 def _load_from_hub(name: str) -> HookedTransformer:
