@@ -1,0 +1,260 @@
+"""Acceptance run for ROME on the embedded SmolLM2: quality and time of 30 edits.
+
+From /work/shared/data/known_facts.json it takes facts the model answers
+correctly (its most likely next token is the object's first token), whose
+relation has other prompt templates (paraphrases) and another subject with
+the same object (neighbours).  Each is edited in turn, its counterfactual
+target the object of another fact of the same relation, measured, and
+reverted before the next.  For each case, as in CounterFact:
+
+- efficacy: the new object is more probable than the old on the edit prompt;
+- paraphrase: the same, on the subject under the relation's other templates;
+- neighbourhood: other subjects with the same relation and object still
+  prefer the old object.
+
+"More probable" compares mean per-token log-probabilities of the two objects
+(the paper's measure).  Paraphrase and neighbourhood scores are the fraction
+of a case's prompts that pass, averaged over cases.  The unedited model is
+scored the same way.
+
+Run: ``.venv/bin/python benchmarks/rome_edits.py`` (about 6 minutes on a
+2-core CPU once the layer's key statistics are cached; the first run computes
+them, about 2 minutes).  ``--choose-layer`` instead runs the MLP causal trace
+behind the default edit layer and writes docs/figures/editing_layer_*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KNOWN_FACTS = ROOT.parent / "shared" / "data" / "known_facts.json"
+FIGURES = ROOT / "docs" / "figures"
+
+
+def load_facts(path: Path) -> list[dict]:
+    if not path.exists():
+        sys.exit(f"error: {path} is absent (the shared data folder is not beside the project)")
+    return json.loads(path.read_text())
+
+
+def answered_correctly(model, facts: list[dict], batch_size: int = 32) -> list[dict]:
+    """Facts whose object's first token is the model's most likely next token."""
+    tokenizer = model.tokenizer
+    good = []
+    with torch.no_grad():
+        for i in range(0, len(facts), batch_size):
+            chunk = facts[i:i + batch_size]
+            rows = [tokenizer(f["prompt"], add_special_tokens=False)["input_ids"] for f in chunk]
+            width = max(map(len, rows))
+            logits = model(torch.tensor([r + [0] * (width - len(r)) for r in rows]))
+            for j, (fact, row) in enumerate(zip(chunk, rows)):
+                first = tokenizer(" " + fact["attribute"], add_special_tokens=False)["input_ids"][0]
+                if int(logits[j, len(row) - 1].argmax()) == first:
+                    good.append(fact)
+    return good
+
+
+def build_cases(model, facts: list[dict], n: int, seed: int, max_prompts: int) -> list[dict]:
+    by_relation = defaultdict(list)
+    for fact in facts:
+        by_relation[fact["relation_id"]].append(fact)
+    rng = random.Random(seed)
+    cases = []
+    correct = answered_correctly(model, facts)
+    rng.shuffle(correct)
+    for fact in correct:
+        relation = by_relation[fact["relation_id"]]
+        subject, old = fact["subject"], fact["attribute"]
+        templates = sorted({f["template"] for f in relation})
+        paraphrases = [t.replace("{}", subject) for t in templates
+                       if t != fact["template"] and t.replace("{}", subject) != fact["prompt"]]
+        neighbours = sorted({f["prompt"] for f in relation
+                             if f["attribute"] == old and f["subject"] != subject})
+        others = sorted({f["attribute"] for f in relation} - {old})
+        if not paraphrases or not neighbours or not others:
+            continue
+        cases.append({
+            "known_id": fact["known_id"],
+            "request": {"prompt": fact["prompt"].replace(subject, "{}", 1), "subject": subject,
+                        "target_new": " " + rng.choice(others), "target_true": " " + old},
+            "paraphrases": paraphrases[:max_prompts],
+            "neighbours": neighbours[:max_prompts],
+        })
+        if len(cases) == n:
+            break
+    return cases
+
+
+def score(model, case: dict) -> dict:
+    from lens_rome import rome
+
+    request = case["request"]
+    prompts = [request["prompt"].replace("{}", request["subject"])]
+    prompts += case["paraphrases"] + case["neighbours"]
+    lp = rome.target_log_probs(model, prompts, [request["target_new"], request["target_true"]])
+    new_wins = (lp[:, 0] > lp[:, 1]).float()
+    n_para = len(case["paraphrases"])
+    return {
+        "efficacy": float(new_wins[0]),
+        "paraphrase": float(new_wins[1:1 + n_para].mean()),
+        "neighbourhood": float(1 - new_wins[1 + n_para:].mean()),
+        "margin": float(lp[0, 0] - lp[0, 1]),
+    }
+
+
+def mean(rows: list[dict], key: str) -> float:
+    return 100 * sum(r[key] for r in rows) / len(rows)
+
+
+def run_edits(args) -> None:
+    from lens_rome import load_model, rome
+    from lens_rome.statistics import key_statistics
+
+    model = load_model(args.model)
+    hp = rome.RomeHyperParams.for_model(model, **{
+        k: v for k, v in {
+            "layer": args.layer, "lookup": args.lookup, "v_steps": args.v_steps,
+            "v_lr": args.v_lr, "kl_weight": args.kl_weight, "weight_decay": args.weight_decay,
+            "clamp_norm": args.clamp_norm, "n_prefixes": args.n_prefixes,
+            "early_stop_loss": args.early_stop_loss,
+        }.items() if v is not None})
+    cases = build_cases(model, load_facts(Path(args.facts)), args.n, args.seed, args.max_prompts)
+    print(f"model {args.model}, torch threads {torch.get_num_threads()}, {len(cases)} cases")
+    print(f"hyper-parameters: {hp.to_dict()}")
+
+    start = time.perf_counter()
+    stats = key_statistics(model, hp.layer, samples=hp.stats_samples,
+                           token_length=hp.stats_token_length, progress=False)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    stats = key_statistics(model, hp.layer, samples=hp.stats_samples,
+                           token_length=hp.stats_token_length, progress=False)
+    cached_load = time.perf_counter() - start
+    computed = stats.meta.get("seconds", first)
+    print(f"key statistics, layer {hp.layer}: {stats.count} keys "
+          f"({hp.stats_samples} chunks x {hp.stats_token_length} tokens of Wikipedia); "
+          f"computed once in {computed:.1f} s; loaded from the cache in {cached_load:.2f} s")
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    rome.context_prefixes(model, hp.n_prefixes, hp.prefix_lengths, hp.seed)  # once per model
+    unedited, edited, seconds = [], [], []
+    print(f"\n{'id':>4} {'subject':28} {'old -> new':34} {'lookup':>10} "
+          f"{'eff':>4} {'para':>5} {'neigh':>5} {'s':>5}")
+    for case in cases:
+        unedited.append(score(model, case))
+        start = time.perf_counter()
+        change = rome.edit(model, case["request"], hparams=hp, stats=stats)
+        seconds.append(time.perf_counter() - start)
+        result = score(model, case)
+        change.revert()
+        edited.append(result)
+        req = case["request"]
+        print(f"{case['known_id']:>4} {req['subject'][:28]:28} "
+              f"{(req['target_true'] + ' ->' + req['target_new'])[:34]:34} "
+              f"{change.info['lookup_token'][:10]:>10} {result['efficacy']:4.0f} "
+              f"{result['paraphrase']:5.2f} {result['neighbourhood']:5.2f} {seconds[-1]:5.1f}",
+              flush=True)
+    exact = all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+    print(f"\n{'':22} {'efficacy':>9} {'paraphrase':>11} {'neighbourhood':>14}")
+    for label, rows in (("unedited model", unedited), (f"ROME, layer {hp.layer}", edited)):
+        print(f"{label:22} {mean(rows, 'efficacy'):8.1f}% {mean(rows, 'paraphrase'):10.1f}% "
+              f"{mean(rows, 'neighbourhood'):13.1f}%")
+    print(f"\ntime per edit (statistics excluded): mean {sum(seconds) / len(seconds):.1f} s, "
+          f"max {max(seconds):.1f} s")
+    print(f"one-time key statistics for layer {hp.layer}: {computed:.1f} s; "
+          f"cached load: {cached_load:.2f} s")
+    print(f"every parameter bit-exact after the {len(cases)} reverts: {exact}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "hparams": hp.to_dict(), "cases": cases, "edited": edited, "unedited": unedited,
+            "seconds": seconds, "stats_seconds": computed, "cached_load": cached_load}, indent=1))
+
+
+def choose_layer(args) -> None:
+    """Average MLP indirect effect by layer at the first and last subject token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lens_rome import load_model, trace
+
+    model = load_model(args.model)
+    facts = answered_correctly(model, load_facts(Path(args.facts)))
+    random.Random(args.seed).shuffle(facts)
+    facts = facts[:args.n]
+    n_layers = model.cfg.n_layers
+    first, last = torch.zeros(n_layers), torch.zeros(n_layers)
+    start = time.perf_counter()
+    for fact in facts:
+        result = trace(model, fact["prompt"], fact["subject"], "mlp", samples=args.samples,
+                       window=args.window, target=" " + fact["attribute"])
+        s, e = result.subject_range
+        first += result.indirect_effect[s] / len(facts)
+        last += result.indirect_effect[e - 1] / len(facts)
+    seconds = time.perf_counter() - start
+    print(f"{len(facts)} correctly answered facts, MLP window {args.window}, "
+          f"{args.samples} noise samples, {seconds:.0f} s")
+    print(f"{'layer':>5} {'AIE first subject token':>24} {'AIE last subject token':>24}")
+    for layer in range(n_layers):
+        print(f"{layer:5d} {first[layer]:24.4f} {last[layer]:24.4f}")
+    print(f"peak at the last subject token: layer {int(last.argmax())}; "
+          f"at the first: layer {int(first.argmax())}")
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(n_layers), first.numpy(), label="first subject token")
+    ax.plot(range(n_layers), last.numpy(), label="last subject token")
+    ax.set_xlabel("MLP layer (centre of a window of %d)" % args.window)
+    ax.set_ylabel("average indirect effect")
+    ax.set_title(f"{args.model}: restoring MLP outputs, {len(facts)} facts")
+    ax.legend()
+    fig.tight_layout()
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    out = FIGURES / f"editing_layer_{args.model}.png"
+    fig.savefig(out, dpi=120)
+    (FIGURES / f"editing_layer_{args.model}.json").write_text(json.dumps({
+        "facts": [f["known_id"] for f in facts], "window": args.window, "samples": args.samples,
+        "aie_first_subject_token": first.tolist(), "aie_last_subject_token": last.tolist()}))
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--facts", default=str(KNOWN_FACTS))
+    parser.add_argument("--n", type=int, default=30, help="cases (facts) to edit or trace")
+    parser.add_argument("--seed", type=int, default=0, help="picks the facts and new objects")
+    parser.add_argument("--max-prompts", type=int, default=10,
+                        help="at most this many paraphrase and neighbour prompts per case")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 avoids slow-downs on a busy machine)")
+    parser.add_argument("--json", help="also write the per-case results here")
+    for name, kind in (("layer", int), ("v-steps", int), ("v-lr", float), ("kl-weight", float),
+                       ("weight-decay", float), ("clamp-norm", float), ("n-prefixes", int),
+                       ("early-stop-loss", float)):
+        parser.add_argument(f"--{name}", type=kind, default=None)
+    parser.add_argument("--lookup", default=None,
+                        help="subject_last, subject_first, last, or a token index")
+    parser.add_argument("--choose-layer", action="store_true",
+                        help="run the MLP causal trace that picks the default edit layer")
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=10)
+    args = parser.parse_args()
+    if args.lookup is not None and args.lookup.lstrip("-").isdigit():
+        args.lookup = int(args.lookup)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    choose_layer(args) if args.choose_layer else run_edits(args)
+
+
+if __name__ == "__main__":
+    main()

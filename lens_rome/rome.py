@@ -1,0 +1,850 @@
+"""ROME: rewrite one fact with a rank-one change to one MLP's output projection.
+
+Meng et al. (2022, section 3) read a mid-layer MLP as a key-value memory: the
+key ``k`` is the MLP's hidden activation at the token where the model looks
+the subject up (``blocks.{l}.mlp.hook_post``), the value is what
+``W_out`` makes of it.  To make the model say ``o*`` instead of ``o`` for
+``(s, r)``, ROME
+
+1. computes the key ``k*``: the activation at the subject's lookup token,
+   averaged over the prompt preceded by ~20 short texts the model generates
+   itself, so that the edit does not depend on the context;
+2. optimises a value ``v* = W_out k* + delta``: the MLP output at the lookup
+   token that makes ``o*`` likely after every prefixed prompt, while the
+   model's next-token distribution after ``"{s} is a"`` stays close to the
+   original (KL term), with weight decay and a norm clamp on ``delta``;
+3. inserts the pair with the least change to every other key, given
+   ``C = E[k k^T]`` over a corpus (:mod:`lens_rome.statistics`)::
+
+       W' = W + Lambda (C^-1 k*)^T,   Lambda = (v* - W k*) / ((C^-1 k*)^T k*)
+
+TransformerLens computes ``post @ W_out`` with ``W_out`` of shape
+``[d_mlp, d_model]``, so the change is ``outer(C^-1 k*, Lambda)`` added to
+``blocks[l].mlp.W_out`` in place.  :func:`edit` returns an :class:`Edit`:
+revert it (bit-exact), save it, load it, apply it to another copy of the
+model, or use :func:`edited` for a temporary edit::
+
+    with rome.edited(model, {"prompt": "{} is located in the city of",
+                             "subject": "The Eiffel Tower", "target_new": " Rome"}):
+        model.generate("The Eiffel Tower is", max_new_tokens=10)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from jaxtyping import Float
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+from lens_rome.models import ModelAdapter, adapter_for
+from lens_rome.statistics import (
+    DEFAULT_SAMPLES,
+    DEFAULT_TOKEN_LENGTH,
+    KeyStatistics,
+    key_statistics,
+    model_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+LOOKUPS = ("subject_last", "subject_first", "last")
+KL_PROMPT = "{} is a"
+PREFIX_STARTERS = ("The", "Therefore", "Because", "I", "You")
+SAVE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to rewrite: ``prompt`` with ``{}`` where ``subject`` goes, and the new object.
+
+    ``target_new`` is the continuation to make likely, usually with its leading
+    space (``" Rome"``); ``target_true`` (optional) the one it replaces.
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+
+    def __post_init__(self):
+        for name in ("prompt", "subject", "target_new"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {type(value).__name__}: {value!r}")
+        if not self.target_new.strip():
+            raise ValueError(
+                f"target_new must be a non-empty string such as ' Rome', got {self.target_new!r}"
+            )
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            raise TypeError(f"target_true must be a string or None, got {self.target_true!r}")
+        if not self.subject.strip():
+            raise ValueError(f"subject must be a non-empty string, got {self.subject!r}")
+        slots = self.prompt.count("{}")
+        if slots == 0:
+            if self.subject in self.prompt:
+                hint = self.prompt.replace(self.subject, "{}", 1)
+                raise ValueError(
+                    f"prompt {self.prompt!r} has no '{{}}' where the subject goes; "
+                    f"write it as {hint!r}"
+                )
+            raise ValueError(
+                f"subject {self.subject!r} is not in prompt {self.prompt!r}, and the prompt has "
+                f"no '{{}}' to put it in; write the prompt as e.g. '{{}} is located in the city of'"
+            )
+        if slots > 1:
+            raise ValueError(f"prompt {self.prompt!r} must contain '{{}}' once, not {slots} times")
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return fill(self.prompt, self.subject)
+
+    @classmethod
+    def parse(cls, request: "EditRequest | Mapping[str, Any]") -> "EditRequest":
+        """Accept an ``EditRequest``, ``{"prompt", "subject", "target_new"[, "target_true"]}``,
+        or a CounterFact record (``{"requested_rewrite": {..., "target_new": {"str": ...}}}``
+        or its ``requested_rewrite`` alone)."""
+        if isinstance(request, EditRequest):
+            return request
+        if not isinstance(request, Mapping):
+            raise TypeError(
+                "an edit request is a dict {'prompt': '{} is located in', 'subject': ..., "
+                f"'target_new': ' Rome'}} or a CounterFact record, got {type(request).__name__}"
+            )
+        data = request.get("requested_rewrite", request)
+        missing = [k for k in ("prompt", "subject", "target_new") if k not in data]
+        if missing:
+            raise ValueError(
+                f"edit request lacks {missing}; expected keys 'prompt' (with '{{}}'), 'subject', "
+                f"'target_new' (and optionally 'target_true'), got {sorted(data)}"
+            )
+
+        def text(value):
+            return value.get("str") if isinstance(value, Mapping) else value
+
+        target_new, target_true = text(data["target_new"]), text(data.get("target_true"))
+        if isinstance(request, Mapping) and "requested_rewrite" in request or isinstance(
+            data["target_new"], Mapping
+        ):  # CounterFact stores objects without their leading space
+            target_new = _spaced(target_new)
+            target_true = _spaced(target_true) if target_true else target_true
+        return cls(data["prompt"], data["subject"], target_new, target_true)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fill(prompt: str, subject: str) -> str:
+    """``prompt`` with ``subject`` in place of ``{}`` (other braces are left alone)."""
+    return prompt.replace("{}", subject, 1)
+
+
+def _spaced(text: str | None) -> str | None:
+    if isinstance(text, str) and text and not text[0].isspace():
+        return " " + text
+    return text
+
+
+# --------------------------------------------------------------------------- hyper-parameters
+
+
+@dataclass(frozen=True)
+class RomeHyperParams:
+    """Everything that shapes an edit.  ``RomeHyperParams.for_model(model)`` gives the defaults.
+
+    Attributes:
+        layer: the MLP whose ``W_out`` is edited.
+        lookup: the token whose key is edited: ``"subject_last"`` (the paper),
+            ``"subject_first"``, ``"last"`` (the prompt's last token), or an
+            int index into the prompt's tokens (negative counts from the end).
+        n_prefixes, prefix_lengths: the self-generated texts (in tokens, split
+            evenly among the lengths) that precede the prompt when ``k*`` and
+            ``v*`` are computed; the bare prompt is always used too.
+        v_steps, v_lr: Adam steps and learning rate of the ``v*`` optimisation.
+        kl_weight: weight of KL(original || edited) after ``"{subject} is a"``.
+        weight_decay: weight of ``|delta|^2 / |m|^2`` (``m``: the MLP output
+            being changed).
+        clamp_norm: ``|delta|`` is clamped to ``clamp_norm * |m|`` after each step.
+        early_stop_loss: stop when the total loss falls below this.
+        stats_samples, stats_token_length: the corpus sample behind ``C``.
+        seed: seeds the prefix generation.
+    """
+
+    layer: int
+    lookup: str | int = "subject_last"
+    n_prefixes: int = 20
+    prefix_lengths: tuple[int, ...] = (5, 10)
+    v_steps: int = 20
+    v_lr: float = 0.5
+    kl_weight: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm: float = 4.0
+    early_stop_loss: float = 0.05
+    stats_samples: int = DEFAULT_SAMPLES
+    stats_token_length: int = DEFAULT_TOKEN_LENGTH
+    seed: int = 0
+
+    def __post_init__(self):
+        check_lookup(self.lookup)
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer must be an integer >= 0, got {self.layer!r}")
+        for name in ("n_prefixes", "v_steps", "stats_samples", "stats_token_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (
+                0 if name == "n_prefixes" else 1
+            ):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        lengths = tuple(self.prefix_lengths)
+        if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
+            raise ValueError(f"prefix_lengths must be positive token counts, got {lengths!r}")
+        object.__setattr__(self, "prefix_lengths", lengths)
+        for name in ("v_lr", "kl_weight", "weight_decay", "clamp_norm", "early_stop_loss"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    @classmethod
+    def for_model(cls, model: HookedTransformer | str, **overrides) -> "RomeHyperParams":
+        """The defaults for ``model`` (or a model name), with ``overrides`` applied."""
+        name = model if isinstance(model, str) else adapter_for(model).name
+        defaults = dict(MODEL_DEFAULTS.get(name, {}))
+        if "layer" not in defaults and "layer" not in overrides:
+            if isinstance(model, str):
+                raise ValueError(
+                    f"no default edit layer for {name!r} (known: {sorted(MODEL_DEFAULTS)}); "
+                    f"pass layer=..."
+                )
+            defaults["layer"] = model.cfg.n_layers // 4
+            log.warning("no default edit layer for %r: using layer %d (a quarter of the depth); "
+                        "trace the model's MLPs to choose one", name, defaults["layer"])
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"unknown hyper-parameters {unknown}; accepted: {sorted(fields)}")
+        return cls(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def replace(self, **changes) -> "RomeHyperParams":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["prefix_lengths"] = list(self.prefix_lengths)
+        return data
+
+
+# Per-model defaults.  Layers come from each model's own MLP causal trace
+# (benchmarks/rome_edits.py --choose-layer; docs/editing.md); GPT-2 XL's are the paper's.
+MODEL_DEFAULTS: dict[str, dict] = {
+    "smollm2-135m": {"layer": 4},
+    "gpt2-xl": {"layer": 17, "v_steps": 20, "v_lr": 0.5, "kl_weight": 0.0625,
+                "weight_decay": 0.5, "clamp_norm": 4.0},
+}
+
+
+def check_lookup(lookup: str | int) -> str | int:
+    if isinstance(lookup, bool) or not isinstance(lookup, (str, int)) or (
+        isinstance(lookup, str) and lookup not in LOOKUPS
+    ):
+        raise ValueError(
+            f"lookup must be one of {list(LOOKUPS)} or an int token index, got {lookup!r}"
+        )
+    return lookup
+
+
+# --------------------------------------------------------------------------- token layout
+
+
+@dataclass
+class _Prompt:
+    """Token ids (no BOS) of a prompt text and the subject's token range in them."""
+
+    ids: list[int]
+    subject_range: tuple[int, int]
+
+
+def _prompt_tokens(adapter: ModelAdapter, text: str, char_start: int, char_end: int) -> _Prompt:
+    tokens, spans = adapter.tokenize(text)
+    skip = int(adapter.prepend_bos)
+    ids, spans = tokens[0, skip:].tolist(), spans[skip:]
+    touched = [i for i, (a, b) in enumerate(spans) if a < char_end and b > char_start and b > a]
+    if not touched:
+        raise ValueError(f"subject at characters {char_start}:{char_end} of {text!r} has no tokens")
+    return _Prompt(ids, (touched[0], touched[-1] + 1))
+
+
+def _subject_prompt(adapter: ModelAdapter, prompt: str, subject: str, lead: str = "") -> _Prompt:
+    """Tokens of ``lead + fill(prompt, subject)`` and where the subject lies in them."""
+    start = len(lead) + prompt.index("{}")
+    return _prompt_tokens(adapter, lead + fill(prompt, subject), start, start + len(subject))
+
+
+def lookup_position(
+    lookup: str | int, subject_range: tuple[int, int], n_tokens: int,
+    reference: tuple[tuple[int, int], int] | None = None,
+) -> int:
+    """The index of the lookup token in a prompt of ``n_tokens`` tokens (BOS not counted).
+
+    An int ``lookup`` indexes the tokens of the bare prompt, whose subject range
+    and length are ``reference``; in another tokenization of the same text it
+    keeps its place relative to the subject (inside it) or to the end (after it).
+    """
+    start, end = subject_range
+    if lookup == "subject_last":
+        return end - 1
+    if lookup == "subject_first":
+        return start
+    if lookup == "last":
+        return n_tokens - 1
+    (ref_start, ref_end), ref_n = reference if reference is not None else (subject_range, n_tokens)
+    index = lookup + ref_n if lookup < 0 else lookup
+    if not 0 <= index < ref_n:
+        raise ValueError(
+            f"lookup index {lookup} is out of range for a prompt of {ref_n} tokens"
+        )
+    if index < ref_end:
+        return min(max(start + index - ref_start, 0), end - 1) if index >= ref_start else index
+    return max(n_tokens - (ref_n - index), 0)
+
+
+# --------------------------------------------------------------------------- prefixes
+
+
+_PREFIXES: "weakref.WeakKeyDictionary[HookedTransformer, dict]" = weakref.WeakKeyDictionary()
+
+
+def context_prefixes(
+    model: HookedTransformer, n: int = 20, lengths: Sequence[int] = (5, 10), seed: int = 0,
+    top_k: int = 5,
+) -> list[list[int]]:
+    """``n`` short texts the model writes itself (token ids, no BOS), for averaging ``k*``.
+
+    Each starts with one of a few common words and is sampled (top-``k``) to
+    ``lengths[i]`` tokens; the same ``seed`` gives the same texts.  They are
+    generated once per model and kept, so later edits reuse them.
+    """
+    key = (n, tuple(lengths), seed, top_k)
+    cache = _PREFIXES.setdefault(model, {})
+    if key not in cache:
+        cache[key] = _generate_prefixes(model, n, tuple(lengths), seed, top_k)
+    return cache[key]
+
+
+@torch.no_grad()
+def _generate_prefixes(model, n, lengths, seed, top_k) -> list[list[int]]:
+    adapter = adapter_for(model)
+    tokenizer = model.tokenizer
+    generator = torch.Generator().manual_seed(seed)
+    banned = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    bos = [tokenizer.bos_token_id] if adapter.prepend_bos else []
+    prefixes = []
+    counts = [n // len(lengths) + (i < n % len(lengths)) for i in range(len(lengths))]
+    for length, count in zip(lengths, counts):
+        if count == 0:
+            continue
+        rows = []
+        for i in range(count):
+            starter = tokenizer(PREFIX_STARTERS[i % len(PREFIX_STARTERS)],
+                                add_special_tokens=False)["input_ids"]
+            rows.append(bos + starter[:length])
+        width = max(len(r) for r in rows)
+        if any(len(r) != width for r in rows):  # starters of several tokens: keep the first
+            rows = [r[: len(bos) + 1] for r in rows]
+        tokens = torch.tensor(rows, device=model.cfg.device)
+        while tokens.shape[1] - len(bos) < length:
+            logits = model(tokens)[:, -1].float().cpu()
+            logits[:, banned] = -float("inf")
+            values, indices = logits.topk(top_k, dim=-1)
+            choice = torch.multinomial(torch.softmax(values, -1), 1, generator=generator)
+            tokens = torch.cat([tokens, indices.gather(1, choice).to(tokens.device)], 1)
+        prefixes += [row[len(bos):] for row in tokens.tolist()]
+    return prefixes
+
+
+# --------------------------------------------------------------------------- k* and v*
+
+
+class _Group:
+    """Rows of identical layout (same prefix length): what the v* loop needs of them.
+
+    Everything before the lookup token is computed once, without gradients:
+    the keys and values of the attention layers above the edited one, and the
+    residual stream after the edited layer from the lookup token on.  Each
+    optimisation step only adds ``delta`` there and runs the upper blocks on
+    the positions from the lookup token on.
+    """
+
+    def __init__(self, adapter: ModelAdapter, layer: int, rows: list[list[int]], lookup: int,
+                 loss_positions: list[int], loss_targets: list[int] | None):
+        model = adapter.model
+        self.adapter, self.layer, self.lookup = adapter, layer, lookup
+        bos = [model.tokenizer.bos_token_id] if adapter.prepend_bos else []
+        self.offset = len(bos)
+        tokens = torch.tensor([bos + r for r in rows], device=model.cfg.device)
+        p = lookup + self.offset
+        self.p = p
+        names = {adapter.hook_name("key", layer), adapter.hook_name("mlp", layer),
+                 adapter.hook_name("hidden", layer)}
+        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rows))
+        logits, cache = model.run_with_cache(tokens, names_filter=names.__contains__,
+                                             past_kv_cache=kv)
+        self.keys = cache[adapter.hook_name("key", layer)][:, p].double()
+        self.mlp_out = cache[adapter.hook_name("mlp", layer)][:, p]
+        self.resid = cache[adapter.hook_name("hidden", layer)][:, p:].clone()
+        self.prefix = {b: (kv.entries[b].past_keys[:, :p].clone(),
+                           kv.entries[b].past_values[:, :p].clone())
+                       for b in range(layer + 1, adapter.n_layers)}
+        self.loss_positions = [q + self.offset - p for q in loss_positions]
+        if min(self.loss_positions) < 0:
+            raise ValueError("the lookup token lies after the predicted tokens")
+        self.loss_targets = loss_targets
+        self.original = torch.log_softmax(logits[:, [q + self.offset for q in loss_positions]]
+                                          .float(), -1)
+
+    def log_probs(self, delta: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities ``[rows, loss_positions, d_vocab]`` with ``delta`` added."""
+        model = self.adapter.model
+        resid = torch.cat([self.resid[:, :1] + delta, self.resid[:, 1:]], 1)
+        for b in range(self.layer + 1, self.adapter.n_layers):
+            keys, values = self.prefix[b]
+            entry = (TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values,
+                                                       frozen=True) if self.p > 0 else None)
+            resid = model.blocks[b](resid, past_kv_cache_entry=entry)
+        out = resid[:, self.loss_positions]
+        if hasattr(model, "ln_final"):
+            out = model.ln_final(out)
+        logits = model.unembed(out)
+        cap = getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return torch.log_softmax(logits.float(), -1)
+
+    def nll(self, delta: torch.Tensor) -> torch.Tensor:
+        """Mean over target tokens of -log p, summed over rows."""
+        log_probs = self.log_probs(delta)
+        targets = torch.tensor(self.loss_targets, device=log_probs.device)
+        picked = log_probs.gather(2, targets[None, :, None].expand(len(log_probs), -1, 1))
+        return -picked[..., 0].mean(1).sum()
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: HookedTransformer) -> Iterator[None]:
+    """Gradients flow to activations only (half the backward work, and no ``.grad`` left)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _layout(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams):
+    """Token rows for the bare and prefixed prompts, grouped by layout, and the KL prompt."""
+    tokenizer = adapter.model.tokenizer
+    target = tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
+    if not target:
+        raise ValueError(f"target_new {request.target_new!r} has no tokens")
+    bare = _subject_prompt(adapter, request.prompt, request.subject)
+    reference = (bare.subject_range, len(bare.ids))
+    spaced = _subject_prompt(adapter, request.prompt, request.subject, lead=" ")
+    dot = tokenizer(".", add_special_tokens=False)["input_ids"]
+    prefixes = context_prefixes(adapter.model, hp.n_prefixes, hp.prefix_lengths, hp.seed)
+
+    layouts: dict[int, list[list[int]]] = {}
+    for prefix in prefixes:
+        layouts.setdefault(len(prefix), []).append(prefix + dot)
+    groups = [([[]], bare)] + [(rows, spaced) for _, rows in sorted(layouts.items())]
+
+    specs = []
+    for rows, prompt in groups:
+        shift = len(rows[0])
+        lookup = shift + lookup_position(hp.lookup, prompt.subject_range, len(prompt.ids),
+                                         reference)
+        body = prompt.ids + target[:-1]
+        positions = [shift + len(prompt.ids) - 1 + j for j in range(len(target))]
+        specs.append(([r + body for r in rows], lookup, positions, target))
+    kl = _subject_prompt(adapter, KL_PROMPT, request.subject)
+    kl_lookup = lookup_position(hp.lookup, kl.subject_range, len(kl.ids),
+                                reference if not isinstance(hp.lookup, str) else None)
+    return specs, (kl.ids, kl_lookup), bare
+
+
+@dataclass
+class _KeyValue:
+    key: torch.Tensor  # k*, float64 [d_mlp]
+    delta: torch.Tensor  # v* - W_out k*, float32 [d_model]
+    info: dict
+
+
+def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams,
+                   progress: bool = False) -> _KeyValue:
+    model = adapter.model
+    specs, (kl_ids, kl_lookup), bare = _layout(adapter, request, hp)
+    with torch.no_grad():
+        groups = [_Group(adapter, hp.layer, rows, lookup, positions, target)
+                  for rows, lookup, positions, target in specs]
+        kl_group = _Group(adapter, hp.layer, [kl_ids], kl_lookup, [len(kl_ids) - 1], None)
+    n_rows = sum(len(g.keys) for g in groups)
+    key = torch.cat([g.keys for g in groups]).mean(0)
+    reference = groups[0].mlp_out[0]  # the bare prompt's MLP output at the lookup token
+    max_norm = hp.clamp_norm * reference.norm()
+
+    delta = torch.zeros(model.cfg.d_model, device=model.cfg.device, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
+    history = []
+    with _frozen_parameters(model):
+        for step in range(hp.v_steps):
+            optimiser.zero_grad()
+            nll = sum(g.nll(delta) for g in groups) / n_rows
+            kl = torch.nn.functional.kl_div(kl_group.log_probs(delta)[:, -1],
+                                            kl_group.original[:, -1], log_target=True,
+                                            reduction="batchmean")
+            decay = hp.weight_decay * delta.norm() ** 2 / reference.norm() ** 2
+            loss = nll + hp.kl_weight * kl + decay
+            history.append({"step": step, "loss": float(loss), "nll": float(nll),
+                            "kl": float(kl), "delta_norm": float(delta.norm())})
+            log.debug("v* step %d: loss %.4f (nll %.4f, kl %.4f, decay %.4f)",
+                      step, float(loss), float(nll), float(kl), float(decay))
+            if float(loss) < hp.early_stop_loss or step == hp.v_steps - 1:
+                break
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    info = {"v_history": history, "rows": n_rows, "lookup_token":
+            model.tokenizer.decode([bare.ids[groups[0].lookup]]),
+            "lookup_index": groups[0].lookup}
+    return _KeyValue(key, delta.detach().clone(), info)
+
+
+# --------------------------------------------------------------------------- the edit
+
+
+class Edit:
+    """A rank-one change ``W_out += outer(left, right)`` to one layer of one model.
+
+    Made by :func:`edit` (already applied), or loaded with :meth:`Edit.load`
+    (not applied).  :meth:`revert` puts back the exact bits ``W_out`` had
+    before :meth:`apply`; several edits stacked on a model revert in reverse
+    order.  Also a context manager: leaving the block reverts it.
+    """
+
+    def __init__(self, layer: int, left: torch.Tensor, right: torch.Tensor, *,
+                 model_name: str, fingerprint: str, d_mlp: int, d_model: int,
+                 request: EditRequest | None = None, hparams: dict | None = None,
+                 info: dict | None = None):
+        if left.shape != (d_mlp,) or right.shape != (d_model,):
+            raise ValueError(
+                f"an edit of a [{d_mlp}, {d_model}] W_out needs left [{d_mlp}] and right "
+                f"[{d_model}], got {tuple(left.shape)} and {tuple(right.shape)}"
+            )
+        self.layer = layer
+        self.left = left.detach().float().cpu()
+        self.right = right.detach().float().cpu()
+        self.model_name = model_name
+        self.fingerprint = fingerprint
+        self.d_mlp, self.d_model = d_mlp, d_model
+        self.request = request
+        self.hparams = hparams or {}
+        self.info = info or {}
+        self._model: HookedTransformer | None = None
+        self._original: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        what = f"{self.request.subject!r} -> {self.request.target_new!r}, " if self.request else ""
+        state = "applied" if self.applied else "not applied"
+        return f"Edit({what}layer {self.layer} of {self.model_name}, {state})"
+
+    @property
+    def applied(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> HookedTransformer | None:
+        """The model the edit is applied to, if any."""
+        return self._model
+
+    def weight_delta(self) -> Float[torch.Tensor, "d_mlp d_model"]:
+        """The change to ``W_out``: ``outer(left, right)``."""
+        return torch.outer(self.left, self.right)
+
+    def check_model(self, model: HookedTransformer) -> None:
+        """Raise ``ValueError`` unless ``model`` is the model this edit was made for."""
+        adapter = adapter_for(model)
+        theirs = (adapter.name, model_fingerprint(model))
+        if theirs != (self.model_name, self.fingerprint) or (
+            model.cfg.d_mlp, model.cfg.d_model) != (self.d_mlp, self.d_model):
+            raise ValueError(
+                f"this edit was made for model {self.model_name!r} (fingerprint "
+                f"{self.fingerprint}), not for {theirs[0]!r} (fingerprint {theirs[1]}); "
+                f"refusing to apply it"
+            )
+        adapter.check_layer(self.layer)
+
+    def apply(self, model: HookedTransformer) -> "Edit":
+        """Add the change to ``model``'s ``W_out`` in place (after checking it is the right model)."""
+        if self.applied:
+            raise RuntimeError(f"{self!r} is already applied; revert() it first")
+        self.check_model(model)
+        weight = adapter_for(model).w_out(self.layer)
+        with torch.no_grad():
+            self._original = weight.detach().clone()
+            weight.add_(torch.outer(self.left, self.right).to(weight.device, weight.dtype))
+        self._model = model
+        _stack(model).append(self)
+        return self
+
+    def revert(self) -> None:
+        """Restore ``W_out`` to the exact bits it had before this edit was applied."""
+        if not self.applied:
+            raise RuntimeError(f"{self!r} is not applied: nothing to revert")
+        stack = _stack(self._model)
+        later = [e for e in stack[stack.index(self) + 1:] if e.layer == self.layer]
+        if later:
+            raise RuntimeError(
+                f"{len(later)} later edit(s) of layer {self.layer} are still applied "
+                f"({later[-1]!r}); revert edits in reverse order"
+            )
+        weight = adapter_for(self._model).w_out(self.layer)
+        with torch.no_grad():
+            weight.copy_(self._original)
+        stack.remove(self)
+        self._model, self._original = None, None
+
+    def __enter__(self) -> "Edit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.applied:
+            self.revert()
+
+    # ----------------------------------------------------------------- files
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the edit as safetensors (``left``, ``right``) with JSON metadata."""
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        meta = {
+            "format": SAVE_FORMAT, "model": self.model_name, "fingerprint": self.fingerprint,
+            "layer": self.layer, "d_mlp": self.d_mlp, "d_model": self.d_model,
+            "request": self.request.to_dict() if self.request else None,
+            "hparams": self.hparams,
+            "info": {k: v for k, v in self.info.items() if k != "v_history"},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            save_file({"left": self.left.contiguous(), "right": self.right.contiguous()}, tmp,
+                      metadata={"lens_rome_edit": json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Edit":
+        """Read an edit written by :meth:`save` (not applied: call :meth:`apply`)."""
+        from safetensors import safe_open  # noqa: PLC0415
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["lens_rome_edit"])
+                left, right = f.get_tensor("left"), f.get_tensor("right")
+            if meta.get("format") != SAVE_FORMAT:
+                raise ValueError(f"unknown format {meta.get('format')!r}")
+            request = EditRequest(**meta["request"]) if meta.get("request") else None
+            return cls(int(meta["layer"]), left, right, model_name=meta["model"],
+                       fingerprint=meta["fingerprint"], d_mlp=int(meta["d_mlp"]),
+                       d_model=int(meta["d_model"]), request=request,
+                       hparams=meta.get("hparams"), info=meta.get("info"))
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            raise ValueError(f"{path} is not a readable lens_rome edit: {error}") from None
+
+
+def _stack(model: HookedTransformer) -> list[Edit]:
+    """The edits applied to ``model``, oldest first."""
+    if not hasattr(model, "lens_rome_edits"):
+        model.lens_rome_edits = []
+    return model.lens_rome_edits
+
+
+def applied_edits(model: HookedTransformer) -> list[Edit]:
+    """The edits currently applied to ``model``, oldest first."""
+    return list(_stack(model))
+
+
+def edit(
+    model: HookedTransformer,
+    request: EditRequest | Mapping[str, Any],
+    *,
+    hparams: RomeHyperParams | None = None,
+    layer: int | None = None,
+    lookup: str | int | None = None,
+    stats: KeyStatistics | torch.Tensor | None = None,
+    corpus: str | Iterable[str] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    **overrides,
+) -> Edit:
+    """Rewrite one fact of ``model`` in place; returns the applied :class:`Edit`.
+
+    Args:
+        request: ``{"prompt": "{} is located in the city of", "subject": "The
+            Eiffel Tower", "target_new": " Rome"}``, an :class:`EditRequest`, or a
+            CounterFact record.
+        hparams: all hyper-parameters; default ``RomeHyperParams.for_model(model)``.
+        layer, lookup, **overrides: change single hyper-parameters.
+        stats: the key statistics of the layer (a :class:`KeyStatistics` or the
+            second moment ``[d_mlp, d_mlp]``); default: computed or loaded from
+            the cache by :func:`lens_rome.statistics.key_statistics` over ``corpus``.
+    """
+    request = EditRequest.parse(request)
+    adapter = adapter_for(model)
+    base = hparams if hparams is not None else RomeHyperParams.for_model(
+        model, **({"layer": layer} if layer is not None else {}))
+    changes = {k: v for k, v in {"layer": layer, "lookup": lookup, **overrides}.items()
+               if v is not None}
+    fields = {f.name for f in dataclasses.fields(RomeHyperParams)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise TypeError(f"unknown hyper-parameters {unknown}; accepted: {sorted(fields)}")
+    hp = base.replace(**changes) if changes else base
+    adapter.check_layer(hp.layer)
+
+    second_moment = _second_moment(model, hp, stats, corpus, cache_dir, progress)
+    start = time.perf_counter()
+    fingerprint = model_fingerprint(model)
+    kv = _key_and_value(adapter, request, hp, progress)
+    u = torch.linalg.solve(second_moment.to(kv.key.device), kv.key)  # C^-1 k*
+    scale = u.norm()
+    left = u / scale
+    right = kv.delta.double() * scale / (u @ kv.key)  # Lambda, rescaled with the unit left
+    info = {**kv.info, "seconds": time.perf_counter() - start}
+    result = Edit(hp.layer, left, right, model_name=adapter.name, fingerprint=fingerprint,
+                  d_mlp=model.cfg.d_mlp, d_model=model.cfg.d_model, request=request,
+                  hparams=hp.to_dict(), info=info)
+    return result.apply(model)
+
+
+def _second_moment(model, hp, stats, corpus, cache_dir, progress) -> torch.Tensor:
+    d_mlp = model.cfg.d_mlp
+    if stats is None:
+        stats = key_statistics(model, hp.layer, corpus, samples=hp.stats_samples,
+                               token_length=hp.stats_token_length, cache_dir=cache_dir,
+                               progress=progress)
+    if isinstance(stats, KeyStatistics):
+        if stats.layer != hp.layer:
+            raise ValueError(f"key statistics are for layer {stats.layer}, the edit is at "
+                             f"layer {hp.layer}")
+        stats = stats.second_moment
+    if not isinstance(stats, torch.Tensor) or stats.shape != (d_mlp, d_mlp):
+        raise ValueError(f"stats must be KeyStatistics or a [{d_mlp}, {d_mlp}] second moment, "
+                         f"got {getattr(stats, 'shape', type(stats).__name__)}")
+    return stats.to(torch.float64)
+
+
+@contextlib.contextmanager
+def edited(model: HookedTransformer, request: EditRequest | Mapping[str, Any],
+           **kwargs) -> Iterator[Edit]:
+    """Apply an edit for the duration of a ``with`` block; reverted on exit, errors included."""
+    change = edit(model, request, **kwargs)
+    try:
+        yield change
+    finally:
+        if change.applied:
+            change.revert()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@torch.no_grad()
+def target_log_probs(
+    model: HookedTransformer, prompts: Sequence[str], targets: Sequence[str],
+    batch_size: int = 32,
+) -> Float[torch.Tensor, "n_prompts n_targets"]:
+    """Mean per-token log-probability of each target continuing each prompt.
+
+    The paper's CounterFact measure: one number per (prompt, target), so
+    objects of different token lengths compare fairly.
+    """
+    adapter = adapter_for(model)
+    tokenizer = model.tokenizer
+    skip = int(adapter.prepend_bos)
+    target_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
+    for target, ids in zip(targets, target_ids):
+        if not ids:
+            raise ValueError(f"target {target!r} has no tokens")
+    pairs = []
+    for prompt in prompts:
+        ids = adapter.tokenize(prompt)[0][0].tolist()
+        pairs += [(ids, t) for t in target_ids]
+    scores = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        rows = [p + t[:-1] for p, t in chunk]
+        width = max(len(r) for r in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        tokens = torch.tensor([r + [pad] * (width - len(r)) for r in rows],
+                              device=model.cfg.device)
+        log_probs = torch.log_softmax(model(tokens).float(), -1)  # right padding: exact
+        for row, (p, t) in enumerate(chunk):
+            positions = torch.arange(len(p) - 1, len(p) - 1 + len(t))
+            scores.append(float(log_probs[row, positions, t].mean()))
+    del skip
+    return torch.tensor(scores).view(len(prompts), len(targets))
+
+
+@torch.no_grad()
+def next_token_probs(model: HookedTransformer, prompt: str, k: int = 5,
+                     targets: Sequence[str] = ()) -> list[tuple[str, float]]:
+    """The ``k`` most likely next tokens, then the first token of each of ``targets``."""
+    adapter = adapter_for(model)
+    probs = torch.softmax(model(adapter.tokenize(prompt)[0])[0, -1].float(), -1)
+    top = probs.topk(k)
+    out = [(model.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+    for target in targets:
+        ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
+        if ids:
+            out.append((model.tokenizer.decode(ids[:1]), float(probs[ids[0]])))
+    return out
+
+
+@torch.no_grad()
+def greedy_continuation(model: HookedTransformer, prompt: str, max_new_tokens: int = 20) -> str:
+    """The model's most likely continuation of ``prompt`` (deterministic)."""
+    adapter = adapter_for(model)
+    tokens = adapter.tokenize(prompt)[0]
+    start = tokens.shape[1]
+    eos = model.tokenizer.eos_token_id
+    for _ in range(max_new_tokens):
+        nxt = model(tokens)[0, -1].argmax()
+        if eos is not None and int(nxt) == eos:
+            break
+        tokens = torch.cat([tokens, nxt.view(1, 1)], 1)
+    return model.tokenizer.decode(tokens[0, start:].tolist())

