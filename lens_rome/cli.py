@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -28,6 +30,8 @@ from typing import Sequence
 
 from lens_rome.models import DEFAULT_MODEL, EMBEDDED_MODELS
 from lens_rome.tracing import KINDS, METRICS, TraceResult
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "lens_rome_out"
 PNG_DPI = 150
@@ -112,6 +116,13 @@ def report(result: TraceResult, paths: dict[str, Path] | None = None, *, n_sites
             "last token" if position == len(result.tokens) - 1 else "token")
         lines.append(f"    {position:>3} {token!r:<14} layer {layer:>3} -> "
                      f"{format_score(result, score)}   ({where})")
+    # The top sites of a hidden trace are often the last token's late layers, where
+    # restoring is nearly the clean run; the subject's best site is the paper's early site.
+    subject_scores = result.scores[start:end]
+    best = int(subject_scores.argmax())
+    position, layer = start + best // result.n_layers, best % result.n_layers
+    lines.append(f"  best site at the subject: {position:>3} {result.tokens[position]!r:<14} "
+                 f"layer {layer:>3} -> {format_score(result, float(subject_scores.max()))}")
     if paths:
         lines.append("  wrote " + ", ".join(str(p) for p in paths.values()))
     return "\n".join(indent + line for line in lines)
@@ -179,14 +190,14 @@ def _add_trace(commands) -> None:
                        help=f"an embedded model that loads offline ({embedded}) or a "
                             f"TransformerLens model name, which downloads weights "
                             f"(default: %(default)s)")
-    trace.add_argument("--samples", type=positive_int, default=10,
+    trace.add_argument("--samples", type=positive_int, default=10, metavar="N",
                        help="noise draws averaged (default: %(default)s, as in the paper)")
-    trace.add_argument("--window", type=positive_int, default=10,
+    trace.add_argument("--window", type=positive_int, default=10, metavar="W",
                        help="layers restored together for mlp and attn, centred on each layer "
                             "(default: %(default)s, as in the paper)")
     trace.add_argument("--noise", type=noise_level, default=None, metavar="LEVEL",
                        help="standard deviation of the Gaussian noise (default: 3 x the "
-                            "standard deviation of the model's token embeddings)")
+                            "standard deviation of the model's token embeddings, the paper's 's3')")
     trace.add_argument("--target", default=None,
                        help="the answer to measure, with its leading space, e.g. ' Paris' "
                             "(default: the model's most likely next token on the clean prompt)")
@@ -197,7 +208,7 @@ def _add_trace(commands) -> None:
                        help="with --kind hidden: freeze the restored token's MLP (or attention) "
                             "outputs at their corrupted values (the paper's Figure 3); files are "
                             "named trace_hidden_sever_<mlp|attn>.*")
-    trace.add_argument("--seed", type=int, default=0,
+    trace.add_argument("--seed", type=int, default=0, metavar="S",
                        help="seed of the noise draws (default: %(default)s)")
     trace.add_argument("--bf16", action="store_true",
                        help="run the restored passes in bfloat16 (faster on CPUs with bf16 units)")
@@ -212,11 +223,15 @@ def _add_trace(commands) -> None:
 
 
 def load(name: str):
-    """``load_model(name)``, keeping TransformerLens' own messages off stdout."""
+    """``load_model(name)``, without TransformerLens' printed chatter ("Moving model to ...")."""
     from lens_rome.models import load_model  # noqa: PLC0415 (slow import, after parsing)
 
-    with contextlib.redirect_stdout(sys.stderr):
-        return load_model(name)
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):
+        model = load_model(name)
+    if chatter.getvalue().strip():
+        log.debug("load_model printed: %s", chatter.getvalue().strip())
+    return model
 
 
 def run_trace(args: argparse.Namespace) -> int:

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default="demo_output", metavar="DIR",
                         help="output folder (default: %(default)s)")
-    parser.add_argument("--samples", type=positive_int, default=10,
+    parser.add_argument("--samples", type=positive_int, default=10, metavar="N",
                         help="noise draws per trace (default: %(default)s, as in the paper)")
     return parser
 

@@ -293,7 +293,7 @@ def load_model(
         model = _load_from_hub(name)
     model.lens_rome_name = name
     model.eval()
-    model = model.to(device)
+    model = model.to(device, print_details=False)
     return use_linear_layout(model) if linear_layout else model
 
 
