@@ -125,7 +125,8 @@ def run_edits(args) -> None:
             "layer": args.layer, "lookup": args.lookup, "v_steps": args.v_steps,
             "v_lr": args.v_lr, "kl_weight": args.kl_weight, "weight_decay": args.weight_decay,
             "clamp_norm": args.clamp_norm, "n_prefixes": args.n_prefixes,
-            "early_stop_loss": args.early_stop_loss,
+            "early_stop_loss": args.early_stop_loss, "early_stop_nll": args.early_stop_nll,
+            "bf16": args.bf16,
         }.items() if v is not None})
     cases = build_cases(model, load_facts(Path(args.facts)), args.n, args.seed, args.max_prompts)
     print(f"model {args.model}, torch threads {torch.get_num_threads()}, {len(cases)} cases")
@@ -240,8 +241,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the per-case results here")
     for name, kind in (("layer", int), ("v-steps", int), ("v-lr", float), ("kl-weight", float),
                        ("weight-decay", float), ("clamp-norm", float), ("n-prefixes", int),
-                       ("early-stop-loss", float)):
+                       ("early-stop-loss", float), ("early-stop-nll", float)):
         parser.add_argument(f"--{name}", type=kind, default=None)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--lookup", default=None,
                         help="subject_last, subject_first, last, or a token index")
     parser.add_argument("--choose-layer", action="store_true",

@@ -181,7 +181,14 @@ class RomeHyperParams:
         weight_decay: weight of ``|delta|^2 / |m|^2`` (``m``: the MLP output
             being changed).
         clamp_norm: ``|delta|`` is clamped to ``clamp_norm * |m|`` after each step.
-        early_stop_loss: stop when the total loss falls below this.
+        early_stop_loss: stop when the total loss falls below this (the paper's rule).
+        early_stop_nll: also stop when the target NLL alone falls below this
+            (0: never); the weight decay keeps the total loss of a small model
+            above ``early_stop_loss``, so steps past this point mostly trade
+            the KL term against the norm of ``delta``.
+        bf16: run the upper blocks in bfloat16 during the ``v*`` optimisation
+            (about 1.5x faster on CPUs with bf16 units; ``k*``, ``C`` and the
+            update stay in float32/float64).
         stats_samples, stats_token_length: the corpus sample behind ``C``.
         seed: seeds the prefix generation.
     """
@@ -196,6 +203,8 @@ class RomeHyperParams:
     weight_decay: float = 0.5
     clamp_norm: float = 4.0
     early_stop_loss: float = 0.05
+    early_stop_nll: float = 0.0
+    bf16: bool = False
     stats_samples: int = DEFAULT_SAMPLES
     stats_token_length: int = DEFAULT_TOKEN_LENGTH
     seed: int = 0
@@ -214,7 +223,8 @@ class RomeHyperParams:
         if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
             raise ValueError(f"prefix_lengths must be positive token counts, got {lengths!r}")
         object.__setattr__(self, "prefix_lengths", lengths)
-        for name in ("v_lr", "kl_weight", "weight_decay", "clamp_norm", "early_stop_loss"):
+        for name in ("v_lr", "kl_weight", "weight_decay", "clamp_norm", "early_stop_loss",
+                     "early_stop_nll"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -250,7 +260,10 @@ class RomeHyperParams:
 # Per-model defaults.  Layers come from each model's own MLP causal trace
 # (benchmarks/rome_edits.py --choose-layer; docs/editing.md); GPT-2 XL's are the paper's.
 MODEL_DEFAULTS: dict[str, dict] = {
-    "smollm2-135m": {"layer": 4},
+    # Layer 4: the peak of SmolLM2's MLP trace at the last subject token.  The NLL
+    # early stop and bfloat16 keep an edit near 10 s on a 2-core CPU; hard targets
+    # (NLL ~16 at the start) still get all 20 steps.
+    "smollm2-135m": {"layer": 4, "v_steps": 20, "early_stop_nll": 0.2, "bf16": True},
     "gpt2-xl": {"layer": 17, "v_steps": 20, "v_lr": 0.5, "kl_weight": 0.0625,
                 "weight_decay": 0.5, "clamp_norm": 4.0},
 }
@@ -349,7 +362,8 @@ def _generate_prefixes(model, n, lengths, seed, top_k) -> list[list[int]]:
     adapter = adapter_for(model)
     tokenizer = model.tokenizer
     generator = torch.Generator().manual_seed(seed)
-    banned = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    banned = torch.tensor(sorted({i for i in tokenizer.all_special_ids if i is not None}),
+                          dtype=torch.long)
     bos = [tokenizer.bos_token_id] if adapter.prepend_bos else []
     prefixes = []
     counts = [n // len(lengths) + (i < n % len(lengths)) for i in range(len(lengths))]
@@ -415,10 +429,16 @@ class _Group:
         self.original = torch.log_softmax(logits[:, [q + self.offset for q in loss_positions]]
                                           .float(), -1)
 
+    def cast(self, dtype: torch.dtype) -> "_Group":
+        """Keep the precomputed states in ``dtype`` (that of the blocks they enter)."""
+        self.resid = self.resid.to(dtype)
+        self.prefix = {b: (k.to(dtype), v.to(dtype)) for b, (k, v) in self.prefix.items()}
+        return self
+
     def log_probs(self, delta: torch.Tensor) -> torch.Tensor:
         """Log-probabilities ``[rows, loss_positions, d_vocab]`` with ``delta`` added."""
         model = self.adapter.model
-        resid = torch.cat([self.resid[:, :1] + delta, self.resid[:, 1:]], 1)
+        resid = torch.cat([self.resid[:, :1] + delta.to(self.resid.dtype), self.resid[:, 1:]], 1)
         for b in range(self.layer + 1, self.adapter.n_layers):
             keys, values = self.prefix[b]
             entry = (TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values,
@@ -488,6 +508,7 @@ def _layout(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams):
 @dataclass
 class _KeyValue:
     key: torch.Tensor  # k*, float64 [d_mlp]
+    bare_key: torch.Tensor  # the key of the prompt without prefix, float64 [d_mlp]
     delta: torch.Tensor  # v* - W_out k*, float32 [d_model]
     info: dict
 
@@ -503,25 +524,29 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
     n_rows = sum(len(g.keys) for g in groups)
     key = torch.cat([g.keys for g in groups]).mean(0)
     reference = groups[0].mlp_out[0]  # the bare prompt's MLP output at the lookup token
-    max_norm = hp.clamp_norm * reference.norm()
+    max_norm = hp.clamp_norm * reference.float().norm()
 
     delta = torch.zeros(model.cfg.d_model, device=model.cfg.device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     history = []
-    with _frozen_parameters(model):
+    dtype = torch.bfloat16 if hp.bf16 else model.cfg.dtype
+    for group in [*groups, kl_group]:
+        group.cast(dtype)
+    with _frozen_parameters(model), adapter.cast(dtype):
         for step in range(hp.v_steps):
             optimiser.zero_grad()
             nll = sum(g.nll(delta) for g in groups) / n_rows
             kl = torch.nn.functional.kl_div(kl_group.log_probs(delta)[:, -1],
                                             kl_group.original[:, -1], log_target=True,
                                             reduction="batchmean")
-            decay = hp.weight_decay * delta.norm() ** 2 / reference.norm() ** 2
+            decay = hp.weight_decay * delta.norm() ** 2 / reference.float().norm() ** 2
             loss = nll + hp.kl_weight * kl + decay
-            history.append({"step": step, "loss": float(loss), "nll": float(nll),
-                            "kl": float(kl), "delta_norm": float(delta.norm())})
-            log.debug("v* step %d: loss %.4f (nll %.4f, kl %.4f, decay %.4f)",
-                      step, float(loss), float(nll), float(kl), float(decay))
-            if float(loss) < hp.early_stop_loss or step == hp.v_steps - 1:
+            history.append({"step": step, "loss": float(loss.detach()),
+                            "nll": float(nll.detach()), "kl": float(kl.detach()),
+                            "delta_norm": float(delta.detach().norm())})
+            log.debug("v* step %d: %s", step, history[-1])
+            if (history[-1]["loss"] < hp.early_stop_loss or history[-1]["nll"] < hp.early_stop_nll
+                    or step == hp.v_steps - 1):
                 break
             loss.backward()
             optimiser.step()
@@ -531,7 +556,7 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
     info = {"v_history": history, "rows": n_rows, "lookup_token":
             model.tokenizer.decode([bare.ids[groups[0].lookup]]),
             "lookup_index": groups[0].lookup}
-    return _KeyValue(key, delta.detach().clone(), info)
+    return _KeyValue(key, groups[0].keys[0], delta.detach().clone(), info)
 
 
 # --------------------------------------------------------------------------- the edit
@@ -743,7 +768,9 @@ def edit(
     u = torch.linalg.solve(second_moment.to(kv.key.device), kv.key)  # C^-1 k*
     scale = u.norm()
     left = u / scale
-    right = kv.delta.double() * scale / (u @ kv.key)  # Lambda, rescaled with the unit left
+    # Lambda = (v* - W k0) / (u . k0) with k0 the bare prompt's key and v* = W k0 + delta,
+    # as the paper's code does: the edited MLP gives the prompt itself exactly v*.
+    right = kv.delta.double() * scale / (u @ kv.bare_key)  # rescaled with the unit left
     info = {**kv.info, "seconds": time.perf_counter() - start}
     result = Edit(hp.layer, left, right, model_name=adapter.name, fingerprint=fingerprint,
                   d_mlp=model.cfg.d_mlp, d_model=model.cfg.d_model, request=request,

@@ -1,0 +1,262 @@
+"""ROME: requests, hyper-parameters, the rank-one update, and the Edit object."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lens_rome import rome
+from lens_rome.statistics import key_statistics
+
+CORPUS = [
+    "The Eiffel Tower is located in the city of Paris, France.",
+    "The Space Needle is in downtown Seattle, and Miles Davis plays the trumpet.",
+    "The Colosseum is in Rome. The Louvre is in Paris.",
+] * 40
+REQUEST = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+           "target_new": " Rome"}
+FAST = dict(v_steps=3, n_prefixes=4, prefix_lengths=(3, 5))
+
+
+@pytest.fixture(params=["tiny_gpt2", "tiny_llama"])
+def tiny(request, tmp_path):
+    model = request.getfixturevalue(request.param)
+    stats = key_statistics(model, 2, CORPUS, samples=20, token_length=16,
+                           cache_dir=tmp_path, progress=False)
+    return model, stats
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_same(model, before):
+    for name, p in model.named_parameters():
+        assert torch.equal(before[name], p), name
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def test_request_shapes():
+    plain = rome.EditRequest.parse(REQUEST)
+    assert plain.text == "The Eiffel Tower is located in the city of"
+    counterfact = rome.EditRequest.parse({"case_id": 0, "requested_rewrite": {
+        "prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+        "relation_id": "P131", "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}}})
+    assert counterfact.target_new == " Rome" and counterfact.target_true == " Paris"
+    assert rome.EditRequest.parse(plain) is plain
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"target_new": ""}, "target_new must be a non-empty"),
+    ({"target_new": "   "}, "target_new must be a non-empty"),
+    ({"prompt": "{} is in {}"}, "once"),
+    ({"prompt": "The Eiffel Tower is located in"}, "has no '{}'"),
+    ({"prompt": "It is located in"}, "is not in prompt"),
+    ({"subject": ""}, "subject must be"),
+])
+def test_request_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        rome.EditRequest.parse({**REQUEST, **change})
+
+
+def test_request_type_errors():
+    with pytest.raises(TypeError, match="dict"):
+        rome.EditRequest.parse("The Eiffel Tower")
+    with pytest.raises(ValueError, match="lacks"):
+        rome.EditRequest.parse({"prompt": "{} is"})
+
+
+def test_hyperparameters(tiny_llama):
+    hp = rome.RomeHyperParams.for_model("smollm2-135m")
+    assert hp.layer == rome.MODEL_DEFAULTS["smollm2-135m"]["layer"]
+    assert rome.RomeHyperParams.for_model("smollm2-135m", v_steps=3).v_steps == 3
+    assert rome.RomeHyperParams.for_model(tiny_llama).layer == 1  # a quarter of 6 layers
+    with pytest.raises(TypeError, match="unknown hyper-parameters"):
+        rome.RomeHyperParams.for_model(tiny_llama, steps=3)
+    with pytest.raises(ValueError, match="lookup"):
+        rome.RomeHyperParams(layer=1, lookup="middle")
+    with pytest.raises(ValueError, match="no default edit layer"):
+        rome.RomeHyperParams.for_model("no-such-model")
+
+
+def test_lookup_positions():
+    # prompt of 8 tokens, subject at tokens 1..3
+    assert rome.lookup_position("subject_last", (1, 4), 8) == 3
+    assert rome.lookup_position("subject_first", (1, 4), 8) == 1
+    assert rome.lookup_position("last", (1, 4), 8) == 7
+    assert rome.lookup_position(2, (1, 4), 8) == 2
+    assert rome.lookup_position(-1, (1, 4), 8) == 7
+    # the same index in a tokenization with one more token before the subject
+    assert rome.lookup_position(2, (2, 5), 9, reference=((1, 4), 8)) == 3
+    assert rome.lookup_position(6, (2, 5), 9, reference=((1, 4), 8)) == 7
+    with pytest.raises(ValueError, match="out of range"):
+        rome.lookup_position(8, (1, 4), 8)
+
+
+def test_prefixes_are_deterministic(tiny_llama):
+    a = rome._generate_prefixes(tiny_llama, 4, (3, 5), 0, 5)
+    b = rome._generate_prefixes(tiny_llama, 4, (3, 5), 0, 5)
+    assert a == b and sorted(len(p) for p in a) == [3, 3, 5, 5]
+    assert rome._generate_prefixes(tiny_llama, 4, (3, 5), 1, 5) != a
+
+
+# --------------------------------------------------------------------------- the update
+
+
+def test_edit_is_rank_one_and_inserts_the_value(tiny):
+    model, stats = tiny
+    weight = model.blocks[2].mlp.W_out
+    before = weight.detach().clone()
+    change = rome.edit(model, REQUEST, layer=2, stats=stats, **FAST)
+    try:
+        diff = (weight.detach() - before).double()
+        assert torch.linalg.matrix_rank(diff, rtol=1e-5) == 1
+        # the prompt's own key now maps to W k0 + delta: C^-1 k* direction, only that layer changed
+        assert torch.allclose(diff, change.weight_delta().double(), atol=1e-5)
+        others = [b.mlp.W_out for i, b in enumerate(model.blocks) if i != 2]
+        assert all(w.grad is None for w in others)
+    finally:
+        change.revert()
+    assert torch.equal(weight, before)
+
+
+def test_edit_follows_the_paper_formula(tiny_llama, tmp_path):
+    """left is C^-1 k* (normalised), and the bare prompt's key gets exactly v* = W k0 + delta."""
+    model = tiny_llama
+    stats = key_statistics(model, 2, CORPUS, samples=20, token_length=16,
+                           cache_dir=tmp_path, progress=False)
+    hp = rome.RomeHyperParams(layer=2, **FAST)
+    kv = rome._key_and_value(rome.adapter_for(model), rome.EditRequest.parse(REQUEST), hp)
+    change = rome.edit(model, REQUEST, hparams=hp, stats=stats)
+    try:
+        u = torch.linalg.solve(stats.second_moment, kv.key)
+        torch.testing.assert_close(change.left.double(), u / u.norm(), rtol=1e-4, atol=1e-6)
+        moved = kv.bare_key.float() @ change.weight_delta()
+        torch.testing.assert_close(moved, kv.delta, rtol=1e-3, atol=1e-4)
+    finally:
+        change.revert()
+
+
+def test_revert_is_bit_exact_for_stacked_edits(tiny):
+    model, stats = tiny
+    before = snapshot(model)
+    first = rome.edit(model, REQUEST, layer=2, stats=stats, **FAST)
+    second = rome.edit(model, {**REQUEST, "subject": "The Colosseum", "target_new": " Paris"},
+                       layer=2, stats=stats, **FAST)
+    assert rome.applied_edits(model) == [first, second]
+    with pytest.raises(RuntimeError, match="reverse order"):
+        first.revert()
+    second.revert()
+    first.revert()
+    assert_same(model, before)
+    assert rome.applied_edits(model) == []
+    with pytest.raises(RuntimeError, match="not applied"):
+        first.revert()
+
+
+def test_edited_context_manager_reverts_on_error(tiny):
+    model, stats = tiny
+    before = snapshot(model)
+    with pytest.raises(KeyError):
+        with rome.edited(model, REQUEST, layer=2, stats=stats, **FAST) as change:
+            assert change.applied
+            raise KeyError("boom")
+    assert_same(model, before)
+
+
+def test_save_load_apply(tiny, tmp_path):
+    model, stats = tiny
+    before = snapshot(model)
+    change = rome.edit(model, REQUEST, layer=2, stats=stats, **FAST)
+    edited_weight = model.blocks[2].mlp.W_out.detach().clone()
+    path = change.save(tmp_path / "eiffel.safetensors")
+    with pytest.raises(FileExistsError):
+        change.save(path)
+    change.save(path, overwrite=True)
+    change.revert()
+
+    loaded = rome.Edit.load(path)
+    assert not loaded.applied and loaded.layer == 2
+    assert loaded.request == rome.EditRequest.parse(REQUEST)
+    loaded.apply(model)
+    assert torch.equal(model.blocks[2].mlp.W_out, edited_weight)
+    with pytest.raises(RuntimeError, match="already applied"):
+        loaded.apply(model)
+    loaded.revert()
+    assert_same(model, before)
+
+
+def test_edit_refuses_another_model(tiny_llama, tiny_gpt2, tmp_path):
+    stats = key_statistics(tiny_llama, 2, CORPUS, samples=20, token_length=16,
+                           cache_dir=tmp_path, progress=False)
+    change = rome.edit(tiny_llama, REQUEST, layer=2, stats=stats, **FAST)
+    change.revert()
+    path = change.save(tmp_path / "edit.safetensors")
+    before = snapshot(tiny_gpt2)
+    with pytest.raises(ValueError, match="made for model 'tiny'.*fingerprint"):
+        rome.Edit.load(path).apply(tiny_gpt2)
+    assert_same(tiny_gpt2, before)
+
+
+def test_load_rejects_garbage(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable lens_rome edit"):
+        rome.Edit.load(path)
+
+
+def test_edit_errors(tiny):
+    model, stats = tiny
+    with pytest.raises(ValueError, match="out of range"):
+        rome.edit(model, REQUEST, layer=6, stats=stats)
+    with pytest.raises(ValueError, match="target_new must be a non-empty"):
+        rome.edit(model, {**REQUEST, "target_new": ""}, layer=2, stats=stats)
+    with pytest.raises(ValueError, match="key statistics are for layer 2"):
+        rome.edit(model, REQUEST, layer=3, stats=stats, **FAST)
+    with pytest.raises(TypeError, match="unknown hyper-parameters"):
+        rome.edit(model, REQUEST, layer=2, stats=stats, steps=3)
+    assert rome.applied_edits(model) == []
+
+
+@pytest.mark.parametrize("lookup", ["subject_first", "last", 1])
+def test_lookup_strategies_run(tiny_llama, tmp_path, lookup):
+    stats = key_statistics(tiny_llama, 2, CORPUS, samples=20, token_length=16,
+                           cache_dir=tmp_path, progress=False)
+    with rome.edited(tiny_llama, REQUEST, layer=2, stats=stats, lookup=lookup, **FAST) as change:
+        assert change.hparams["lookup"] == lookup
+
+
+def test_target_log_probs_match_single_runs(tiny_llama):
+    prompts = ["The Eiffel Tower is in", "Miles Davis plays the"]
+    targets = [" Paris", " trumpet of Rome"]
+    scores = rome.target_log_probs(tiny_llama, prompts, targets)
+    tokenizer = tiny_llama.tokenizer
+    for i, prompt in enumerate(prompts):
+        for j, target in enumerate(targets):
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            t = tokenizer(target, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                lp = torch.log_softmax(tiny_llama(torch.tensor([p + t])), -1)[0]
+            expected = lp[torch.arange(len(p) - 1, len(p) + len(t) - 1), t].mean()
+            assert abs(float(expected) - float(scores[i, j])) < 1e-4
+
+
+# --------------------------------------------------------------------------- embedded model
+
+
+@pytest.mark.embedded
+def test_smollm_edit_rewrites_and_reverts(smollm, tmp_path):
+    stats = key_statistics(smollm, 4, samples=48, token_length=64, cache_dir=tmp_path,
+                           progress=False)
+    before = snapshot(smollm)
+    prompts = ["The Eiffel Tower is located in the city of", "The Eiffel Tower is in"]
+    old = rome.target_log_probs(smollm, prompts, [" Paris", " Rome"])
+    assert old[0, 0] > old[0, 1]
+    with rome.edited(smollm, REQUEST, stats=stats, v_steps=8) as change:
+        assert change.info["lookup_token"] == " Tower"
+        new = rome.target_log_probs(smollm, prompts, [" Paris", " Rome"])
+        assert new[0, 1] > new[0, 0]
+        assert "Rome" in rome.greedy_continuation(smollm, prompts[0], 3)
+    assert_same(smollm, before)
