@@ -93,3 +93,15 @@ def _run(args) -> int:
         path = change.save(args.save, overwrite=args.overwrite)
         print(f"\nwrote {path}")
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m lens_rome.edit_cli edit ...``: the command without ``lens_rome.cli``."""
+    parser = argparse.ArgumentParser(prog="python -m lens_rome.edit_cli")
+    add_edit_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

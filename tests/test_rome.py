@@ -246,17 +246,62 @@ def test_target_log_probs_match_single_runs(tiny_llama):
 # --------------------------------------------------------------------------- embedded model
 
 
+@pytest.fixture
+def one_thread():
+    """On a busy 2-core machine, two torch threads wait on each other for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.embedded
-def test_smollm_edit_rewrites_and_reverts(smollm, tmp_path):
+def test_smollm_edit_rewrites_and_reverts(smollm, tmp_path, one_thread):
     stats = key_statistics(smollm, 4, samples=48, token_length=64, cache_dir=tmp_path,
                            progress=False)
     before = snapshot(smollm)
     prompts = ["The Eiffel Tower is located in the city of", "The Eiffel Tower is in"]
     old = rome.target_log_probs(smollm, prompts, [" Paris", " Rome"])
     assert old[0, 0] > old[0, 1]
-    with rome.edited(smollm, REQUEST, stats=stats, v_steps=8) as change:
+    with rome.edited(smollm, REQUEST, stats=stats, v_steps=8, n_prefixes=4,
+                     prefix_lengths=(5,)) as change:
         assert change.info["lookup_token"] == " Tower"
         new = rome.target_log_probs(smollm, prompts, [" Paris", " Rome"])
         assert new[0, 1] > new[0, 0]
         assert "Rome" in rome.greedy_continuation(smollm, prompts[0], 3)
     assert_same(smollm, before)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cli(*argv):
+    import argparse
+
+    from lens_rome.edit_cli import add_edit_parser
+
+    parser = argparse.ArgumentParser(prog="lens-rome")
+    add_edit_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["edit", *argv])
+    return args.run(args)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "{} is in", "--subject", "X", "--target", ""], "target_new must be"),
+    (["--prompt", "X is in", "--subject", "X", "--target", " Rome"], "has no '{}'"),
+    (["--prompt", "It is in", "--subject", "X", "--target", " Rome"], "is not in prompt"),
+    (["--prompt", "{} is in", "--subject", "X", "--target", " Rome", "--lookup", "middle"],
+     "lookup must be"),
+])
+def test_cli_errors(argv, message, capsys):
+    assert cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_cli_refuses_to_overwrite(tmp_path, capsys):
+    path = tmp_path / "edit.safetensors"
+    path.write_bytes(b"")
+    assert cli("--prompt", "{} is in", "--subject", "X", "--target", " Rome",
+               "--save", str(path)) == 2
+    assert "already exists" in capsys.readouterr().err
