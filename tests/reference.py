@@ -69,11 +69,14 @@ def trace_with_patch(model, tokens, states_to_patch, answer, subject_range, nois
 
 @torch.no_grad()
 def reference_trace(model, tokens, subject_range, answer, noise, kind="hidden", window=10,
-                    sever=None, replace=False, metric="prob"):
-    """Scores [n_tokens, n_layers], one forward pass (two when severed) per state."""
+                    sever=None, replace=False, metric="prob", positions=None):
+    """Scores [n_tokens, n_layers], one forward pass (two when severed) per state.
+
+    ``positions`` limits the restored tokens (other rows stay NaN).
+    """
     n_tokens, n_layers = tokens.shape[1], model.cfg.n_layers
-    scores = torch.zeros(n_tokens, n_layers)
-    for t in range(n_tokens):
+    scores = torch.full((n_tokens, n_layers), float("nan"))
+    for t in range(n_tokens) if positions is None else positions:
         unpatch = []
         if sever is not None:
             unpatch = [(t, HOOK[sever].format(layer)) for layer in range(n_layers)]
