@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from lens_rome.edit_cli import add_edit_parser
 from lens_rome.models import DEFAULT_MODEL, EMBEDDED_MODELS
 from lens_rome.tracing import KINDS, METRICS, TraceResult
 
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     _add_trace(commands)
+    add_edit_parser(commands)
     return parser
 
 
