@@ -49,7 +49,12 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--skip-default-layout", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice; use 1 when another job "
+                             "shares the CPU, where spinning threads slow each other down)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",")
 
     model = load_model("smollm2-135m")
