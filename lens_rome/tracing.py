@@ -43,6 +43,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from lens_rome import hooks
 from lens_rome.models import ModelAdapter, adapter_for
+from lens_rome.storage import replacing
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +198,9 @@ class TraceResult:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the result as JSON; refuses to replace an existing file unless ``overwrite``."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
-        return path
+        with replacing(path, overwrite=overwrite) as tmp:
+            tmp.write_text(json.dumps(self.to_dict()))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TraceResult":

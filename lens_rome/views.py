@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from lens_rome.storage import replacing
 from lens_rome.tracing import KINDS, TraceResult
 
 __all__ = ["TraceView", "plot_trace", "render_offline", "show_trace"]
@@ -175,14 +176,9 @@ class TraceView:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write :meth:`to_html` to ``path``; refuses to replace a file unless ``overwrite``."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_html(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        with replacing(path, overwrite=overwrite) as tmp:
+            tmp.write_text(self.to_html(), encoding="utf-8")
+        return Path(path)
 
 
 @functools.lru_cache(maxsize=1)
