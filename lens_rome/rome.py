@@ -263,7 +263,7 @@ MODEL_DEFAULTS: dict[str, dict] = {
     # Layer 4: the peak of SmolLM2's MLP trace at the last subject token.  The NLL
     # early stop and bfloat16 keep an edit near 10 s on a 2-core CPU; hard targets
     # (NLL ~16 at the start) still get all 20 steps.
-    "smollm2-135m": {"layer": 4, "v_steps": 20, "early_stop_nll": 0.2, "bf16": True},
+    "smollm2-135m": {"layer": 5, "v_steps": 20, "early_stop_nll": 0.2, "bf16": True},
     "gpt2-xl": {"layer": 17, "v_steps": 20, "v_lr": 0.5, "kl_weight": 0.0625,
                 "weight_decay": 0.5, "clamp_norm": 4.0},
 }

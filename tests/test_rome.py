@@ -263,7 +263,7 @@ def test_smollm_edit_rewrites_and_reverts(smollm, tmp_path, one_thread):
     prompts = ["The Eiffel Tower is located in the city of", "The Eiffel Tower is in"]
     old = rome.target_log_probs(smollm, prompts, [" Paris", " Rome"])
     assert old[0, 0] > old[0, 1]
-    with rome.edited(smollm, REQUEST, stats=stats, v_steps=8, n_prefixes=4,
+    with rome.edited(smollm, REQUEST, layer=4, stats=stats, v_steps=8, n_prefixes=4,
                      prefix_lengths=(5,)) as change:
         assert change.info["lookup_token"] == " Tower"
         new = rome.target_log_probs(smollm, prompts, [" Paris", " Rome"])
