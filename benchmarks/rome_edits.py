@@ -48,12 +48,14 @@ def load_facts(path: Path) -> list[dict]:
 
 def answered_correctly(model, facts: list[dict], batch_size: int = 32) -> list[dict]:
     """Facts whose object's first token is the model's most likely next token."""
-    tokenizer = model.tokenizer
+    from lens_rome import adapter_for
+
+    tokenizer, adapter = model.tokenizer, adapter_for(model)
     good = []
     with torch.no_grad():
         for i in range(0, len(facts), batch_size):
             chunk = facts[i:i + batch_size]
-            rows = [tokenizer(f["prompt"], add_special_tokens=False)["input_ids"] for f in chunk]
+            rows = [adapter.tokenize(f["prompt"])[0][0].tolist() for f in chunk]  # BOS if needed
             width = max(map(len, rows))
             logits = model(torch.tensor([r + [0] * (width - len(r)) for r in rows]))
             for j, (fact, row) in enumerate(zip(chunk, rows)):
