@@ -35,8 +35,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -50,6 +48,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from lens_rome.models import ModelAdapter, adapter_for
+from lens_rome.storage import replacing
 from lens_rome.statistics import (
     DEFAULT_SAMPLES,
     DEFAULT_TOKEN_LENGTH,
@@ -670,8 +669,6 @@ class Edit:
         from safetensors.torch import save_file  # noqa: PLC0415
 
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         meta = {
             "format": SAVE_FORMAT, "model": self.model_name, "fingerprint": self.fingerprint,
             "layer": self.layer, "d_mlp": self.d_mlp, "d_model": self.d_model,
@@ -679,16 +676,9 @@ class Edit:
             "hparams": self.hparams,
             "info": {k: v for k, v in self.info.items() if k != "v_history"},
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file({"left": self.left.contiguous(), "right": self.right.contiguous()}, tmp,
-                      metadata={"lens_rome_edit": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with replacing(path, overwrite=overwrite) as tmp:
+            save_file({"left": self.left.contiguous(), "right": self.right.contiguous()},
+                      str(tmp), metadata={"lens_rome_edit": json.dumps(meta)})
         return path
 
     @classmethod

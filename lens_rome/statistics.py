@@ -29,9 +29,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from transformer_lens import HookedTransformer
 
 from lens_rome.hooks import attached
 from lens_rome.models import adapter_for, default_cache_dir
+from lens_rome.storage import replacing
 
 log = logging.getLogger(__name__)
 
@@ -336,14 +335,7 @@ def _write(path: Path, stats: KeyStatistics) -> None:
     """Write atomically: a temporary file in the same folder, then a rename."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({"second_moment": stats.second_moment.cpu().contiguous()}, tmp,
+    with replacing(path, overwrite=True) as tmp:  # a cache: replacing it is its purpose
+        save_file({"second_moment": stats.second_moment.cpu().contiguous()}, str(tmp),
                   metadata={"lens_rome": json.dumps(stats.meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     log.info("wrote key statistics to %s", path)
