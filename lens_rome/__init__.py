@@ -2,7 +2,7 @@
 
 from lens_rome import hooks
 from lens_rome.models import DEFAULT_MODEL, adapter_for, load_model
-from lens_rome.tracing import TraceResult, locate_subject, trace, trace_all
+from lens_rome.tracing import TraceResult, locate_subject, trace, trace_all, trace_many
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -13,5 +13,6 @@ __all__ = [
     "locate_subject",
     "trace",
     "trace_all",
+    "trace_many",
 ]
 __version__ = "0.1.0"

@@ -28,7 +28,9 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from lens_rome.dataset_cli import add_trace_dataset_parser
 from lens_rome.edit_cli import add_edit_parser
+from lens_rome.evaluate_cli import add_evaluate_parser
 from lens_rome.models import DEFAULT_MODEL, EMBEDDED_MODELS
 from lens_rome.tracing import KINDS, METRICS, TraceResult
 
@@ -39,7 +41,7 @@ PNG_DPI = 150
 EXTENSIONS = ("png", "html", "json")
 
 # Errors the library raises for bad input: shown as one line, never as a traceback.
-USER_ERRORS = (ValueError, TypeError, FileExistsError, ModuleNotFoundError)
+USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, ModuleNotFoundError)
 
 
 class CommandError(Exception):
@@ -161,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     _add_trace(commands)
+    add_trace_dataset_parser(commands)
     add_edit_parser(commands)
+    add_evaluate_parser(commands)
     return parser
 
 

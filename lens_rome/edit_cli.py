@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-USER_ERRORS = (ValueError, TypeError, FileExistsError, ModuleNotFoundError)
+USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, ModuleNotFoundError)
 
 
 def add_edit_parser(subparsers) -> argparse.ArgumentParser:

@@ -229,6 +229,7 @@ def trace(
     metric: str = "prob",
     seed: int = 0,
     bf16: bool = False,
+    positions: Sequence[int] | None = None,
     progress: bool = False,
 ) -> TraceResult:
     """Causal trace of ``subject``'s fact in ``prompt``: scores ``[n_tokens, n_layers]``.
@@ -250,24 +251,56 @@ def trace(
         seed: seeds the noise draws, so a trace is reproducible.
         bf16: run the restored passes in bfloat16 (faster on CPUs with bf16
             units; clean and corrupted runs stay float32).
+        positions: restore only at these token positions (default: all); the
+            scores of other positions are NaN.  The paper's Figure 3 restores
+            the last subject token only.
 
     Hooks already active on ``model`` (``with model.hooks(...)``) apply to
     every run of the trace.
     """
+    return trace_many(
+        model, prompt, subject, [(kind, sever, positions)], samples=samples, window=window,
+        noise=noise, target=target, metric=metric, seed=seed, bf16=bf16, progress=progress,
+    )[0]
+
+
+def trace_many(
+    model: HookedTransformer,
+    prompt: str,
+    subject: str,
+    traces: Sequence[tuple[str, str | None, Sequence[int] | None]],
+    *,
+    samples: int = 10,
+    window: int = 10,
+    noise: float | torch.Tensor | hooks.Noise | None = None,
+    target: str | None = None,
+    metric: str = "prob",
+    seed: int = 0,
+    bf16: bool = False,
+    progress: bool = False,
+) -> list[TraceResult]:
+    """Several traces of one fact with the same noise: one per ``(kind, sever, positions)``.
+
+    The same numbers as calling :func:`trace` for each, but the clean and
+    corrupted runs (and the bfloat16 copy of the weights) are made once.
+    """
     adapter = adapter_for(model)
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {list(KINDS)}")
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {list(METRICS)}")
     for name, value in (("samples", samples), ("window", window)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if sever is not None:
-        if sever not in ("mlp", "attn"):
-            raise ValueError(f"sever must be None, 'mlp' or 'attn', got {sever!r}")
-        if kind != "hidden":
-            raise ValueError(f"sever applies to hidden-state traces; got kind={kind!r}")
+    for kind, sever, _ in traces:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; expected one of {list(KINDS)}")
+        if sever is not None:
+            if sever not in ("mlp", "attn"):
+                raise ValueError(f"sever must be None, 'mlp' or 'attn', got {sever!r}")
+            if kind != "hidden":
+                raise ValueError(f"sever applies to hidden-state traces; got kind={kind!r}")
     tokens, subject_range = locate_subject(model, prompt, subject)
+    traces = [(kind, sever, _check_positions(positions, tokens.shape[1]))
+              for kind, sever, positions in traces]
     if noise is None:
         noise = hooks.Gaussian(scale=3.0)
     subject_tokens = tokens[0, subject_range[0] : subject_range[1]]
@@ -279,9 +312,13 @@ def trace(
         else:
             answer = answer_token(model, target)
         engine = _TraceEngine(adapter, tokens, subject_range, answer, corruption, metric)
-        scores = engine.run(kind, window if kind != "hidden" else 1, sever, bf16, progress)
+        dtype = torch.bfloat16 if bf16 else model.cfg.dtype
+        with adapter.cast(dtype):  # once for all traces: casting the weights is not free
+            all_scores = [engine.run(kind, window if kind != "hidden" else 1, sever, dtype,
+                                     positions, progress)
+                          for kind, sever, positions in traces]
 
-    return TraceResult(
+    return [TraceResult(
         scores=scores,
         low_score=engine.low_score,
         high_score=engine.high_score,
@@ -299,7 +336,20 @@ def trace(
         noise=noise_text,
         model_name=adapter.name,
         meta={"seed": seed, "bf16": bf16},
-    )
+    ) for scores, (kind, sever, _) in zip(all_scores, traces)]
+
+
+def _check_positions(positions: Sequence[int] | None, n_tokens: int) -> list[int] | None:
+    if positions is None:
+        return None
+    checked = sorted({int(p) for p in positions})
+    if not checked or any(isinstance(p, bool) for p in positions):
+        raise ValueError(f"positions must be a non-empty list of token indices, got {positions!r}")
+    if checked[0] < 0 or checked[-1] >= n_tokens:
+        raise ValueError(
+            f"positions {positions!r} out of range; the prompt has {n_tokens} tokens (0..{n_tokens - 1})"
+        )
+    return checked
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -343,17 +393,20 @@ class _TraceEngine:
         log_probs = torch.log_softmax(logits.float(), dim=-1)[:, self.answer]
         return log_probs.exp() if self.metric == "prob" else log_probs
 
-    def run(self, kind, window, sever, bf16, progress) -> torch.Tensor:
+    def run(self, kind, window, sever, dtype, positions, progress) -> torch.Tensor:
+        """Scores ``[n_tokens, n_layers]``; the model must already be cast to ``dtype``."""
         n_tokens, n_layers = self.tokens.shape[1], self.adapter.n_layers
         scores = torch.full((n_tokens, n_layers), self.low_score)
         restored = range(self.subject_range[0], n_tokens)
-        self.dtype = torch.bfloat16 if bf16 else self.model.cfg.dtype
+        if positions is not None:  # restorations before the subject equal the corrupted run
+            scores[[p for p in range(n_tokens) if p not in positions]] = float("nan")
+            restored = [p for p in positions if p >= self.subject_range[0]]
+        self.dtype = dtype
         self.prefix_kv = [(e.past_keys.to(self.dtype), e.past_values.to(self.dtype))
                           for e in self.kv.entries]
         bar = tqdm(restored, desc=f"trace {kind}", disable=not progress, leave=False)
-        with self.adapter.cast(self.dtype):
-            for position in bar:
-                scores[position] = self._restore_token(position, kind, window, sever)
+        for position in bar:
+            scores[position] = self._restore_token(position, kind, window, sever)
         return scores
 
     def _restore_token(self, t: int, kind: str, window: int, sever: str | None) -> torch.Tensor:
@@ -434,5 +487,6 @@ def _group_rows(groups: Sequence[int], samples: int) -> slice:
 def trace_all(model: HookedTransformer, prompt: str, subject: str, kinds: Sequence[str] = KINDS,
               **kwargs) -> dict[str, TraceResult]:
     """``trace`` for several kinds with the same noise: ``{kind: result}``."""
-    return {kind: trace(model, prompt, subject, kind, **kwargs) for kind in kinds}
+    results = trace_many(model, prompt, subject, [(kind, None, None) for kind in kinds], **kwargs)
+    return dict(zip(kinds, results))
 

@@ -1,0 +1,102 @@
+"""The comparison table of docs/evaluation.md: rome, ft, ft-l and none on the embedded model.
+
+Builds CounterFact-format cases from ../shared/data/known_facts.json with
+:func:`lens_rome.datasets.build_counterfact` (facts SmolLM2 answers
+correctly; the counterfactual target is another fact's object of the same
+relation; two generation prompts per case), writes them to
+``OUT/cases.json``, and evaluates every method over the same cases with
+:func:`lens_rome.evaluation.evaluate`, each into ``OUT/<method>/`` (so an
+interrupted run resumes where it stopped).  Prints a markdown table.
+
+Run: ``.venv/bin/python benchmarks/evaluate_methods.py --n 100 --out eval_methods``
+(about 40 minutes on a 2-core CPU; ROME's key statistics for layer 5 are
+computed once, ~2 minutes, and cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KNOWN_FACTS = ROOT.parent / "shared" / "data" / "known_facts.json"
+METHODS = ("none", "ft", "ft-l", "rome")
+COLUMNS = (("S", "score"), ("ES", "efficacy_score"), ("PS", "paraphrase_score"),
+           ("NS", "neighborhood_score"), ("EM", "efficacy_magnitude"),
+           ("PM", "paraphrase_magnitude"), ("NM", "neighborhood_magnitude"),
+           ("fluency", "fluency"), ("consistency", "consistency"))
+
+
+def table(rows: dict[str, dict], seconds: dict[str, float]) -> str:
+    head = "| method | " + " | ".join(c for c, _ in COLUMNS) + " | s / case |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for method, summary in rows.items():
+        cells = ["n/a" if summary[k] is None else f"{summary[k]:.1f}" for _, k in COLUMNS]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds[method]:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100, help="cases (default: %(default)s)")
+    parser.add_argument("--out", default="eval_methods", help="output folder")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--facts", default=str(KNOWN_FACTS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--max-new-tokens", type=int, default=100,
+                        help="tokens generated per generation prompt (default: %(default)s, "
+                             "the paper's)")
+    parser.add_argument("--generation-prompts", type=int, default=2,
+                        help="generation prompts per case (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="picks facts, targets, samples")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    args = parser.parse_args()
+    if not Path(args.facts).exists():
+        sys.exit(f"error: {args.facts} is absent (is the shared data folder beside the project?)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+
+    from lens_rome import load_model
+    from lens_rome.datasets import build_counterfact, load_counterfact, save_cases
+    from lens_rome.evaluation import evaluate, load_records
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = load_model(args.model)
+    out = Path(args.out)
+    cases_file = out / "cases.json"
+    if cases_file.exists():  # a resumed run uses exactly the cases it started with
+        cases = load_counterfact(cases_file)
+    else:
+        start = time.perf_counter()
+        cases = build_counterfact(args.facts, model, n=args.n, seed=args.seed,
+                                  generation_prompts=args.generation_prompts)
+        save_cases(cases, cases_file)
+        print(f"built {len(cases)} cases in {time.perf_counter() - start:.0f} s -> {cases_file}")
+    cases = cases[:args.n]
+    print(f"model {args.model}, torch threads {torch.get_num_threads()}, {len(cases)} cases, "
+          f"{args.max_new_tokens} generated tokens x {args.generation_prompts} prompts per case")
+
+    rows, seconds = {}, {}
+    for method in args.methods:
+        start = time.perf_counter()
+        rows[method] = evaluate(model, cases, method, out / method,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed)
+        seconds[method] = float(np.mean([r["seconds"] for r in load_records(out / method, cases)]))
+        print(f"{method}: {time.perf_counter() - start:.0f} s this run; "
+              f"{json.dumps(rows[method])}", flush=True)
+    print()
+    print(table(rows, seconds))
+
+
+if __name__ == "__main__":
+    main()

