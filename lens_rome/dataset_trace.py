@@ -411,8 +411,8 @@ class DatasetTrace:
         counts = (~np.isnan(effects[:, :, 0])).sum(0)
         records = []
         for c, name in enumerate(CATEGORIES):
-            if counts[c] == 0:
-                continue
+            if counts[c] == 0 or (sever != "none" and name != "last subject token"):
+                continue  # severed traces restore the last subject token only
             for layer in range(self.n_layers):
                 records.append((kind, sever, name, layer, mean[c, layer], low[c, layer],
                                 high[c, layer], int(counts[c])))

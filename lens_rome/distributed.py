@@ -84,10 +84,14 @@ def trace_on_ray(
     started_here = False
     if not ray.is_initialized():
         if address is not None:
-            ray.init(address=address, log_to_driver=False)
+            # a cluster on loopback only accepts a driver that calls itself 127.0.0.1 too
+            loopback = address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
+            ray.init(address=address, log_to_driver=False,
+                     **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1")
+            # address="local": always a new runtime, on loopback, never someone's cluster
+            ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                     log_to_driver=False, _node_ip_address="127.0.0.1")
             started_here = True
     try:
         if workers is None:
