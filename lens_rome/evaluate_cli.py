@@ -21,16 +21,6 @@ FORMATS = ("counterfact", "zsre")
 METHODS = ("rome", "ft", "ft-l", "none")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
-
-
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -43,6 +33,8 @@ def _count(text: str) -> int:
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``evaluate`` command to an ``argparse`` subparsers object."""
+    from lens_rome.cli import positive_int  # noqa: PLC0415 (cli imports this module)
+
     from lens_rome.models import DEFAULT_MODEL  # noqa: PLC0415
 
     parser = subparsers.add_parser(
@@ -60,7 +52,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--method", required=True, choices=METHODS,
                         help="rome; ft (fine-tune one layer's W_out); ft-l (the same under an "
                              "L-infinity constraint); none (the unedited model)")
-    parser.add_argument("--limit", type=_positive, default=None, metavar="N",
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="evaluate only the first N cases")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s")
     parser.add_argument("--out", required=True, metavar="DIR",
@@ -71,7 +63,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--layer", type=int, default=None,
                         help="the layer to edit (default: ROME's layer for the model)")
     parser.add_argument("--seed", type=int, default=0, help="seeds generation (default: 0)")
-    parser.add_argument("--threads", type=_positive, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.set_defaults(run=run_evaluate)
     return parser
