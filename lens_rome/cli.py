@@ -30,6 +30,7 @@ from typing import Sequence
 
 from lens_rome.dataset_cli import add_trace_dataset_parser
 from lens_rome.edit_cli import add_edit_parser
+from lens_rome.errors import USER_ERRORS
 from lens_rome.evaluate_cli import add_evaluate_parser
 from lens_rome.models import DEFAULT_MODEL, EMBEDDED_MODELS
 from lens_rome.tracing import KINDS, METRICS, TraceResult
@@ -39,9 +40,6 @@ log = logging.getLogger(__name__)
 DEFAULT_OUT = "lens_rome_out"
 PNG_DPI = 150
 EXTENSIONS = ("png", "html", "json")
-
-# Errors the library raises for bad input: shown as one line, never as a traceback.
-USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, ModuleNotFoundError)
 
 
 class CommandError(Exception):

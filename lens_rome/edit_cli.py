@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, ModuleNotFoundError)
+from lens_rome.errors import USER_ERRORS
 
 
 def add_edit_parser(subparsers) -> argparse.ArgumentParser:

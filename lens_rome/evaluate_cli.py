@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, ModuleNotFoundError)
+from lens_rome.errors import USER_ERRORS
+
 FORMATS = ("counterfact", "zsre")
 METHODS = ("rome", "ft", "ft-l", "none")
 
