@@ -42,6 +42,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from lens_rome import hooks
+from lens_rome.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 from lens_rome.models import ModelAdapter, adapter_for
 from lens_rome.storage import replacing
 
@@ -314,6 +315,8 @@ def trace_many(
         engine = _TraceEngine(adapter, tokens, subject_range, answer, corruption, metric)
         dtype = torch.bfloat16 if bf16 else model.cfg.dtype
         with adapter.cast(dtype):  # once for all traces: casting the weights is not free
+            if bf16 and unsupported_reason(model) is None and not has_user_hooks(model):
+                engine.fast = FastBlocks(model)  # lean blocks; float32 keeps TransformerLens'
             all_scores = [engine.run(kind, window if kind != "hidden" else 1, sever, dtype,
                                      positions, progress)
                           for kind, sever, positions in traces]
@@ -388,9 +391,11 @@ class _TraceEngine:
                 batch, names_filter=keep, past_kv_cache=self.kv
             )
         self.low_score = float(self.score(logits[:, -1]).mean())
+        self.fast: FastBlocks | None = None
 
     def score(self, logits: Float[torch.Tensor, "rows d_vocab"]) -> Float[torch.Tensor, "rows"]:
-        log_probs = torch.log_softmax(logits.float(), dim=-1)[:, self.answer]
+        logits = logits.float()
+        log_probs = logits[:, self.answer] - torch.logsumexp(logits, dim=-1)
         return log_probs.exp() if self.metric == "prob" else log_probs
 
     def run(self, kind, window, sever, dtype, positions, progress) -> torch.Tensor:
@@ -404,6 +409,9 @@ class _TraceEngine:
         self.dtype = dtype
         self.prefix_kv = [(e.past_keys.to(self.dtype), e.past_values.to(self.dtype))
                           for e in self.kv.entries]
+        if self.fast is not None:
+            self.prefix_kv = [(self.fast.rotated_keys(layer, keys), values)
+                              for layer, (keys, values) in enumerate(self.prefix_kv)]
         bar = tqdm(restored, desc=f"trace {kind}", disable=not progress, leave=False)
         for position in bar:
             scores[position] = self._restore_token(position, kind, window, sever)
@@ -443,10 +451,14 @@ class _TraceEngine:
                 name = adapter.hook_name(sever, block_index)
                 frozen = self.corrupted[name][:, t].repeat(len(groups), 1)
                 block_hooks.append(hooks.patch(name, frozen[:, None], 0))
+            prefix = self._prefix(block_index, t, len(groups))
+            if self.fast is not None:
+                residual = self.fast(block_index, residual, prefix, block_hooks)
+                continue
+            entry = None if prefix is None else TransformerLensKeyValueCacheEntry(
+                past_keys=prefix[0], past_values=prefix[1], frozen=True)
             with hooks.attached(model, block_hooks):
-                residual = model.blocks[block_index](
-                    residual, past_kv_cache_entry=self._prefix_cache(block_index, t, len(groups))
-                )
+                residual = model.blocks[block_index](residual, past_kv_cache_entry=entry)
         logits = model(residual[:, -1:], start_at_layer=n_layers)[:, -1]
         per_row = self.score(logits).view(len(groups), samples).mean(1)
         out = torch.empty(n_layers)
@@ -464,16 +476,12 @@ class _TraceEngine:
             new[:, 0] = self.clean[self.adapter.hook_name("hidden", block_index - 1)][0, t]
         return new
 
-    def _prefix_cache(self, block_index: int, t: int, n_groups: int):
+    def _prefix(self, block_index: int, t: int, n_groups: int):
         """Corrupted keys and values of positions before ``t``, one copy per group."""
         if t == 0:
             return None
         keys, values = self.prefix_kv[block_index]
-        return TransformerLensKeyValueCacheEntry(
-            past_keys=keys[:, :t].repeat(n_groups, 1, 1, 1),
-            past_values=values[:, :t].repeat(n_groups, 1, 1, 1),
-            frozen=True,
-        )
+        return keys[:, :t].repeat(n_groups, 1, 1, 1), values[:, :t].repeat(n_groups, 1, 1, 1)
 
 
 def _group_rows(groups: Sequence[int], samples: int) -> slice:

@@ -1,0 +1,195 @@
+"""A lean forward pass of Llama-style blocks, for the tracing engine's bfloat16 runs.
+
+A causal trace spends nearly all its time pushing a few hundred restored
+copies of a prompt through the blocks.  TransformerLens' block is general and
+hookable, and on a CPU in bfloat16 its small element-wise steps cost as much
+as the matrix products: zero biases added, einops copies, keys re-rotated on every call, each query head
+expanded to its own copy of the shared key head.  :class:`FastBlocks`
+computes the same function with fused weights (one matmul for Q/K/V, one for
+gate/up), ``F.scaled_dot_product_attention`` on the grouped heads, and cached
+keys rotated once.
+
+Only the two hook points the tracing engine patches exist here,
+``blocks.{i}.hook_attn_out`` and ``blocks.{i}.hook_mlp_out``, called as
+``fn(activation, None)``.  The engine uses this path only for bfloat16 runs
+of a supported model with no user hooks attached; float32 traces always run
+through TransformerLens' own blocks (the exactness tests depend on that).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from transformer_lens import HookedTransformer
+
+Hook = tuple[str, Callable]
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", None)  # None: a config built by hand
+
+
+def unsupported_reason(model: HookedTransformer) -> str | None:
+    """Why :class:`FastBlocks` cannot stand in for ``model``'s blocks, or None."""
+    cfg = model.cfg
+    checks = {
+        "a Llama architecture": cfg.original_architecture in SUPPORTED_ARCHITECTURES,
+        "RMSNorm before attention and MLP only": (
+            cfg.normalization_type == "RMS" and not cfg.use_normalization_before_and_after
+            and not cfg.use_qk_norm and not cfg.parallel_attn_mlp
+        ),
+        "rotary positions (rotate-half, full head)": (
+            cfg.positional_embedding_type == "rotary" and not cfg.rotary_adjacent_pairs
+            and cfg.rotary_dim == cfg.d_head and not cfg.use_dynamic_ntk_rope
+        ),
+        "gated SiLU MLP": cfg.gated_mlp and cfg.act_fn == "silu" and not cfg.num_experts,
+        "plain causal attention": (
+            cfg.attention_dir == "causal" and cfg.window_size is None and cfg.clip_qkv is None
+            and not (cfg.use_attn_result or cfg.use_split_qkv_input or cfg.use_attn_in
+                     or cfg.attn_scores_soft_cap > 0 or cfg.use_logn_attn
+                     or cfg.use_attention_sinks)
+        ),
+    }
+    failed = [name for name, ok in checks.items() if not ok]
+    if failed:
+        return f"{cfg.original_architecture}: needs {', '.join(failed)}"
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        biases = [attn.b_Q, _kv(attn, "b_K"), _kv(attn, "b_V"), attn.b_O, mlp.b_in, mlp.b_out]
+        if hasattr(mlp, "b_gate"):
+            biases.append(mlp.b_gate)
+        if any(bias is not None and bool(bias.any()) for bias in biases):
+            return "non-zero biases"
+    return None
+
+
+def has_user_hooks(model: HookedTransformer) -> bool:
+    """Whether any module of ``model`` has a forward hook (``with model.hooks(...)`` adds some)."""
+    return any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+def _kv(attn, name: str) -> torch.Tensor:
+    """Grouped-query attention keeps the unrepeated K/V weights as ``_W_K``, ``_b_K``..."""
+    return getattr(attn, "_" + name, None) if hasattr(attn, "_" + name) else getattr(attn, name)
+
+
+def rotate(x: Float[torch.Tensor, "batch pos head d_head"], cos, sin) -> torch.Tensor:
+    """Rotary embedding, GPT-NeoX style (halves); ``cos``/``sin`` are ``[pos, 1, d_head]``."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class FastBlocks:
+    """The model's blocks as plain functions of fused weights in the model's current dtype.
+
+    Build it inside ``adapter.cast(dtype)`` so the weights are taken in that
+    dtype; it holds copies, so it is valid only while the weights it was
+    built from are unchanged.
+    """
+
+    def __init__(self, model: HookedTransformer):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"FastBlocks does not support this model ({reason})")
+        cfg = model.cfg
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
+        self.d_head, self.d_model = cfg.d_head, cfg.d_model
+        self.layers = []
+        for block in model.blocks:
+            attn, mlp = block.attn, block.mlp
+            qkv = [attn.W_Q, _kv(attn, "W_K"), _kv(attn, "W_V")]  # [head, d_model, d_head]
+            self.layers.append({
+                "ln1": (block.ln1.w, block.ln1.eps),
+                "ln2": (block.ln2.w, block.ln2.eps),
+                "qkv": torch.cat([w.permute(0, 2, 1).reshape(-1, self.d_model) for w in qkv]),
+                "o": attn.W_O.reshape(-1, self.d_model).T.contiguous(),
+                "gate_up": torch.cat([mlp.W_gate.T, mlp.W_in.T]).contiguous(),
+                "out": mlp.W_out.T.contiguous(),
+                "cos": attn.rotary_cos,
+                "sin": attn.rotary_sin,
+                "scale": 1.0 / float(attn.attn_scale),
+            })
+
+    def rotated_keys(self, layer: int, keys: Float[torch.Tensor, "batch pos kv_head d_head"]):
+        """Rotate cached keys (TransformerLens caches them unrotated) for positions 0..pos-1."""
+        weights = self.layers[layer]
+        n = keys.shape[1]
+        return rotate(keys, weights["cos"][:n, None].to(keys.dtype),
+                      weights["sin"][:n, None].to(keys.dtype))
+
+    def __call__(
+        self,
+        layer: int,
+        resid: Float[torch.Tensor, "batch pos d_model"],
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        hooks: Sequence[Hook] = (),
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Block ``layer`` on ``resid``, whose first position is ``prefix_len`` into the prompt.
+
+        ``prefix``: rotated keys and values ``[batch, prefix_len, kv_head, d_head]``
+        of the earlier positions.  ``hooks``: ``(name, fn)`` at
+        ``blocks.{layer}.hook_attn_out`` or ``blocks.{layer}.hook_mlp_out``.
+        """
+        weights = self.layers[layer]
+        attn_hooks, mlp_hooks = self._split_hooks(layer, hooks)
+        batch, n_pos, _ = resid.shape
+        heads, kv_heads, d_head = self.n_heads, self.n_kv_heads, self.d_head
+        offset = 0 if prefix is None else prefix[0].shape[1]
+
+        normed = _rms_norm(resid, *weights["ln1"])
+        q, k, v = F.linear(normed, weights["qkv"]).split(
+            [heads * d_head, kv_heads * d_head, kv_heads * d_head], dim=-1)
+        cos = weights["cos"][offset : offset + n_pos, None].to(resid.dtype)
+        sin = weights["sin"][offset : offset + n_pos, None].to(resid.dtype)
+        q = rotate(q.view(batch, n_pos, heads, d_head), cos, sin)
+        k = rotate(k.view(batch, n_pos, kv_heads, d_head), cos, sin)
+        v = v.view(batch, n_pos, kv_heads, d_head)
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k], dim=1), torch.cat([prefix[1], v], dim=1)
+        z = _attention(q, k, v, offset, weights["scale"]).reshape(batch, n_pos, heads * d_head)
+        attn_out = F.linear(z, weights["o"])
+        for _, fn in attn_hooks:
+            attn_out = _hooked(fn, attn_out)
+        resid = resid + attn_out
+
+        gate, up = F.linear(_rms_norm(resid, *weights["ln2"]), weights["gate_up"]).chunk(2, dim=-1)
+        mlp_out = F.linear(F.silu(gate).mul_(up), weights["out"])
+        for _, fn in mlp_hooks:
+            mlp_out = _hooked(fn, mlp_out)
+        return resid + mlp_out
+
+    @staticmethod
+    def _split_hooks(layer: int, hooks: Sequence[Hook]) -> tuple[list[Hook], list[Hook]]:
+        attn_name, mlp_name = f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"
+        unknown = [name for name, _ in hooks if name not in (attn_name, mlp_name)]
+        if unknown:
+            raise ValueError(f"FastBlocks only has {attn_name} and {mlp_name}; got hooks at {unknown}")
+        return ([h for h in hooks if h[0] == attn_name], [h for h in hooks if h[0] == mlp_name])
+
+
+def _attention(
+    q: Float[torch.Tensor, "batch pos head d_head"],
+    k: Float[torch.Tensor, "batch kv_pos kv_head d_head"],
+    v: Float[torch.Tensor, "batch kv_pos kv_head d_head"],
+    offset: int,
+    scale: float,
+) -> Float[torch.Tensor, "batch pos head d_head"]:
+    """Causal grouped-query attention; queries start ``offset`` positions into the keys."""
+    n_pos, kv_pos = q.shape[1], k.shape[1]
+    causal = torch.ones(n_pos, kv_pos, dtype=torch.bool).tril(offset)
+    z = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=causal, scale=scale, enable_gqa=k.shape[2] != q.shape[2],
+    )
+    return z.transpose(1, 2)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """TransformerLens' RMSNorm: normalised in float32, scaled in the weight's dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(weight.dtype) * weight
+
+
+def _hooked(fn: Callable, activation: torch.Tensor) -> torch.Tensor:
+    result = fn(activation, None)
+    return activation if result is None else result
