@@ -81,8 +81,8 @@ def trace_on_ray(
     ray = _import_ray()
     from ray.util import ActorPool  # noqa: PLC0415
 
-    started_here = False
-    if not ray.is_initialized():
+    connected_here = not ray.is_initialized()  # then disconnect (or stop) at the end
+    if connected_here:
         if address is not None:
             # a cluster on loopback only accepts a driver that calls itself 127.0.0.1 too
             loopback = address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
@@ -92,7 +92,6 @@ def trace_on_ray(
             # address="local": always a new runtime, on loopback, never someone's cluster
             ray.init(address="local", num_cpus=workers, include_dashboard=False,
                      log_to_driver=False, _node_ip_address="127.0.0.1")
-            started_here = True
     try:
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
@@ -106,5 +105,5 @@ def trace_on_ray(
                                     disable=not progress):
             store.write(known_id, frame)
     finally:
-        if started_here:
+        if connected_here:  # stops a runtime started here; only disconnects from a cluster
             ray.shutdown()

@@ -251,7 +251,9 @@ def trace(
             ``"logprob"`` (mean log-probability).
         seed: seeds the noise draws, so a trace is reproducible.
         bf16: run the restored passes in bfloat16 (faster on CPUs with bf16
-            units; clean and corrupted runs stay float32).
+            units; clean and corrupted runs stay float32).  For a Llama-style
+            model with no hooks attached they run through
+            :class:`lens_rome.fast_blocks.FastBlocks`.
         positions: restore only at these token positions (default: all); the
             scores of other positions are NaN.  The paper's Figure 3 restores
             the last subject token only.
