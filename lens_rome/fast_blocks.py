@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-Hook = tuple[str, Callable]
+from lens_rome.hooks import Hook
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", None)  # None: a config built by hand
 
@@ -71,7 +71,7 @@ def has_user_hooks(model: HookedTransformer) -> bool:
 
 def _kv(attn, name: str) -> torch.Tensor:
     """Grouped-query attention keeps the unrepeated K/V weights as ``_W_K``, ``_b_K``..."""
-    return getattr(attn, "_" + name, None) if hasattr(attn, "_" + name) else getattr(attn, name)
+    return getattr(attn, "_" + name) if hasattr(attn, "_" + name) else getattr(attn, name)
 
 
 def rotate(x: Float[torch.Tensor, "batch pos head d_head"], cos, sin) -> torch.Tensor:
