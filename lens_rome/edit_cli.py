@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lens_rome.errors import USER_ERRORS
+from lens_rome.errors import reporting_user_errors
 
 
 def add_edit_parser(subparsers) -> argparse.ArgumentParser:
@@ -51,11 +51,7 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_edit(args: argparse.Namespace) -> int:
     """Run ``lens-rome edit``; returns the exit status (2 for bad input)."""
-    try:
-        return _run(args)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return reporting_user_errors(_run, args)
 
 
 def _run(args) -> int:

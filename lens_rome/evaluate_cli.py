@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lens_rome.errors import USER_ERRORS
+from lens_rome.errors import reporting_user_errors
 
 FORMATS = ("counterfact", "zsre")
 METHODS = ("rome", "ft", "ft-l", "none")
@@ -72,11 +72,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``lens-rome evaluate``; returns the exit status (2 for bad input)."""
-    try:
-        return _run(args)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return reporting_user_errors(_run, args)
 
 
 def _run(args) -> int:
