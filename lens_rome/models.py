@@ -43,7 +43,8 @@ class ModelAdapter:
 
     Kinds of state: ``"hidden"`` (residual stream after a block), ``"mlp"``
     (MLP output), ``"attn"`` (attention output), ``"key"`` (MLP hidden
-    activation, the input of ``W_out``).
+    activation, the input of ``W_out``), ``"head"`` (each attention head's
+    output before ``W_O``, ``[batch, pos, head, d_head]``).
     """
 
     model: HookedTransformer
@@ -53,6 +54,7 @@ class ModelAdapter:
         "mlp": "blocks.{layer}.hook_mlp_out",
         "attn": "blocks.{layer}.hook_attn_out",
         "key": "blocks.{layer}.mlp.hook_post",
+        "head": "blocks.{layer}.attn.hook_z",
     }
     EMBED_HOOK = "hook_embed"
 

@@ -104,10 +104,14 @@ class TraceResult:
     ``scores[i, l]`` is the answer's score (probability, or mean
     log-probability) when state ``(token i, layer l)`` of the kind is
     restored; ``low_score`` is the corrupted run's, ``high_score`` the clean
-    run's.
+    run's.  For ``kind="head"`` the scores are ``[n_tokens, n_layers,
+    n_heads]``: ``scores[i, l, h]`` restores head ``h``'s output
+    (``blocks.{l}.attn.hook_z``) at token ``i``.  An attribution estimate
+    (:mod:`lens_rome.attribution`, ``meta["method"] == "attribution"``) has the
+    same layout, with estimated scores.
     """
 
-    scores: Float[torch.Tensor, "n_tokens n_layers"]
+    scores: Float[torch.Tensor, "n_tokens n_layers *n_heads"]
     low_score: float
     high_score: float
     answer: str
@@ -130,50 +134,76 @@ class TraceResult:
         return self.scores.shape[1]
 
     @property
+    def n_heads(self) -> int | None:
+        """Heads per layer of a per-head trace (3-D ``scores``); None for other kinds."""
+        return self.scores.shape[2] if self.scores.ndim == 3 else None
+
+    @property
+    def method(self) -> str:
+        """``"exact"`` (restored runs) or ``"attribution"`` (a first-order estimate)."""
+        return self.meta.get("method", "exact")
+
+    @property
     def total_effect(self) -> float:
         """Clean score minus corrupted score (the paper's TE)."""
         return self.high_score - self.low_score
 
     @property
-    def indirect_effect(self) -> Float[torch.Tensor, "n_tokens n_layers"]:
+    def indirect_effect(self) -> Float[torch.Tensor, "n_tokens n_layers *n_heads"]:
         """Restored score minus corrupted score for every state (the paper's IE)."""
         return self.scores - self.low_score
 
-    def top_sites(self, n: int = 3) -> list[tuple[int, str, int, float]]:
-        """The ``n`` states with the highest score: ``(token index, token, layer, score)``."""
+    def top_sites(self, n: int = 3) -> list[tuple]:
+        """The ``n`` states with the highest score: ``(token index, token, layer, score)``,
+        or ``(token index, token, layer, head, score)`` for a per-head trace.
+
+        States that were not restored (NaN scores) are skipped.
+        """
         flat = self.scores.flatten()
-        best = flat.topk(min(n, flat.numel())).indices.tolist()
-        return [
-            (i // self.n_layers, self.tokens[i // self.n_layers], i % self.n_layers,
-             float(flat[i]))
-            for i in best
-        ]
+        valid = (~torch.isnan(flat)).nonzero().flatten()
+        best = valid[flat[valid].topk(min(n, len(valid))).indices].tolist()
+        shape = tuple(self.scores.shape)
+        sites = []
+        for i in best:
+            index = [int(x) for x in torch.unravel_index(torch.tensor(i), shape)]
+            sites.append((index[0], self.tokens[index[0]], *index[1:], float(flat[i])))
+        return sites
 
     def to_frame(self):
-        """Long-format ``pandas.DataFrame``: one row per (token, layer)."""
+        """Long-format ``pandas.DataFrame``: one row per (token, layer), or per (token,
+        layer, head) with a ``head`` column for a per-head trace."""
         import pandas as pd  # noqa: PLC0415
 
         start, end = self.subject_range
+        scores = self.scores if self.scores.ndim == 3 else self.scores[:, :, None]
+        heads = self.scores.ndim == 3
         rows = []
         for position, token in enumerate(self.tokens):
             for layer in range(self.n_layers):
-                score = float(self.scores[position, layer])
-                rows.append({
-                    "position": position,
-                    "token": token,
-                    "is_subject": start <= position < end,
-                    "layer": layer,
-                    "kind": self.kind,
-                    "score": score,
-                    "indirect_effect": score - self.low_score,
-                })
+                for head in range(scores.shape[2]):
+                    score = float(scores[position, layer, head])
+                    row = {
+                        "position": position,
+                        "token": token,
+                        "is_subject": start <= position < end,
+                        "layer": layer,
+                    }
+                    if heads:
+                        row["head"] = head
+                    row.update(kind=self.kind, score=score,
+                               indirect_effect=score - self.low_score)
+                    rows.append(row)
         return pd.DataFrame(rows)
 
-    def plot(self, ax=None, title: str | None = None):
-        """A matplotlib heatmap in the paper's style; returns the figure."""
+    def plot(self, ax=None, title: str | None = None, position: int | None = None):
+        """A matplotlib heatmap in the paper's style; returns the figure.
+
+        A per-head trace is drawn as a layer x head heatmap at token
+        ``position`` (default: the token with the largest indirect effect).
+        """
         from lens_rome.views import plot_trace  # noqa: PLC0415
 
-        return plot_trace(self, ax=ax, title=title)
+        return plot_trace(self, ax=ax, title=title, position=position)
 
     def show(self):
         """An inline circuitsvis view (renders offline, in Jupyter or saved as HTML)."""

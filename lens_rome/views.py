@@ -1,5 +1,10 @@
 """Views of a causal trace: a paper-style heatmap and an inline, offline widget.
 
+A per-head trace (``kind="head"``, scores ``[n_tokens, n_layers, n_heads]``)
+is drawn as a layer x head heatmap at one token, and shown as the prompt's
+tokens coloured by the effect of restoring one head, for the heads with the
+largest effects.
+
 :func:`plot_trace` draws the heatmap of the paper's Figure 1 (Meng et al.
 2022): one row per prompt token (subject tokens marked ``*``), one column per
 layer, the colour the answer's score when that state is restored.  As in the
@@ -39,42 +44,63 @@ from lens_rome.tracing import KINDS, TraceResult
 __all__ = ["TraceView", "plot_trace", "render_offline", "show_trace"]
 
 # Colormaps and names of the paper's Figure 1 panels.
-COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
-KIND_NAMES = {"hidden": "state", "mlp": "MLP", "attn": "Attn"}
+COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "head": "Oranges"}
+KIND_NAMES = {"hidden": "state", "mlp": "MLP", "attn": "Attn", "head": "one head"}
+HEAD = "head"
+VIEW_KINDS = (*KINDS, HEAD)
+SHOWN_HEADS = 24  # heads offered in the inline view of a per-head trace
 SEVER_NAMES = {"mlp": "MLP", "attn": "Attn"}
 
 
 def _checked_scores(result: TraceResult) -> np.ndarray:
-    """``result.scores`` as a float64 array ``[n_tokens, n_layers]``, checked against the tokens."""
+    """``result.scores`` as a float64 array ``[n_tokens, n_layers]`` (``[n_tokens, n_layers,
+    n_heads]`` for a per-head trace), checked against the tokens."""
     if not isinstance(result, TraceResult):
         raise TypeError(f"expected a lens_rome TraceResult, got {type(result).__name__}")
-    if result.kind not in KINDS:
-        raise ValueError(f"result.kind must be one of {KINDS}, got {result.kind!r}")
+    if result.kind not in VIEW_KINDS:
+        raise ValueError(f"result.kind must be one of {VIEW_KINDS}, got {result.kind!r}")
     scores = torch.as_tensor(result.scores).detach().to("cpu", torch.float64).numpy()
-    if scores.ndim != 2 or scores.shape[0] != len(result.tokens) or scores.shape[1] == 0:
+    ndim, layout = (3, "[n_tokens, n_layers, n_heads]") if result.kind == HEAD else (
+        2, "[n_tokens, n_layers]")
+    if scores.ndim != ndim or scores.shape[0] != len(result.tokens) or 0 in scores.shape:
         raise ValueError(
-            f"result.scores must be [n_tokens, n_layers] with n_tokens = len(result.tokens) = "
-            f"{len(result.tokens)} and at least one layer; got shape {tuple(scores.shape)}"
+            f"result.scores of a {result.kind!r} trace must be {layout} with n_tokens = "
+            f"len(result.tokens) = {len(result.tokens)} and at least one layer; got shape "
+            f"{tuple(scores.shape)}"
         )
     return scores
 
 
+def _is_estimate(result: TraceResult) -> bool:
+    return result.meta.get("method") == "attribution"
+
+
 def score_label(result: TraceResult) -> str:
-    """What a score measures, e.g. ``p(' Paris')`` or ``log p(' Paris')``."""
-    prefix = "log p" if result.metric == "logprob" else "p"
+    """What a score measures, e.g. ``p(' Paris')``, ``log p(' Paris')`` or
+    ``logit diff(' Paris')`` (the answer's logit minus a second answer's)."""
+    prefix = {"logprob": "log p", "logit_diff": "logit diff"}.get(result.metric, "p")
     return f"{prefix}({result.answer!r})"
 
 
-def default_title(result: TraceResult) -> str:
-    """The paper's panel title, e.g. ``Impact of restoring MLP after corrupted input``."""
-    title = f"Impact of restoring {KIND_NAMES[result.kind]} after corrupted input"
+def default_title(result: TraceResult, position: int | None = None) -> str:
+    """The paper's panel title, e.g. ``Impact of restoring MLP after corrupted input``;
+    an attribution estimate's starts with ``Estimated``."""
+    if result.kind == HEAD:
+        title = (f"Impact of restoring one head's output at {result.tokens[position]!r} "
+                 f"(token {position})")
+    else:
+        title = f"Impact of restoring {KIND_NAMES[result.kind]} after corrupted input"
     if result.sever:
         title += f" (severed {SEVER_NAMES.get(result.sever, result.sever)})"
+    if _is_estimate(result):
+        title = f"Estimated {title[0].lower()}{title[1:]} (attribution)"
     return title
 
 
 def layer_axis_label(result: TraceResult) -> str:
     """The paper's x label: which layers one column restores."""
+    if result.kind == HEAD:
+        return f"layer within {result.model_name or 'the model'}"
     if result.kind == "hidden":
         return f"single restored layer within {result.model_name or 'the model'}"
     return f"center of interval of {result.window} restored {KIND_NAMES[result.kind]} layers"
@@ -100,17 +126,31 @@ def _root_figure(ax) -> Figure:
         return fig
 
 
-def plot_trace(result: TraceResult, ax=None, title: str | None = None) -> Figure:
+def head_position(result: TraceResult) -> int:
+    """The token whose best head restoration has the largest indirect effect."""
+    scores = _checked_scores(result)
+    if np.isnan(scores).all():
+        raise ValueError("the per-head trace holds no restored states (all scores are NaN)")
+    best = np.nanmax(np.where(np.isnan(scores), -np.inf, scores), axis=(1, 2))
+    return int(np.argmax(best))
+
+
+def plot_trace(result: TraceResult, ax=None, title: str | None = None,
+               position: int | None = None) -> Figure:
     """Heatmap of ``result.scores`` in the style of the paper's Figure 1.
 
     Rows are the prompt's tokens (top to bottom, subject tokens marked ``*``),
     columns the layers; the colour scale runs from the corrupted score up.
+    A per-head trace is drawn as heads (rows) x layers (columns) at token
+    ``position`` (default: :func:`head_position`, the token with the largest
+    effect).
 
     Args:
         ax: a matplotlib ``Axes`` to draw in (the colorbar goes next to it);
             default: a new figure sized to the prompt.
         title: default: the paper's, e.g. "Impact of restoring state after
             corrupted input".
+        position: the token of a per-head trace's heatmap.
 
     Returns:
         The figure: ``fig.savefig("trace.png")``.  In Jupyter it displays
@@ -118,6 +158,11 @@ def plot_trace(result: TraceResult, ax=None, title: str | None = None) -> Figure
         backend; otherwise ``display(fig)`` after ``import matplotlib.pyplot``.
     """
     scores = _checked_scores(result)
+    if result.kind == HEAD:
+        return _plot_heads(result, scores, ax, title, position)
+    if position is not None:
+        raise ValueError(f"position applies to per-head traces; this trace's kind is "
+                         f"{result.kind!r}")
     n_tokens, n_layers = scores.shape
     if ax is None:
         fig = Figure(figsize=(4.5, 0.9 + 0.24 * n_tokens), dpi=150, layout="constrained")
@@ -137,6 +182,34 @@ def plot_trace(result: TraceResult, ax=None, title: str | None = None) -> Figure
     ax.set_title(default_title(result) if title is None else title, fontsize="medium")
     colorbar = ax.figure.colorbar(image, ax=ax)
     colorbar.ax.set_xlabel(score_label(result))  # under the bar, where the paper puts it
+    return fig
+
+
+def _plot_heads(result: TraceResult, scores: np.ndarray, ax, title, position) -> Figure:
+    """Heads x layers heatmap of a per-head trace at one token."""
+    n_tokens, n_layers, n_heads = scores.shape
+    if position is None:
+        position = head_position(result)
+    if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not (
+            0 <= position < n_tokens):
+        raise ValueError(f"position must be a token index 0..{n_tokens - 1}, got {position!r}")
+    grid = scores[position].T  # [head, layer]
+    if ax is None:
+        fig = Figure(figsize=(6, 1.2 + 0.24 * n_heads), dpi=150, layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = _root_figure(ax)
+    finite = grid[~np.isnan(grid)]
+    vmax = max(float(finite.max()) if finite.size else result.low_score, result.low_score)
+    image = ax.imshow(grid, cmap=COLORMAPS[HEAD], vmin=result.low_score, vmax=vmax,
+                      aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(n_heads), [f"H{h}" for h in range(n_heads)])
+    ax.set_ylabel("head")
+    ax.set_xticks(range(0, n_layers, 5 if n_layers > 10 else 1))
+    ax.set_xlabel(layer_axis_label(result))
+    ax.set_title(default_title(result, position) if title is None else title, fontsize="medium")
+    colorbar = ax.figure.colorbar(image, ax=ax)
+    colorbar.ax.set_xlabel(score_label(result))
     return fig
 
 
@@ -232,6 +305,8 @@ def _header(result: TraceResult) -> str:
     label = score_label(result)
     if result.kind == "hidden":
         kind = "hidden (residual stream after each block)"
+    elif result.kind == HEAD:
+        kind = "head (one attention head's output, attn.hook_z, at one token)"
     else:
         kind = (f"{result.kind} (window of {result.window} {KIND_NAMES[result.kind]} layers "
                 f"centred on each layer)")
@@ -239,8 +314,11 @@ def _header(result: TraceResult) -> str:
         kind += f", {SEVER_NAMES.get(result.sever, result.sever)} severed"
     model = f" &middot; model {esc(result.model_name)}" if result.model_name else ""
     subject_tokens = "".join(result.tokens[start:end])
+    method = ("Attribution estimate of a causal trace" if _is_estimate(result)
+              else "Causal trace")
+    selected = "head" if result.kind == HEAD else "layer"
     rows = [
-        f"<b>Causal trace</b> &middot; kind {esc(kind)}{model} &middot; {result.samples} "
+        f"<b>{method}</b> &middot; kind {esc(kind)}{model} &middot; {result.samples} "
         f"noise samples",
         f"prompt: <code>{esc(result.prompt)}</code>",
         f"subject: <code>{esc(result.subject)}</code> (tokens {start}&ndash;{end - 1}: "
@@ -249,9 +327,9 @@ def _header(result: TraceResult) -> str:
         f"clean {esc(label)} = <b>{_format_score(result.high_score)}</b> &middot; corrupted "
         f"{esc(label)} = <b>{_format_score(result.low_score)}</b> &middot; total effect "
         f"{_format_score(result.total_effect)}",
-        "colour: indirect effect of restoring the token's state at the selected layer "
-        "(restored score &minus; corrupted score; blue helps, red hurts); hover over a "
-        "token to read it at every layer",
+        f"colour: indirect effect of restoring the token's state at the selected {selected} "
+        f"(restored score &minus; corrupted score; blue helps, red hurts); hover over a "
+        f"token to read it at every {selected}",
     ]
     body = "".join(f"<div>{row}</div>" for row in rows)
     style = "font-family: sans-serif; font-size: 13px; line-height: 1.5;"
@@ -268,6 +346,10 @@ def show_trace(result: TraceResult) -> TraceView:
     """
     scores = _checked_scores(result)
     effect = scores - result.low_score
+    if result.kind == HEAD:
+        effect, labels = _strongest_heads(effect)
+    else:
+        labels = [f"layer {layer}" for layer in range(effect.shape[1])]
     n_layers = effect.shape[1]
     # One colour scale for every layer, so layers compare by eye (circuitsvis
     # would otherwise keep the first layer's scale for all).  Bounds stay off
@@ -279,12 +361,23 @@ def show_trace(result: TraceResult) -> TraceView:
         # circuitsvis writes tokens as raw HTML; escape them so "<" shows as text.
         tokens=[html.escape(token, quote=False) for token in result.tokens],
         values=effect,
-        labels=[f"layer {layer}" for layer in range(n_layers)],
+        labels=labels,
         positiveBounds=[high] * n_layers,
         negativeBounds=[low] * n_layers,
     )
     title = f"Causal trace ({result.kind}): {result.prompt} -> {result.answer!r}"
     return TraceView(f"<div>{_header(result)}\n{widget}\n</div>", title=title)
+
+
+def _strongest_heads(effect: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The ``SHOWN_HEADS`` heads with the largest effect at any token, strongest first:
+    effects ``[n_tokens, shown]`` and labels ``L{layer}.H{head}``."""
+    n_tokens, n_layers, n_heads = effect.shape
+    flat = effect.reshape(n_tokens, n_layers * n_heads)
+    strength = np.nanmax(np.where(np.isnan(flat), -np.inf, np.abs(flat)), axis=0)
+    order = np.argsort(-strength, kind="stable")[:SHOWN_HEADS]
+    labels = [f"L{i // n_heads}.H{i % n_heads}" for i in order]
+    return flat[:, order], labels
 
 
 # --------------------------------------------------------------------------- dataset averages

@@ -1,0 +1,779 @@
+"""Attribution patching: a causal trace estimated from one forward and one backward pass.
+
+An exact trace (:func:`lens_rome.trace`) restores one state at a time, so it
+costs one restored run per (token, layer) and noise sample.  Attribution
+patching (Nanda 2023; Kramar et al. 2024, "AtP*") estimates the whole grid at
+once from the gradient of the metric in the corrupted run::
+
+    effect(n) ~ (n_clean - n_corrupted) . d metric / d n      (at the corrupted run)
+
+the first-order Taylor expansion of "restore node n to its clean value".  One
+clean forward pass, one corrupted forward pass over the noise samples and one
+backward pass give every node of every kind; :func:`attribute` returns the
+estimate as a :class:`lens_rome.tracing.TraceResult` laid out exactly like an
+exact trace (``scores = low_score + estimated indirect effect``), so
+``to_frame``, ``plot``, ``show`` and ``save`` work unchanged.
+
+Nodes, one per kind:
+
+- ``"hidden"``: the residual stream after block ``l`` (``hook_resid_post``);
+- ``"mlp"``, ``"attn"``: MLP or attention outputs, summed over the ``window``
+  layers centred on ``l`` as the exact trace restores them (a first-order
+  estimate of a window adds the layers' estimates, so it also counts effects
+  that one restored layer has *through* another restored layer: it estimates
+  adding the clean-minus-corrupted difference at every layer of the window,
+  which equals restoring them when the restored layers do not feed each other);
+- ``"head"``: one attention head's output ``attn.hook_z[:, t, h]``; the
+  scores are ``[n_tokens, n_layers, n_heads]``.
+
+The AtP* fixes, both off by default:
+
+- ``qk_fix``: the first attention layer downstream of the restored state
+  (block ``l + 1``) is not linearised: its queries, keys and values at the
+  restored token are recomputed from the restored residual stream and its
+  attention pattern is recomputed exactly (a softmax per restored token, no
+  forward pass); only what lies after that pattern is linear.  This guards
+  against a saturated softmax, where a linear estimate of "attend to the
+  subject now" is near zero.
+- ``grad_drop``: GradDrop against cancellation.  ``n_layers`` extra backward
+  passes, each with the gradient through one block's attention and MLP
+  dropped; the estimate is ``sign(plain) * mean_l |estimate without block l|``
+  (the paper divides by ``L - 1``; the ranking is the same).  Magnitudes only:
+  use it to rank sites, not to read effects.
+
+:func:`verify` takes the top sites of an estimate and restores them exactly
+(the AtP* practice: rank by estimate, verify by patching), reporting both side
+by side.  :func:`restore_sites` is that exact restoration for any list of
+sites, per head included.
+
+Metrics (``metric``): ``"logprob"`` (default; the answer's log-probability,
+close to linear), ``"prob"`` (the paper's), or ``"logit_diff"``: the
+answer's logit minus a second answer's, ``contrast``; by default each noise
+sample's own corrupted answer (its most likely token other than the answer),
+which is the natural second answer with symmetric token replacement
+(:class:`lens_rome.hooks.SubjectSwap`).  The exact trace scores ``"prob"`` and
+``"logprob"``; compare an estimate with the exact trace of the same metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from transformer_lens import HookedTransformer
+
+from lens_rome import hooks
+from lens_rome.models import ModelAdapter, adapter_for
+from lens_rome.storage import replacing
+from lens_rome.tracing import KINDS, TraceResult, answer_token, locate_subject, window_layers
+
+log = logging.getLogger(__name__)
+
+HEAD = "head"
+ATTRIBUTION_KINDS = (*KINDS, HEAD)
+METRICS = ("prob", "logprob", "logit_diff")
+METHODS = ("exact", "attribution")
+VERIFY_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _metric(
+    logits: Float[torch.Tensor, "rows d_vocab"], answer: int, contrast: torch.Tensor | None,
+    metric: str,
+) -> Float[torch.Tensor, "rows"]:
+    """The score of each row's last-position logits: prob, logprob or logit difference."""
+    logits = logits.float()
+    if metric == "logit_diff":
+        return logits[:, answer] - logits.gather(1, contrast[:, None].to(logits.device))[:, 0]
+    log_probs = logits[:, answer] - torch.logsumexp(logits, dim=-1)
+    return log_probs.exp() if metric == "prob" else log_probs
+
+
+def _check_common(kinds, metric, samples, window) -> None:
+    for kind in kinds:
+        if kind not in ATTRIBUTION_KINDS:
+            raise ValueError(f"unknown kind {kind!r}; expected one of {list(ATTRIBUTION_KINDS)}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {list(METRICS)}")
+    for name, value in (("samples", samples), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _node_hook(adapter: ModelAdapter, kind: str, layer: int) -> str:
+    """The hook point of a kind's node at a layer (``attn.hook_z`` for heads)."""
+    return adapter.hook_name(kind, layer)
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+@dataclass
+class _Prepared:
+    """A fact ready to trace: tokens, subject, corruption, answer and contrast."""
+
+    tokens: torch.Tensor
+    subject_range: tuple[int, int]
+    corruption: hooks.Corruption
+    noise_text: str
+    answer: int
+    samples: int
+
+
+def _prepare(model, prompt, subject, corruption, samples, seed, target) -> _Prepared:
+    tokens, subject_range = locate_subject(model, prompt, subject)
+    if corruption is None:
+        corruption = hooks.Gaussian(scale=3.0)
+    subject_tokens = tokens[0, subject_range[0] : subject_range[1]]
+    drawn, text = hooks.draw_corruption(corruption, model, subject_tokens, samples, seed)
+    if target is None:
+        with torch.no_grad():
+            answer = int(model(tokens)[0, -1].argmax())
+    elif isinstance(target, int) and not isinstance(target, bool):
+        if not 0 <= target < model.cfg.d_vocab:
+            raise ValueError(f"target token id {target} is outside the vocabulary "
+                             f"(0..{model.cfg.d_vocab - 1})")
+        answer = target
+    else:
+        answer = answer_token(model, target)
+    return _Prepared(tokens, subject_range, drawn, text, answer, samples)
+
+
+def _contrast_tokens(model, contrast, corrupted_logits, answer) -> torch.Tensor:
+    """Second answer per sample: ``contrast``'s token, else each sample's corrupted answer."""
+    if contrast is not None:
+        token = answer_token(model, contrast)
+        if token == answer:
+            raise ValueError(f"contrast {contrast!r} is the answer itself; pick another token")
+        return torch.full((corrupted_logits.shape[0],), token, dtype=torch.long)
+    logits = corrupted_logits.detach().float().clone()
+    logits[:, answer] = -torch.inf
+    return logits.argmax(-1).cpu()
+
+
+class _GradGate(torch.autograd.Function):
+    """Identity forward; backward drops the gradient while ``state["drop"] == layer``."""
+
+    @staticmethod
+    def forward(ctx, x, state, layer):
+        ctx.state, ctx.layer = state, layer
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.state.get("drop") == ctx.layer:
+            return torch.zeros_like(grad), None, None
+        return grad, None, None
+
+
+@dataclass
+class _Runs:
+    """Clean and corrupted activations, and gradients of the metric in the corrupted run.
+
+    ``grads[0]`` is the plain gradient; with GradDrop ``grads[1 + l]`` has the
+    gradient through block ``l``'s attention and MLP dropped.
+    """
+
+    clean: dict[str, torch.Tensor]
+    corrupted: dict[str, torch.Tensor]
+    grads: list[dict[str, torch.Tensor]]
+    low_score: float
+    high_score: float
+    contrast: torch.Tensor | None
+
+
+def _qk_names(adapter: ModelAdapter, layer: int) -> list[str]:
+    rotary = adapter.model.cfg.positional_embedding_type == "rotary"
+    q, k = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
+    return [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid",
+            f"blocks.{layer}.attn.{q}", f"blocks.{layer}.attn.{k}",
+            f"blocks.{layer}.attn.hook_v", f"blocks.{layer}.attn.hook_attn_scores",
+            f"blocks.{layer}.attn.hook_pattern"]
+
+
+def _run(model, prepared: _Prepared, names: Sequence[str], metric: str, contrast: str | None,
+         grad_drop: bool) -> _Runs:
+    """One clean pass (cached), one corrupted pass with gradients, one backward pass
+    (plus one per layer with GradDrop)."""
+    adapter = adapter_for(model)
+    tokens, samples = prepared.tokens, prepared.samples
+    wanted = set(names)
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(tokens, names_filter=wanted.__contains__)
+    clean = {name: cache[name] for name in names}
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(activation, hook):
+        captured[hook.name] = activation
+
+    def track(activation, hook):  # a graph even when the weights do not require gradients
+        if not activation.requires_grad:
+            activation.requires_grad_(True)
+
+    corrupt = hooks.corrupt(prepared.corruption.values.to(tokens.device), prepared.subject_range,
+                            replace=prepared.corruption.replace)
+    fwd = [corrupt, (adapter.EMBED_HOOK, track)] + [(name, keep) for name in names]
+    state: dict = {}
+    handles = []
+    if grad_drop:
+        for layer, block in enumerate(model.blocks):
+            for norm in (block.ln1, block.ln2):
+                handles.append(norm.register_forward_hook(
+                    lambda module, inputs, output, layer=layer: _GradGate.apply(output, state,
+                                                                                layer)))
+    try:
+        with torch.enable_grad(), hooks.attached(model, fwd):
+            logits = model(tokens.expand(samples, -1))[:, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    contrast_tokens = (_contrast_tokens(model, contrast, logits, prepared.answer)
+                       if metric == "logit_diff" else None)
+    per_row = _metric(logits, prepared.answer, contrast_tokens, metric)
+    with torch.no_grad():
+        clean_rows = _metric(clean_logits[:, -1].expand(samples, -1), prepared.answer,
+                             contrast_tokens, metric)
+    inputs = [captured[name] for name in names]
+    passes = [None] + (list(range(adapter.n_layers)) if grad_drop else [])
+    grads = []
+    for i, drop in enumerate(passes):
+        state["drop"] = drop
+        found = torch.autograd.grad(per_row.sum(), inputs, retain_graph=i < len(passes) - 1,
+                                    allow_unused=True)
+        grads.append({name: (torch.zeros_like(x) if g is None else g.detach())
+                      for name, x, g in zip(names, inputs, found)})
+    corrupted = {name: captured[name].detach() for name in names}
+    return _Runs(clean, corrupted, grads, float(per_row.detach().mean()),
+                 float(clean_rows.mean()), contrast_tokens)
+
+
+# --------------------------------------------------------------------------- the QK fix
+
+
+def qk_fix_unsupported(model: HookedTransformer) -> str | None:
+    """Why the QK fix cannot recompute this model's attention exactly, or None."""
+    cfg = model.cfg
+    checks = [
+        (cfg.positional_embedding_type in ("standard", "rotary"),
+         f"positional embeddings {cfg.positional_embedding_type!r}"),
+        (not (cfg.use_attn_in or cfg.use_split_qkv_input), "split attention inputs"),
+        (not cfg.parallel_attn_mlp, "parallel attention and MLP"),
+        (not cfg.attn_only, "attention-only blocks"),
+        (not getattr(cfg, "use_attention_sinks", False), "attention sinks"),
+        (not getattr(cfg, "use_logn_attn", False), "log-n attention scaling"),
+        (getattr(cfg, "clip_qkv", None) is None, "clipped queries and keys"),
+        (not (cfg.use_qk_norm and cfg.positional_embedding_type != "rotary"),
+         "query/key norms without rotary embeddings"),
+        (cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM",
+                                           "Olmo3ForCausalLM"), "OLMo query/key norms"),
+    ]
+    reasons = [reason for ok, reason in checks if not ok]
+    return ", ".join(reasons) if reasons else None
+
+
+def recompute_qkv(model: HookedTransformer, layer: int, resid: Float[torch.Tensor, "rows pos d_model"]):
+    """Block ``layer``'s queries, keys and values (rotated where the model rotates them) for
+    the residual stream ``resid`` entering it: ``q [rows, pos, head, d_head]``, ``k`` and
+    ``v [rows, pos, kv_head, d_head]``; position ``i`` depends on ``resid[:, i]`` only."""
+    block = model.blocks[layer]
+    x = block.ln1(resid)
+    q, k, v = block.attn.calculate_qkv_matrices(x, x, x)
+    if model.cfg.positional_embedding_type == "rotary":
+        q, k = block.attn.apply_rotary(q, 0, None), block.attn.apply_rotary(k, 0, None)
+    return q, k, v
+
+
+def _qk_fixed_effects(model, layer: int, delta: torch.Tensor, runs: _Runs, grads, start: int,
+                      drop: int | None, groups: int) -> torch.Tensor:
+    """First-order effect of adding ``delta [groups*samples, pos, d_model]`` to the residual
+    stream entering block ``layer`` at one token at a time, with that block's attention
+    pattern recomputed exactly: ``[groups*samples, pos]``."""
+    names = _qk_names(adapter_for(model), layer)
+    resid_pre, resid_mid, q_name, k_name, v_name, scores_name, pattern_name = names
+    rep = lambda x: x.repeat(groups, *([1] * (x.ndim - 1)))  # noqa: E731 (rows group-major)
+    effect = (delta * rep(grads[resid_mid])).sum(-1)  # the residual connection
+    if drop == layer:  # GradDrop of this block: its attention carries nothing back
+        return effect
+    with torch.no_grad():
+        q_new, k_new, v_new = recompute_qkv(model, layer, rep(runs.corrupted[resid_pre]) + delta)
+        effect += ((v_new - rep(runs.corrupted[v_name])) * rep(grads[v_name])).sum((-1, -2))
+        q, k = rep(runs.corrupted[q_name]), rep(runs.corrupted[k_name])
+        cached = rep(runs.corrupted[scores_name])
+        pattern, g_pattern = rep(runs.corrupted[pattern_name]), rep(grads[pattern_name])
+        attn = model.blocks[layer].attn
+        for t in range(start, delta.shape[1]):
+            queries = q[:, t:].clone()
+            queries[:, 0] = q_new[:, t]
+            keys = k.clone()
+            keys[:, t] = k_new[:, t]
+            scores = attn.calculate_attention_scores(queries, keys)  # [rows, head, pos - t, pos]
+            scores = scores.masked_fill(torch.isneginf(cached[:, :, t:]), -torch.inf)
+            new = torch.nan_to_num(torch.softmax(scores.float(), dim=-1), nan=0.0)
+            effect[:, t] += ((new - pattern[:, :, t:]) * g_pattern[:, :, t:]).sum((1, 2, 3))
+    return effect
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+def _names_for(adapter: ModelAdapter, kinds, qk_fix: bool) -> list[str]:
+    names = []
+    for kind in kinds:
+        names += [_node_hook(adapter, kind, layer) for layer in range(adapter.n_layers)]
+    if qk_fix:
+        for layer in range(adapter.n_layers):
+            names += _qk_names(adapter, layer)
+            names.append(adapter.hook_name("hidden", layer))
+    return list(dict.fromkeys(names))
+
+
+def _per_sample(model, kind: str, runs: _Runs, grads, qk_fix: bool, start: int,
+                drop: int | None) -> torch.Tensor:
+    """Estimated effect of restoring each single node: ``[samples, pos, n_layers(, head)]``."""
+    adapter = adapter_for(model)
+    n_layers = adapter.n_layers
+    out = []
+    for layer in range(n_layers):
+        name = _node_hook(adapter, kind, layer)
+        delta = (runs.clean[name] - runs.corrupted[name]).float()  # [samples, pos, ...]
+        grad = grads[name].float()
+        if not qk_fix or layer == n_layers - 1:
+            plain = (delta * grad).sum(-1)  # [samples, pos] or [samples, pos, head]
+            out.append(plain)
+            continue
+        samples, n_pos = delta.shape[0], delta.shape[1]
+        if kind == HEAD:  # one head's change of z, written into the residual stream
+            w_o = model.blocks[layer].attn.W_O.float()  # [head, d_head, d_model]
+            stream = torch.einsum("sphd,hde->hspe", delta, w_o)
+            groups = stream.shape[0]
+            stream = stream.reshape(groups * samples, n_pos, -1)
+        else:
+            groups, stream = 1, delta
+        effect = _qk_fixed_effects(model, layer + 1, stream, runs, grads, start, drop, groups)
+        if kind in ("attn", HEAD):  # the way through this block's own MLP stays linear
+            mid = grads[f"blocks.{layer}.hook_resid_mid"].float()
+            post = grads[adapter.hook_name("hidden", layer)].float()
+            rep = (mid - post).repeat(groups, 1, 1)
+            effect = effect + (stream * rep).sum(-1)
+        if kind == HEAD:
+            effect = effect.view(groups, samples, n_pos).permute(1, 2, 0)
+        out.append(effect)
+    return torch.stack(out, dim=2)
+
+
+def _estimate(model, kind, runs: _Runs, qk_fix: bool, grad_drop: bool, window: int,
+              start: int) -> torch.Tensor:
+    """Estimated indirect effects ``[pos, n_layers(, head)]``, windows summed."""
+    plain = _per_sample(model, kind, runs, runs.grads[0], qk_fix, start, None).mean(0)
+    if grad_drop:
+        dropped = [_per_sample(model, kind, runs, grads, qk_fix, start, layer).mean(0).abs()
+                   for layer, grads in enumerate(runs.grads[1:])]
+        plain = torch.sign(plain) * torch.stack(dropped).mean(0)
+    if kind in ("mlp", "attn") and window > 1:
+        n_layers = plain.shape[1]
+        plain = torch.stack([plain[:, window_layers(layer, window, n_layers)].sum(1)
+                             for layer in range(n_layers)], dim=1)
+    return plain
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def attribute(
+    model: HookedTransformer,
+    prompt: str,
+    subject: str,
+    kind: str = "hidden",
+    *,
+    corruption: float | torch.Tensor | hooks.Noise | None = None,
+    samples: int = 10,
+    window: int = 10,
+    metric: str = "logprob",
+    target: str | None = None,
+    contrast: str | None = None,
+    seed: int = 0,
+    qk_fix: bool = False,
+    grad_drop: bool = False,
+) -> TraceResult:
+    """Attribution-patching estimate of ``trace(model, prompt, subject, kind)``.
+
+    Returns a :class:`TraceResult` whose ``scores`` (``[n_tokens, n_layers]``,
+    or ``[n_tokens, n_layers, n_heads]`` for ``kind="head"``) are the corrupted
+    score plus the estimated indirect effect of restoring each state;
+    ``low_score`` and ``high_score`` are measured.  ``meta["method"]`` is
+    ``"attribution"``.
+
+    Args:
+        kind: ``"hidden"``, ``"mlp"``, ``"attn"`` (windows of ``window``
+            layers, as in :func:`lens_rome.trace`) or ``"head"`` (one head's
+            ``attn.hook_z`` at one token, no window).
+        corruption: as ``trace``'s ``noise``: a :class:`lens_rome.hooks.Noise`
+            rule (default: Gaussian at 3x the embedding std), a float level, or
+            a tensor ``[samples, n_subject_tokens, d_model]``;
+            ``hooks.SubjectSwap([...])`` for symmetric token replacement.
+        metric: ``"logprob"``, ``"prob"`` or ``"logit_diff"`` (module docstring).
+        target: the answer (default: the clean run's most likely token).
+        contrast: the second answer of ``"logit_diff"`` (default: each
+            sample's corrupted answer).
+        qk_fix, grad_drop: the AtP* fixes (module docstring).
+    """
+    return attribute_many(model, prompt, subject, [kind], corruption=corruption, samples=samples,
+                          window=window, metric=metric, target=target, contrast=contrast,
+                          seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)[0]
+
+
+def attribute_many(
+    model: HookedTransformer,
+    prompt: str,
+    subject: str,
+    kinds: Sequence[str] = KINDS,
+    *,
+    corruption: float | torch.Tensor | hooks.Noise | None = None,
+    samples: int = 10,
+    window: int = 10,
+    metric: str = "logprob",
+    target: str | None = None,
+    contrast: str | None = None,
+    seed: int = 0,
+    qk_fix: bool = False,
+    grad_drop: bool = False,
+) -> list[TraceResult]:
+    """:func:`attribute` for several kinds from the same forward and backward passes."""
+    adapter = adapter_for(model)
+    kinds = list(kinds)
+    if not kinds:
+        raise ValueError(f"kinds must name at least one of {list(ATTRIBUTION_KINDS)}")
+    _check_common(kinds, metric, samples, window)
+    if contrast is not None and metric != "logit_diff":
+        raise ValueError(f"contrast applies to metric='logit_diff' only; got metric={metric!r}")
+    if qk_fix and (reason := qk_fix_unsupported(model)) is not None:
+        raise ValueError(f"qk_fix cannot recompute this model's attention exactly ({reason}); "
+                         f"use qk_fix=False")
+    prepared = _prepare(model, prompt, subject, corruption, samples, seed, target)
+    names = _names_for(adapter, kinds, qk_fix)
+    runs = _run(model, prepared, names, metric, contrast, grad_drop)
+    start = prepared.subject_range[0]
+    results = []
+    for kind in kinds:
+        with torch.no_grad():
+            effects = _estimate(model, kind, runs, qk_fix, grad_drop, window, start)
+        effects[:start] = 0.0  # positions before the subject are never corrupted
+        meta = {"method": "attribution", "seed": seed, "qk_fix": qk_fix, "grad_drop": grad_drop}
+        if runs.contrast is not None:
+            meta["contrast"] = [model.tokenizer.decode([int(t)]) for t in runs.contrast]
+            meta["contrast_tokens"] = [int(t) for t in runs.contrast]
+        results.append(TraceResult(
+            scores=(effects + runs.low_score).float().cpu(),
+            low_score=runs.low_score,
+            high_score=runs.high_score,
+            answer=model.tokenizer.decode([prepared.answer]),
+            answer_token=prepared.answer,
+            tokens=adapter.token_strings(prepared.tokens),
+            subject_range=prepared.subject_range,
+            kind=kind,
+            window=window if kind in ("mlp", "attn") else 1,
+            prompt=prompt,
+            subject=subject,
+            metric=metric,
+            samples=samples,
+            noise=prepared.noise_text,
+            model_name=adapter.name,
+            meta=meta,
+        ))
+    return results
+
+
+# --------------------------------------------------------------------------- exact restoration
+
+
+Site = tuple[int, int] | tuple[int, int, int]
+
+
+def restore_sites(
+    model: HookedTransformer,
+    prompt: str,
+    subject: str,
+    kind: str,
+    sites: Sequence[Site],
+    *,
+    corruption: float | torch.Tensor | hooks.Noise | None = None,
+    samples: int = 10,
+    window: int = 10,
+    metric: str = "logprob",
+    target: str | int | None = None,
+    contrast: str | Sequence[int] | None = None,
+    seed: int = 0,
+    batch_rows: int = 160,
+) -> tuple[torch.Tensor, float, float]:
+    """Exact restorations of chosen sites: ``(scores [n_sites], low_score, high_score)``.
+
+    A site is ``(token, layer)``, or ``(token, layer, head)`` for ``kind="head"``
+    (head ``h``'s ``attn.hook_z`` at that token restored to its clean value).
+    Each site's score is the metric averaged over the noise samples, as in
+    :func:`lens_rome.trace` (the paper's algorithm: a corrupted run with the
+    site's clean values patched in; sites share batches of ``batch_rows`` rows).
+    ``target`` may be a token id; ``contrast`` for ``"logit_diff"`` may also be
+    one token id per sample.
+    """
+    adapter = adapter_for(model)
+    _check_common([kind], metric, samples, window)
+    prepared = _prepare(model, prompt, subject, corruption, samples, seed, target)
+    tokens, n_tokens, n_layers = prepared.tokens, prepared.tokens.shape[1], adapter.n_layers
+    checked = []
+    for site in sites:
+        expected = 3 if kind == HEAD else 2
+        if len(site) != expected or any(isinstance(v, bool) or not isinstance(v, int)
+                                        for v in site):
+            raise ValueError(f"site {site!r} must be {expected} integers "
+                             f"({'token, layer, head' if kind == HEAD else 'token, layer'})")
+        if not (0 <= site[0] < n_tokens and 0 <= site[1] < n_layers) or (
+                kind == HEAD and not 0 <= site[2] < model.cfg.n_heads):
+            raise ValueError(f"site {site!r} is out of range: {n_tokens} tokens, {n_layers} "
+                             f"layers{f', {model.cfg.n_heads} heads' if kind == HEAD else ''}")
+        checked.append(tuple(site))
+    layers_of = (lambda layer: [layer]) if kind in ("hidden", HEAD) else (
+        lambda layer: list(window_layers(layer, window, n_layers)))
+    names = sorted({_node_hook(adapter, kind, l) for s in checked for l in layers_of(s[1])})
+
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(tokens, names_filter=set(names).__contains__)
+        values, replace = prepared.corruption.values.to(tokens.device), prepared.corruption.replace
+        with hooks.attached(model, [hooks.corrupt(values, prepared.subject_range,
+                                                  replace=replace)]):
+            logits = model(tokens.expand(samples, -1))[:, -1]
+        if metric != "logit_diff":
+            contrast_tokens = None
+        elif contrast is None or isinstance(contrast, str):
+            contrast_tokens = _contrast_tokens(model, contrast, logits, prepared.answer)
+        else:
+            contrast_tokens = torch.as_tensor(list(contrast), dtype=torch.long)
+            if contrast_tokens.shape != (samples,):
+                raise ValueError(f"contrast token ids must be one per sample ({samples}), "
+                                 f"got {len(contrast_tokens)}")
+        low = float(_metric(logits, prepared.answer, contrast_tokens, metric).mean())
+        high = float(_metric(clean_logits[:, -1].expand(samples, -1), prepared.answer,
+                             contrast_tokens, metric).mean())
+
+        per_batch = max(1, batch_rows // samples)
+        scores = []
+        for first in range(0, len(checked), per_batch):
+            chunk = checked[first : first + per_batch]
+            plan: dict[str, list[tuple[slice, int, int | None]]] = {}
+            for g, site in enumerate(chunk):
+                rows = slice(g * samples, (g + 1) * samples)
+                for layer in layers_of(site[1]):
+                    plan.setdefault(_node_hook(adapter, kind, layer), []).append(
+                        (rows, site[0], site[2] if kind == HEAD else None))
+            fwd = [hooks.corrupt(values.repeat(len(chunk), 1, 1), prepared.subject_range,
+                                 replace=replace)]
+            fwd += [(name, _restorer(cache[name][0], entries)) for name, entries in plan.items()]
+            with hooks.attached(model, fwd):
+                out = model(tokens.expand(len(chunk) * samples, -1))
+            rows_contrast = None if contrast_tokens is None else contrast_tokens.repeat(len(chunk))
+            per_row = _metric(out[:, -1], prepared.answer, rows_contrast, metric)
+            scores.append(per_row.view(len(chunk), samples).mean(1).cpu())
+    return (torch.cat(scores) if scores else torch.empty(0)), low, high
+
+
+def _restorer(clean: torch.Tensor, entries: list[tuple[slice, int, int | None]]):
+    """A hook putting clean values back: ``(rows, token, head or None)`` per entry."""
+
+    def restore_hook(activation, hook):
+        for rows, token, head in entries:
+            if head is None:
+                activation[rows, token] = clean[token].to(activation.dtype)
+            else:
+                activation[rows, token, head] = clean[token, head].to(activation.dtype)
+        return activation
+
+    return restore_hook
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass
+class Verification:
+    """The top sites of an attribution estimate, restored exactly, side by side.
+
+    ``sites``: ``(token, layer)`` or ``(token, layer, head)`` in the estimate's
+    ranking; ``estimated`` and ``exact`` are indirect effects (score minus the
+    corrupted score) in the estimate's metric.
+    """
+
+    sites: list[tuple[int, ...]]
+    estimated: list[float]
+    exact: list[float]
+    tokens: list[str]
+    kind: str
+    metric: str
+    low_score: float
+    high_score: float
+    prompt: str
+    subject: str
+    answer: str
+    window: int = 1
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def spearman(self) -> float:
+        """Rank correlation of estimated and exact effects over the verified sites."""
+        return spearman(torch.tensor(self.estimated), torch.tensor(self.exact))
+
+    @property
+    def sign_agreement(self) -> float:
+        """Fraction of verified sites whose estimate has the exact effect's sign."""
+        pairs = list(zip(self.estimated, self.exact))
+        return sum((a > 0) == (b > 0) for a, b in pairs) / len(pairs) if pairs else math.nan
+
+    def to_frame(self):
+        """One row per site: rank, position, token, layer (, head), estimated, exact, error."""
+        import pandas as pd  # noqa: PLC0415
+
+        rows = []
+        for rank, (site, estimated, exact) in enumerate(
+                zip(self.sites, self.estimated, self.exact), start=1):
+            row = {"rank": rank, "position": site[0], "token": self.tokens[site[0]],
+                   "layer": site[1]}
+            if self.kind == HEAD:
+                row["head"] = site[2]
+            row.update(estimated=estimated, exact=exact, error=estimated - exact)
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def plot(self, ax=None):
+        """Estimated against exact indirect effects (one point per site); returns the figure."""
+        from matplotlib.figure import Figure  # noqa: PLC0415
+
+        if ax is None:
+            fig = Figure(figsize=(4, 4), dpi=150, layout="constrained")
+            ax = fig.add_subplot()
+        else:
+            fig = ax.figure
+        ax.scatter(self.exact, self.estimated, s=14)
+        values = [*self.exact, *self.estimated, 0.0]
+        low, high = min(values), max(values)
+        ax.plot([low, high], [low, high], color="grey", linewidth=0.6)
+        ax.set_xlabel(f"exact indirect effect ({self.metric})")
+        ax.set_ylabel(f"attribution estimate ({self.metric})")
+        ax.set_title(f"top {len(self.sites)} {self.kind} sites, Spearman {self.spearman:.2f}",
+                     fontsize="medium")
+        return fig
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["sites"] = [list(site) for site in self.sites]
+        data["format"] = VERIFY_FORMAT
+        return data
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write as JSON; refuses to replace an existing file unless ``overwrite``."""
+        with replacing(path, overwrite=overwrite) as tmp:
+            tmp.write_text(json.dumps(self.to_dict()))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Verification":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            if data.pop("format", None) != VERIFY_FORMAT:
+                raise ValueError("missing or unknown 'format'")
+            data["sites"] = [tuple(site) for site in data["sites"]]
+            return cls(**data)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} is not a readable lens_rome verification: {error}") from None
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two equally long vectors (average ranks for ties)."""
+    a, b = a.flatten().double(), b.flatten().double()
+    if a.shape != b.shape or a.numel() < 2:
+        raise ValueError(f"need two vectors of the same length >= 2, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / denominator) if denominator > 0 else math.nan
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    order = x.argsort()
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    for value in x.unique():  # ties get their average rank
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def ranked_sites(result: TraceResult, by: str = "effect") -> list[tuple[int, ...]]:
+    """All sites of a trace from the highest score down (``by="magnitude"``: largest
+    absolute indirect effect first); sites before the subject are left out."""
+    if by not in ("effect", "magnitude"):
+        raise ValueError(f"by must be 'effect' or 'magnitude', got {by!r}")
+    effect = (result.scores - result.low_score)[result.subject_range[0]:]
+    key = effect.abs() if by == "magnitude" else effect
+    key = torch.nan_to_num(key.float(), nan=-math.inf)
+    order = key.flatten().argsort(descending=True, stable=True).tolist()
+    shape = effect.shape
+    sites = []
+    for flat in order:
+        index = torch.unravel_index(torch.tensor(flat), shape)
+        site = (int(index[0]) + result.subject_range[0], *(int(i) for i in index[1:]))
+        sites.append(site)
+    return sites
+
+
+def verify(
+    model: HookedTransformer,
+    estimate: TraceResult,
+    k: int = 10,
+    *,
+    corruption: float | torch.Tensor | hooks.Noise | None = None,
+    by: str = "effect",
+) -> Verification:
+    """Restore the ``k`` top sites of an attribution ``estimate`` exactly.
+
+    The sites are ranked by estimated indirect effect (``by="magnitude"``: by its
+    absolute value, right for ``grad_drop`` estimates); each is then restored
+    with the same noise draws (the estimate's ``seed`` and ``corruption``, which
+    must be the one the estimate was made with; default: the default
+    Gaussian), the same metric and second answer.
+    """
+    if not isinstance(estimate, TraceResult):
+        raise TypeError(f"estimate must be a TraceResult from attribute(), got "
+                        f"{type(estimate).__name__}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if corruption is None:
+        corruption = hooks.Gaussian(scale=3.0)
+    if isinstance(corruption, hooks.Noise) and str(corruption) != estimate.noise:
+        raise ValueError(f"the estimate was made with noise {estimate.noise!r}, not "
+                         f"{str(corruption)!r}: pass the same corruption to verify")
+    sites = ranked_sites(estimate, by)[:k]
+    exact, low, _ = restore_sites(
+        model, estimate.prompt, estimate.subject, estimate.kind, sites, corruption=corruption,
+        samples=estimate.samples, window=estimate.window, metric=estimate.metric,
+        target=estimate.answer_token, contrast=estimate.meta.get("contrast_tokens"),
+        seed=int(estimate.meta.get("seed", 0)),
+    )
+    estimated = [float(estimate.scores[site]) - estimate.low_score for site in sites]
+    return Verification(
+        sites=sites, estimated=estimated, exact=[float(x) - low for x in exact],
+        tokens=list(estimate.tokens), kind=estimate.kind, metric=estimate.metric,
+        low_score=low, high_score=estimate.high_score, prompt=estimate.prompt,
+        subject=estimate.subject, answer=estimate.answer, window=estimate.window,
+        meta={"by": by, "estimate": dict(estimate.meta), "noise": estimate.noise},
+    )
+
