@@ -69,6 +69,11 @@ def add_trace_dataset_parser(subparsers) -> argparse.ArgumentParser:
                        help="trace on N Ray worker processes of a local Ray runtime")
     where.add_argument("--address", default=None, metavar="ADDR",
                        help="join the Ray cluster at ADDR (e.g. 'auto' or 'host:6379')")
+    parser.add_argument("--method", choices=("exact", "attribution"), default="exact",
+                        help="exact: restore each state (the paper's); attribution: estimate "
+                             "each fact's traces from one forward and one backward pass "
+                             "(attribution patching of the probability; implies --no-severed) "
+                             "(default: %(default)s)")
     parser.add_argument("--boot", type=positive_int, default=1000, metavar="B",
                         help="bootstrap resamples for the 95%% intervals (default: %(default)s)")
     parser.set_defaults(run=run_trace_dataset)
@@ -85,6 +90,9 @@ def run_trace_dataset(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     kinds = _check_kinds(args.kinds)
+    severed = not args.no_severed and args.method == "exact"  # attribution: plain traces only
+    if args.method == "attribution" and args.bf16:
+        raise ValueError("--bf16 applies to --method exact; attribution runs in float32")
     facts = load_known_facts(args.facts)  # bad files fail before the model loads
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -92,12 +100,12 @@ def run_trace_dataset(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = args.model if (args.workers or args.address) else load(args.model)
     print(f"model {args.model}; {len(facts)} facts in {args.facts}; kinds {', '.join(kinds)}"
-          f"{'' if args.no_severed else ' + severed'}; out {out}")
+          f"{' + severed' if severed else ''}; method {args.method}; out {out}")
     result = trace_dataset(
         model, facts, out, kinds, limit=args.limit, only_correct=not args.all_facts,
         samples=args.samples, window=args.window,
-        noise_scale=args.noise_scale, severed=not args.no_severed, seed=args.seed,
-        bf16=args.bf16, workers=args.workers, address=args.address,
+        noise_scale=args.noise_scale, severed=severed, seed=args.seed,
+        bf16=args.bf16, workers=args.workers, address=args.address, method=args.method,
     )
     elapsed = time.perf_counter() - started
     report = result.report

@@ -19,6 +19,10 @@ of all the dataset's subject tokens (its ``collect_embedding_std`` rule),
 drawn afresh for each fact from ``seed + known_id`` and shared by the kinds of
 that fact.  Scale-out over several processes or machines is in
 :mod:`lens_rome.distributed`.
+
+``method="attribution"`` replaces each fact's exact traces by attribution-
+patching estimates of the same probabilities (:mod:`lens_rome.attribution`:
+one forward and one backward pass per fact, no severed experiment).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class TraceSettings:
     severed: bool = True
     seed: int = 0
     bf16: bool = False
+    method: str = "exact"  # or "attribution": estimates instead of restored runs
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -91,6 +96,14 @@ def trace_fact(model: HookedTransformer, fact: Mapping, settings: TraceSettings)
     the plain traces and ``"mlp"``/``"attn"`` for the severed hidden traces,
     which cover the last subject token only.
     """
+    if settings.method == "attribution":
+        from lens_rome.attribution import attribute_many  # noqa: PLC0415
+
+        results = attribute_many(model, fact["prompt"], fact["subject"], settings.kinds,
+                                 corruption=hooks.Gaussian(level=settings.noise_level),
+                                 samples=settings.samples, window=settings.window,
+                                 metric="prob", seed=settings.seed + int(fact["known_id"]))
+        return _fact_rows(fact, results)
     requests = [(kind, None, None) for kind in settings.kinds]
     if settings.severed:
         _, (_, subject_end) = locate_subject(model, fact["prompt"], fact["subject"])
@@ -99,6 +112,11 @@ def trace_fact(model: HookedTransformer, fact: Mapping, settings: TraceSettings)
                          samples=settings.samples, window=settings.window,
                          noise=hooks.Gaussian(level=settings.noise_level),
                          seed=settings.seed + int(fact["known_id"]), bf16=settings.bf16)
+    return _fact_rows(fact, results)
+
+
+def _fact_rows(fact: Mapping, results) -> pd.DataFrame:
+    """The long-format rows of one fact's traces (or estimates)."""
     frames = []
     for result in results:
         n_tokens, n_layers = result.scores.shape
@@ -168,7 +186,8 @@ class FactStore:
         if path.exists():
             try:
                 saved = json.loads(path.read_text())["settings"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                saved.setdefault("method", "exact")  # runs from before attribution existed
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
                 raise ValueError(f"{path} is damaged ({error}); choose a new --out") from None
             if saved != wanted:
                 changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
@@ -212,6 +231,7 @@ def trace_dataset(
     workers: int | None = None,
     address: str | None = None,
     progress: bool = True,
+    method: str = "exact",
 ) -> "DatasetTrace":
     """Trace every fact ``model`` answers correctly; results go to ``out`` as they finish.
 
@@ -230,12 +250,21 @@ def trace_dataset(
         workers, address: run on Ray (see :mod:`lens_rome.distributed`):
             ``workers`` processes on a local runtime, or join the cluster at
             ``address``.
+        method: ``"exact"`` (restored runs) or ``"attribution"`` (attribution-
+            patching estimates of the same probabilities; needs
+            ``severed=False`` and ``bf16=False``).
 
     Returns the aggregate over all facts in ``out`` (:class:`DatasetTrace`).
     """
     from lens_rome.models import load_model
 
     kinds = _check_kinds(kinds)
+    if method not in ("exact", "attribution"):
+        raise ValueError(f"method must be 'exact' or 'attribution', got {method!r}")
+    if method == "attribution" and (severed or bf16):
+        raise ValueError("method='attribution' estimates plain traces in float32: pass "
+                         "severed=False and bf16=False (the severed experiment needs exact "
+                         "restorations)")
     if severed and "hidden" not in kinds:
         raise ValueError("the severed experiment needs 'hidden' in kinds; add it or pass "
                          "severed=False")
@@ -261,7 +290,8 @@ def trace_dataset(
                          "nothing to trace (only_correct=False / --all-facts traces them anyway)")
     level = noise_scale * hooks.embedding_std(model, [f["subject"] for f in facts])
     settings = TraceSettings(model=model_name, kinds=kinds, samples=samples, window=window,
-                             noise_level=round(level, 8), severed=severed, seed=seed, bf16=bf16)
+                             noise_level=round(level, 8), severed=severed, seed=seed, bf16=bf16,
+                             method=method)
     store = FactStore(out)
     store.check_settings(settings)
     done = store.done()

@@ -1,0 +1,227 @@
+"""How good, and how fast, is attribution patching against the exact causal trace?
+
+For each fact the embedded SmolLM2 answers correctly (known facts, the paper's
+filter), in order, this runs the exact trace (``trace_many``, all kinds with
+the same noise) and the attribution estimate (``attribute_many``: plain, with
+the QK fix, with GradDrop) with the same noise draws and the same metric, the
+answer's log-probability, and compares them per kind:
+
+- Spearman correlation of estimated and exact indirect effects over every
+  (token, layer) cell from the first subject token on (cells before the subject
+  are 0 in both and left out);
+- recall: the fraction of the exact top-10 sites (highest scores) found among
+  the estimate's top-20;
+- seconds per fact for the exact trace and for each estimate (all kinds
+  together, as each computes them together).
+
+Two corruptions: Gaussian noise at 3x the std of the facts' subject-token
+embeddings (the paper's), and symmetric token replacement (``SubjectSwap``: up
+to 10 other subjects of the file with the same number of tokens and another
+answer, one per sample; Zhang & Nanda 2023).  With ``--heads N`` the first N
+facts also get the per-head kind (needs the engine's exact ``kind="head"``).
+
+Each fact's figures are appended to ``OUT/facts.jsonl`` as soon as they are
+measured; rerunning resumes.  The table is printed at the end (``--report``
+prints it from the file without computing).
+
+    flock /work/cpu.lock .venv/bin/python benchmarks/attribution_quality.py --n 30 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_FACTS = ROOT.parent / "shared" / "data" / "known_facts.json"
+KINDS = ("hidden", "mlp", "attn")
+VARIANTS = {"plain": {}, "qk_fix": {"qk_fix": True}, "grad_drop": {"grad_drop": True}}
+TOP, WITHIN = 10, 20
+
+
+def top_sites(scores: torch.Tensor, start: int, n: int) -> set[tuple[int, ...]]:
+    grid = scores[start:]
+    order = grid.flatten().argsort(descending=True, stable=True)[:n].tolist()
+    return {tuple(int(i) for i in torch.unravel_index(torch.tensor(f), grid.shape)) for f in order}
+
+
+def compare(exact, estimate) -> dict:
+    from lens_rome.attribution import spearman
+
+    start = exact.subject_range[0]
+    a = (estimate.scores - estimate.low_score)[start:].flatten()
+    b = (exact.scores - exact.low_score)[start:].flatten()
+    found = top_sites(exact.scores, start, TOP) & top_sites(estimate.scores, start, WITHIN)
+    return {"spearman": spearman(a, b), "recall": len(found) / TOP,
+            "sign": float(((a > 0) == (b > 0)).float().mean())}
+
+
+def swap_alternatives(model, fact, facts, limit=10) -> list[str]:
+    """Other subjects of the file with as many tokens as this fact's subject (as it sits in
+    the prompt) and another answer, taken in file order after this fact."""
+    from lens_rome import locate_subject
+    from lens_rome.models import adapter_for
+
+    adapter = adapter_for(model)
+    _, (start, end) = locate_subject(model, fact["prompt"], fact["subject"])
+    index = next(i for i, f in enumerate(facts) if f["known_id"] == fact["known_id"])
+    chosen = []
+    for other in facts[index + 1:] + facts[:index]:
+        subject = other["subject"]
+        if other["attribute"] == fact["attribute"] or subject in chosen or subject == fact["subject"]:
+            continue
+        n = adapter.tokenize(subject)[0].shape[1] - int(adapter.prepend_bos)
+        if n == end - start:
+            chosen.append(subject)
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
+def measure(model, fact, noise, samples, window, kinds, heads: bool) -> dict:
+    from lens_rome import tracing
+    from lens_rome.attribution import attribute_many
+
+    seed = int(fact["known_id"])
+    common = dict(samples=samples, window=window, seed=seed)
+    start = time.perf_counter()
+    exact = tracing.trace_many(model, fact["prompt"], fact["subject"],
+                               [(k, None, None) for k in kinds], noise=noise,
+                               metric="logprob", **common)
+    row = {"exact_seconds": time.perf_counter() - start, "clean": exact[0].high_score,
+           "corrupted": exact[0].low_score, "answer": exact[0].answer}
+    if heads:
+        start = time.perf_counter()
+        exact_heads = tracing.trace(model, fact["prompt"], fact["subject"], "head", noise=noise,
+                                    metric="logprob", **common)
+        row["exact_head_seconds"] = time.perf_counter() - start
+    for variant, options in VARIANTS.items():
+        wanted = [*kinds, "head"] if heads else list(kinds)
+        start = time.perf_counter()
+        estimates = attribute_many(model, fact["prompt"], fact["subject"], wanted,
+                                   corruption=noise, metric="logprob",
+                                   target=exact[0].answer_token, **common, **options)
+        row[f"{variant}_seconds"] = time.perf_counter() - start
+        assert abs(estimates[0].low_score - exact[0].low_score) < 1e-3, "not the same noise"
+        for kind, result, estimate in zip(kinds, exact, estimates):
+            row[f"{kind}/{variant}"] = compare(result, estimate)
+        if heads:
+            row[f"head/{variant}"] = compare(exact_heads, estimates[-1])
+    return row
+
+
+def run(args) -> None:
+    from lens_rome import hooks, load_model
+    from lens_rome.datasets import answered_correctly, load_known_facts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "facts.jsonl"
+    done = {json.loads(line)["known_id"] for line in store.read_text().splitlines()} \
+        if store.exists() else set()
+    model = load_model("smollm2-135m")
+    facts = load_known_facts(args.facts)
+    kept = answered_correctly(model, facts)[: args.n]
+    level = 3.0 * hooks.embedding_std(model, [f["subject"] for f in facts])
+    from lens_rome import tracing
+    head_engine = getattr(tracing, "HEAD", None) == "head"
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}; {len(kept)} facts; noise level {level:.4f}; "
+          f"{len(done)} already measured in {store}", flush=True)
+    for number, fact in enumerate(kept):
+        if fact["known_id"] in done:
+            continue
+        heads = head_engine and number < args.heads
+        record = {"known_id": fact["known_id"], "subject": fact["subject"],
+                  "prompt": fact["prompt"]}
+        record["gaussian"] = measure(model, fact, hooks.Gaussian(level=level), args.samples,
+                                     args.window, KINDS, heads)
+        if not args.no_swap:
+            alternatives = swap_alternatives(model, fact, facts)
+            record["swap_alternatives"] = alternatives
+            if alternatives:
+                record["swap"] = measure(model, fact, hooks.SubjectSwap(alternatives),
+                                         len(alternatives), args.window, KINDS, heads)
+        with store.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        g = record["gaussian"]
+        print(f"[{number + 1}/{len(kept)}] {fact['subject']!r}: exact {g['exact_seconds']:.1f} s, "
+              f"attribution {g['plain_seconds']:.2f} s; recall hidden "
+              f"{g['hidden/plain']['recall']:.1f} mlp {g['mlp/plain']['recall']:.1f} "
+              f"attn {g['attn/plain']['recall']:.1f}", flush=True)
+    report(store, args)
+
+
+def report(store: Path, args) -> None:
+    records = [json.loads(line) for line in store.read_text().splitlines()]
+    kept = [r["known_id"] for r in records]
+    print(f"\n{len(records)} facts (known_id {min(kept)}..{max(kept)}), samples {args.samples}, "
+          f"window {args.window}, metric: log-probability of the answer; Spearman over cells "
+          f"from the first subject token; recall = exact top-{TOP} within estimate top-{WITHIN}")
+    for noise in ("gaussian", "swap"):
+        rows = [r[noise] for r in records if noise in r]
+        if not rows:
+            continue
+        exact = statistics.mean(r["exact_seconds"] for r in rows)
+        te = statistics.mean(r["clean"] - r["corrupted"] for r in rows)
+        print(f"\n{noise}: {len(rows)} facts; mean total effect (log p) {te:.2f}; exact trace "
+              f"(hidden+mlp+attn) {exact:.1f} s per fact")
+        print(f"| kind | variant | Spearman mean | Spearman median | recall@{TOP}/{WITHIN} mean "
+              f"| facts with recall >= 0.8 | sign agreement | s per fact | speed-up |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for kind in (*KINDS, "head"):
+            for variant in VARIANTS:
+                key = f"{kind}/{variant}"
+                found = [r for r in rows if key in r]
+                if not found:
+                    continue
+                rho = [r[key]["spearman"] for r in found]
+                recall = [r[key]["recall"] for r in found]
+                sign = [r[key]["sign"] for r in found]
+                seconds = statistics.mean(r[f"{variant}_seconds"] for r in found)
+                reference = statistics.mean(
+                    r["exact_head_seconds"] if kind == "head" else r["exact_seconds"]
+                    for r in found)
+                good = sum(x >= 0.8 for x in recall)
+                print(f"| {kind} | {variant} | {statistics.mean(rho):.3f} | "
+                      f"{statistics.median(rho):.3f} | {statistics.mean(recall):.3f} | "
+                      f"{good}/{len(found)} | {statistics.mean(sign):.3f} | {seconds:.2f} | "
+                      f"{reference / seconds:.0f}x |")
+        worst = sorted(rows, key=lambda r: r["mlp/plain"]["recall"] + r["hidden/plain"]["recall"])
+        print("lowest plain recall (hidden + mlp): " + "; ".join(
+            f"{r['answer']!r} clean {r['clean']:.2f} corrupted {r['corrupted']:.2f} "
+            f"hidden {r['hidden/plain']['recall']:.1f} mlp {r['mlp/plain']['recall']:.1f}"
+            for r in worst[:5]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--facts", default=str(DEFAULT_FACTS))
+    parser.add_argument("--n", type=int, default=30, help="facts (answered correctly)")
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--heads", type=int, default=0, metavar="N",
+                        help="also trace heads exactly for the first N facts")
+    parser.add_argument("--no-swap", action="store_true", help="Gaussian noise only")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=str(ROOT / "runs" / "attribution_quality"))
+    parser.add_argument("--report", action="store_true", help="print the table of OUT only")
+    args = parser.parse_args()
+    if args.report:
+        report(Path(args.out) / "facts.jsonl", args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
