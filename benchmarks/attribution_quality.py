@@ -14,6 +14,10 @@ answer's log-probability, and compares them per kind:
 - seconds per fact for the exact trace and for each estimate (all kinds
   together, as each computes them together).
 
+Kinds: hidden, mlp and attn with the trace's window (10), and ``mlp@1``:
+single MLP layers (window 1), where no restored layer feeds another.  GradDrop
+is measured with Gaussian noise only (it costs one backward pass per layer).
+
 Two corruptions: Gaussian noise at 3x the std of the facts' subject-token
 embeddings (the paper's), and symmetric token replacement (``SubjectSwap``: up
 to 10 other subjects of the file with the same number of tokens and another
@@ -85,36 +89,57 @@ def swap_alternatives(model, fact, facts, limit=10) -> list[str]:
     return chosen
 
 
-def measure(model, fact, noise, samples, window, kinds, heads: bool) -> dict:
+def measure(model, fact, noise, samples, window, kinds, heads: bool, variants) -> dict:
+    """Exact traces and estimates of one fact with one corruption: the row of figures, and
+    the exact results (``kinds`` in order)."""
     from lens_rome import tracing
     from lens_rome.attribution import attribute_many
 
     seed = int(fact["known_id"])
-    common = dict(samples=samples, window=window, seed=seed)
+    common = dict(samples=samples, seed=seed, metric="logprob")
+    prompt, subject = fact["prompt"], fact["subject"]
     start = time.perf_counter()
-    exact = tracing.trace_many(model, fact["prompt"], fact["subject"],
-                               [(k, None, None) for k in kinds], noise=noise,
-                               metric="logprob", **common)
+    exact = tracing.trace_many(model, prompt, subject, [(k, None, None) for k in kinds],
+                               noise=noise, window=window, **common)
     row = {"exact_seconds": time.perf_counter() - start, "clean": exact[0].high_score,
            "corrupted": exact[0].low_score, "answer": exact[0].answer}
+    start = time.perf_counter()  # single MLP layers: no window
+    exact_single = tracing.trace(model, prompt, subject, "mlp", noise=noise, window=1, **common)
+    row["exact_mlp@1_seconds"] = time.perf_counter() - start
     if heads:
         start = time.perf_counter()
-        exact_heads = tracing.trace(model, fact["prompt"], fact["subject"], "head", noise=noise,
-                                    metric="logprob", **common)
+        exact_heads = tracing.trace(model, prompt, subject, "head", noise=noise, **common)
         row["exact_head_seconds"] = time.perf_counter() - start
-    for variant, options in VARIANTS.items():
-        wanted = [*kinds, "head"] if heads else list(kinds)
+    target = exact[0].answer_token
+    for variant in variants:
+        options = VARIANTS[variant]
         start = time.perf_counter()
-        estimates = attribute_many(model, fact["prompt"], fact["subject"], wanted,
-                                   corruption=noise, metric="logprob",
-                                   target=exact[0].answer_token, **common, **options)
+        estimates = attribute_many(model, prompt, subject, kinds, corruption=noise,
+                                   window=window, target=target, **common, **options)
         row[f"{variant}_seconds"] = time.perf_counter() - start
         assert abs(estimates[0].low_score - exact[0].low_score) < 1e-3, "not the same noise"
         for kind, result, estimate in zip(kinds, exact, estimates):
             row[f"{kind}/{variant}"] = compare(result, estimate)
+        single, = attribute_many(model, prompt, subject, ["mlp"], corruption=noise, window=1,
+                                 target=target, **common, **options)
+        row[f"mlp@1/{variant}"] = compare(exact_single, single)
         if heads:
-            row[f"head/{variant}"] = compare(exact_heads, estimates[-1])
-    return row
+            start = time.perf_counter()
+            head, = attribute_many(model, prompt, subject, ["head"], corruption=noise,
+                                   target=target, **common, **options)
+            row[f"head_{variant}_seconds"] = time.perf_counter() - start
+            row[f"head/{variant}"] = compare(exact_heads, head)
+    for kind, result in zip(kinds, exact):
+        row[f"{kind}/peak"] = subject_peak(result)
+    return row, exact
+
+
+def subject_peak(result) -> list[int]:
+    """(token, layer) of the largest exact score at the subject's tokens."""
+    start, end = result.subject_range
+    grid = result.scores[start:end]
+    token, layer = torch.unravel_index(grid.argmax(), grid.shape)
+    return [int(token) + start, int(layer)]
 
 
 def run(args) -> None:
@@ -143,14 +168,22 @@ def run(args) -> None:
         heads = head_engine and number < args.heads
         record = {"known_id": fact["known_id"], "subject": fact["subject"],
                   "prompt": fact["prompt"]}
-        record["gaussian"] = measure(model, fact, hooks.Gaussian(level=level), args.samples,
-                                     args.window, KINDS, heads)
+        record["gaussian"], gaussian = measure(model, fact, hooks.Gaussian(level=level),
+                                               args.samples, args.window, KINDS, heads,
+                                               list(VARIANTS))
         if not args.no_swap:
             alternatives = swap_alternatives(model, fact, facts)
             record["swap_alternatives"] = alternatives
             if alternatives:
-                record["swap"] = measure(model, fact, hooks.SubjectSwap(alternatives),
-                                         len(alternatives), args.window, KINDS, heads)
+                record["swap"], swapped = measure(model, fact, hooks.SubjectSwap(alternatives),
+                                                  len(alternatives), args.window, KINDS, heads,
+                                                  ["plain", "qk_fix"])
+                from lens_rome.attribution import spearman
+
+                start = gaussian[0].subject_range[0]
+                record["gaussian_vs_swap"] = {
+                    kind: spearman((a.scores - a.low_score)[start:], (b.scores - b.low_score)[start:])
+                    for kind, a, b in zip(KINDS, gaussian, swapped)}
         with store.open("a") as f:
             f.write(json.dumps(record) + "\n")
         g = record["gaussian"]
@@ -164,9 +197,12 @@ def run(args) -> None:
 def report(store: Path, args) -> None:
     records = [json.loads(line) for line in store.read_text().splitlines()]
     kept = [r["known_id"] for r in records]
-    print(f"\n{len(records)} facts (known_id {min(kept)}..{max(kept)}), samples {args.samples}, "
-          f"window {args.window}, metric: log-probability of the answer; Spearman over cells "
-          f"from the first subject token; recall = exact top-{TOP} within estimate top-{WITHIN}")
+    print(f"\n{len(records)} facts (known_id {min(kept)}..{max(kept)}), samples {args.samples} "
+          f"(swap: one per alternative subject, up to 10), window {args.window} for mlp and attn "
+          f"(mlp@1: single MLP layers); metric: log-probability of the answer; Spearman over "
+          f"cells from the first subject token; recall = exact top-{TOP} within estimate "
+          f"top-{WITHIN}; s per fact: hidden+mlp+attn together; speed-up: exact seconds / "
+          f"estimate seconds")
     for noise in ("gaussian", "swap"):
         rows = [r[noise] for r in records if noise in r]
         if not rows:
@@ -178,7 +214,7 @@ def report(store: Path, args) -> None:
         print(f"| kind | variant | Spearman mean | Spearman median | recall@{TOP}/{WITHIN} mean "
               f"| facts with recall >= 0.8 | sign agreement | s per fact | speed-up |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for kind in (*KINDS, "head"):
+        for kind in (*KINDS, "mlp@1", "head"):
             for variant in VARIANTS:
                 key = f"{kind}/{variant}"
                 found = [r for r in rows if key in r]
@@ -187,20 +223,40 @@ def report(store: Path, args) -> None:
                 rho = [r[key]["spearman"] for r in found]
                 recall = [r[key]["recall"] for r in found]
                 sign = [r[key]["sign"] for r in found]
-                seconds = statistics.mean(r[f"{variant}_seconds"] for r in found)
-                reference = statistics.mean(
-                    r["exact_head_seconds"] if kind == "head" else r["exact_seconds"]
-                    for r in found)
                 good = sum(x >= 0.8 for x in recall)
+                if kind in KINDS:  # all three kinds in one call, against all three exactly
+                    seconds = statistics.mean(r[f"{variant}_seconds"] for r in found)
+                    reference = statistics.mean(r["exact_seconds"] for r in found)
+                    timing = f"{seconds:.2f} | {reference / seconds:.0f}x"
+                elif kind == "head":
+                    seconds = statistics.mean(r[f"head_{variant}_seconds"] for r in found)
+                    reference = statistics.mean(r["exact_head_seconds"] for r in found)
+                    timing = f"{seconds:.2f} | {reference / seconds:.0f}x"
+                else:
+                    timing = "- | -"
                 print(f"| {kind} | {variant} | {statistics.mean(rho):.3f} | "
                       f"{statistics.median(rho):.3f} | {statistics.mean(recall):.3f} | "
-                      f"{good}/{len(found)} | {statistics.mean(sign):.3f} | {seconds:.2f} | "
-                      f"{reference / seconds:.0f}x |")
+                      f"{good}/{len(found)} | {statistics.mean(sign):.3f} | {timing} |")
         worst = sorted(rows, key=lambda r: r["mlp/plain"]["recall"] + r["hidden/plain"]["recall"])
         print("lowest plain recall (hidden + mlp): " + "; ".join(
             f"{r['answer']!r} clean {r['clean']:.2f} corrupted {r['corrupted']:.2f} "
             f"hidden {r['hidden/plain']['recall']:.1f} mlp {r['mlp/plain']['recall']:.1f}"
             for r in worst[:5]))
+    both = [r for r in records if "gaussian_vs_swap" in r]
+    if both:
+        print(f"\nexact traces, Gaussian noise vs symmetric token replacement, {len(both)} facts "
+              f"(same facts, same metric):")
+        print("| kind | Spearman of the two exact grids (mean) | same best subject site "
+              "(token, layer) | same best subject token | mean |layer difference| |")
+        print("| --- | --- | --- | --- | --- |")
+        for kind in KINDS:
+            rho = [r["gaussian_vs_swap"][kind] for r in both]
+            peaks = [(r["gaussian"][f"{kind}/peak"], r["swap"][f"{kind}/peak"]) for r in both]
+            same = sum(a == b for a, b in peaks)
+            token = sum(a[0] == b[0] for a, b in peaks)
+            shift = statistics.mean(abs(a[1] - b[1]) for a, b in peaks)
+            print(f"| {kind} | {statistics.mean(rho):.3f} | {same}/{len(both)} | "
+                  f"{token}/{len(both)} | {shift:.1f} |")
 
 
 def main() -> None:

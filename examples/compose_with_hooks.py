@@ -7,6 +7,9 @@
     ``hooks.corrupt`` and restore one head's clean ``hook_z`` with a five-line
     hook of our own, in the same ``model.run_with_hooks`` call.  All heads of a
     layer go in one batch: rows ``h*SAMPLES .. (h+1)*SAMPLES`` restore head ``h``.
+    (``trace(..., kind="head")`` does this for every head at every token, and
+    ``lens_rome.attribute(..., kind="head")`` estimates it from one backward pass;
+    here the point is that a hand-written hook composes with lens_rome's.)
 
 (b) An ablation active during a whole trace.  Hooks already on the model
     (``with model.hooks(...)``) apply to every run of ``trace``: clean,

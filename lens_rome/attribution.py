@@ -97,6 +97,13 @@ def _metric(
     return log_probs.exp() if metric == "prob" else log_probs
 
 
+def _last_logits(model: HookedTransformer, tokens: torch.Tensor) -> Float[torch.Tensor, "rows d_vocab"]:
+    """Logits at the last position only (the unembedding of every position is wasted work)."""
+    n_layers = model.cfg.n_layers
+    residual = model(tokens, stop_at_layer=n_layers)
+    return model(residual[:, -1:], start_at_layer=n_layers)[:, -1]
+
+
 def _check_common(kinds, metric, samples, window) -> None:
     for kind in kinds:
         if kind not in ATTRIBUTION_KINDS:
@@ -136,7 +143,7 @@ def _prepare(model, prompt, subject, corruption, samples, seed, target) -> _Prep
     drawn, text = hooks.draw_corruption(corruption, model, subject_tokens, samples, seed)
     if target is None:
         with torch.no_grad():
-            answer = int(model(tokens)[0, -1].argmax())
+            answer = int(_last_logits(model, tokens)[0].argmax())
     elif isinstance(target, int) and not isinstance(target, bool):
         if not 0 <= target < model.cfg.d_vocab:
             raise ValueError(f"target token id {target} is outside the vocabulary "
@@ -232,7 +239,7 @@ def _run(model, prepared: _Prepared, names: Sequence[str], metric: str, contrast
                                                                                 layer)))
     try:
         with torch.enable_grad(), hooks.attached(model, fwd):
-            logits = model(tokens.expand(samples, -1))[:, -1]
+            logits = _last_logits(model, tokens.expand(samples, -1))
     finally:
         for handle in handles:
             handle.remove()
@@ -549,7 +556,7 @@ def restore_sites(
         values, replace = prepared.corruption.values.to(tokens.device), prepared.corruption.replace
         with hooks.attached(model, [hooks.corrupt(values, prepared.subject_range,
                                                   replace=replace)]):
-            logits = model(tokens.expand(samples, -1))[:, -1]
+            logits = _last_logits(model, tokens.expand(samples, -1))
         if metric != "logit_diff":
             contrast_tokens = None
         elif contrast is None or isinstance(contrast, str):
@@ -577,9 +584,9 @@ def restore_sites(
                                  replace=replace)]
             fwd += [(name, _restorer(cache[name][0], entries)) for name, entries in plan.items()]
             with hooks.attached(model, fwd):
-                out = model(tokens.expand(len(chunk) * samples, -1))
+                out = _last_logits(model, tokens.expand(len(chunk) * samples, -1))
             rows_contrast = None if contrast_tokens is None else contrast_tokens.repeat(len(chunk))
-            per_row = _metric(out[:, -1], prepared.answer, rows_contrast, metric)
+            per_row = _metric(out, prepared.answer, rows_contrast, metric)
             scores.append(per_row.view(len(chunk), samples).mean(1).cpu())
     return (torch.cat(scores) if scores else torch.empty(0)), low, high
 
