@@ -71,11 +71,17 @@ from transformer_lens import HookedTransformer
 from lens_rome import hooks
 from lens_rome.models import ModelAdapter, adapter_for
 from lens_rome.storage import replacing
-from lens_rome.tracing import KINDS, TraceResult, answer_token, locate_subject, window_layers
+from lens_rome.tracing import (
+    HEAD,
+    KINDS,
+    TraceResult,
+    answer_token,
+    locate_subject,
+    window_layers,
+)
 
 log = logging.getLogger(__name__)
 
-HEAD = "head"
 ATTRIBUTION_KINDS = (*KINDS, HEAD)
 METRICS = ("prob", "logprob", "logit_diff")
 METHODS = ("exact", "attribution")
