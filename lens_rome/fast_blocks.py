@@ -131,6 +131,7 @@ class FastBlocks:
         last_only: bool = False,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        mlp_first: tuple[slice, torch.Tensor] | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         """Block ``layer`` on ``resid``, whose first position is ``prefix_len`` into the prompt.
 
@@ -143,7 +144,9 @@ class FastBlocks:
         ``[batch, 1, pos, prefix_len + pos]`` (True: may attend) give each row its own
         token positions and visible keys, for rows of different layouts padded
         into one batch; by default every row's positions follow the prefix and
-        attention is causal.
+        attention is causal.  ``mlp_first = (rows, value)``: the MLP output
+        of those rows at the first position is ``value`` ``[d_model]`` (a
+        restored state), so it is not computed.
         """
         weights = self.layers[layer]
         z_hooks, attn_hooks, mlp_hooks = self._split_hooks(layer, hooks)
@@ -180,7 +183,15 @@ class FastBlocks:
             attn_out = _hooked(fn, attn_out)
         resid = resid[:, -n_query:] + attn_out
 
-        mlp_out = self._mlp(weights, resid)
+        if mlp_first is None:
+            mlp_out = self._mlp(weights, resid)
+        else:  # the first position's output of mlp_first's rows is given: compute the rest
+            rows, value = mlp_first
+            mlp_out = torch.empty_like(resid)
+            mlp_out[:, 1:] = self._mlp(weights, resid[:, 1:])
+            for other in _complement(rows, batch):
+                mlp_out[other, :1] = self._mlp(weights, resid[other, :1])
+            mlp_out[rows, 0] = value.to(resid.dtype)
         for _, fn in mlp_hooks:
             mlp_out = _hooked(fn, mlp_out)
         return resid + mlp_out
@@ -203,6 +214,12 @@ class FastBlocks:
         if unknown:
             raise ValueError(f"FastBlocks only has {', '.join(names)}; got hooks at {unknown}")
         return tuple([h for h in hooks if h[0] == name] for name in names)
+
+
+def _complement(rows: slice, batch: int) -> list[slice]:
+    """The row ranges of a batch of ``batch`` rows outside the step-1 slice ``rows``."""
+    start, stop, _ = rows.indices(batch)
+    return [r for r in (slice(0, start), slice(stop, batch)) if r.stop > r.start]
 
 
 def _attention(

@@ -553,8 +553,13 @@ class _TraceEngine:
                 block_index, t, kind, groups[:joined], sever)
             prefix = self._prefix(block_index, t, joined)
             if self.fast is not None:
+                mlp_first = None  # a restored MLP output at t need not be computed
+                if kind == "mlp" and block_hooks and not final_block:
+                    mlp_first = self._restored_mlp(block_index, t, groups[:joined])
+                    block_hooks = [h for h in block_hooks if h[0] != adapter.hook_name(
+                        "mlp", block_index)]
                 residual = self.fast(block_index, residual, prefix, block_hooks,
-                                     last_only=final_block)
+                                     last_only=final_block, mlp_first=mlp_first)
                 continue
             entry = None if prefix is None else TransformerLensKeyValueCacheEntry(
                 past_keys=prefix[0], past_values=prefix[1], frozen=True)
@@ -582,6 +587,15 @@ class _TraceEngine:
             frozen = self.corrupted[name][:, t].repeat(len(groups), 1)
             block_hooks.append(hooks.patch(name, frozen[:, None], 0))
         return block_hooks
+
+    def _restored_mlp(self, block_index: int, t: int, groups: list[_Group]
+                      ) -> tuple[slice, torch.Tensor] | None:
+        """The rows whose MLP output at ``t`` is restored in this block, and that clean output."""
+        patched = [g for g, group in enumerate(groups) if block_index in group.patched]
+        if not patched:
+            return None
+        name = self.adapter.hook_name("mlp", block_index)
+        return _group_rows(patched, self.samples), self.clean[name][0, t]
 
     def _entering_stream(self, block_index: int, t: int, kind: str, groups: list[_Group]
                          ) -> Float[torch.Tensor, "rows pos d_model"]:

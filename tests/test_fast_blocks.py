@@ -153,3 +153,17 @@ def test_rows_of_different_layouts_in_one_padded_batch(tiny_llama):
         together = fast(1, resid, (keys, values), positions=positions, mask=mask)
     for row, (p, n) in enumerate(layouts):
         assert_float32_equal(together[row, :n], alone[row])
+
+
+def test_a_given_mlp_output_equals_patching_it(tiny_llama):
+    """``mlp_first`` skips computing what a restoration overwrites, with the same result."""
+    torch.manual_seed(5)
+    fast, d_model = FastBlocks(tiny_llama), tiny_llama.cfg.d_model
+    resid, value = torch.randn(6, 4, d_model), torch.randn(d_model)
+    rows = slice(2, 4)
+    patch = hooks.patch("blocks.3.hook_mlp_out", value, 0, rows=rows)
+    with torch.no_grad():
+        for n_pos in (4, 1):
+            expected = fast(3, resid[:, :n_pos], hooks=[patch])
+            got = fast(3, resid[:, :n_pos], mlp_first=(rows, value))
+            assert_float32_equal(got, expected)
