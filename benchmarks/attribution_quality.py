@@ -22,7 +22,7 @@ Two corruptions: Gaussian noise at 3x the std of the facts' subject-token
 embeddings (the paper's), and symmetric token replacement (``SubjectSwap``: up
 to 10 other subjects of the file with the same number of tokens and another
 answer, one per sample; Zhang & Nanda 2023).  With ``--heads N`` the first N
-facts also get the per-head kind (needs the engine's exact ``kind="head"``).
+facts also get the per-head kind (exact: ``trace(kind="head")``).
 
 Each fact's figures are appended to ``OUT/facts.jsonl`` as soon as they are
 measured; rerunning resumes.  The table is printed at the end (``--report``
@@ -89,7 +89,8 @@ def swap_alternatives(model, fact, facts, limit=10) -> list[str]:
     return chosen
 
 
-def measure(model, fact, noise, samples, window, kinds, heads: bool, variants) -> dict:
+def measure(model, fact, noise, samples, window, kinds, heads: bool, variants,
+            single: bool = True) -> dict:
     """Exact traces and estimates of one fact with one corruption: the row of figures, and
     the exact results (``kinds`` in order)."""
     from lens_rome import tracing
@@ -103,9 +104,11 @@ def measure(model, fact, noise, samples, window, kinds, heads: bool, variants) -
                                noise=noise, window=window, **common)
     row = {"exact_seconds": time.perf_counter() - start, "clean": exact[0].high_score,
            "corrupted": exact[0].low_score, "answer": exact[0].answer}
-    start = time.perf_counter()  # single MLP layers: no window
-    exact_single = tracing.trace(model, prompt, subject, "mlp", noise=noise, window=1, **common)
-    row["exact_mlp@1_seconds"] = time.perf_counter() - start
+    if single:  # single MLP layers: no window
+        start = time.perf_counter()
+        exact_single = tracing.trace(model, prompt, subject, "mlp", noise=noise, window=1,
+                                     **common)
+        row["exact_mlp@1_seconds"] = time.perf_counter() - start
     if heads:
         start = time.perf_counter()
         exact_heads = tracing.trace(model, prompt, subject, "head", noise=noise, **common)
@@ -120,19 +123,67 @@ def measure(model, fact, noise, samples, window, kinds, heads: bool, variants) -
         assert abs(estimates[0].low_score - exact[0].low_score) < 1e-3, "not the same noise"
         for kind, result, estimate in zip(kinds, exact, estimates):
             row[f"{kind}/{variant}"] = compare(result, estimate)
-        if variant != "grad_drop":  # another n_layers backward passes for one kind: skipped
-            single, = attribute_many(model, prompt, subject, ["mlp"], corruption=noise,
-                                     window=1, target=target, **common, **options)
-            row[f"mlp@1/{variant}"] = compare(exact_single, single)
+        if single and variant != "grad_drop":  # GradDrop: n_layers more backward passes
+            one_layer, = attribute_many(model, prompt, subject, ["mlp"], corruption=noise,
+                                        window=1, target=target, **common, **options)
+            row[f"mlp@1/{variant}"] = compare(exact_single, one_layer)
         if heads:
             start = time.perf_counter()
             head, = attribute_many(model, prompt, subject, ["head"], corruption=noise,
                                    target=target, **common, **options)
             row[f"head_{variant}_seconds"] = time.perf_counter() - start
             row[f"head/{variant}"] = compare(exact_heads, head)
+    if "mlp" in kinds and window > 1:
+        result = exact[list(kinds).index("mlp")]
+        for rule, estimate in window_rules(model, prompt, subject, noise, samples, seed, window,
+                                           target, result.subject_range[0]).items():
+            row[f"mlp/{rule}"] = compare(result, estimate)
     for kind, result in zip(kinds, exact):
         row[f"{kind}/peak"] = subject_peak(result)
     return row, exact
+
+
+def window_rules(model, prompt, subject, noise, samples, seed, window, target, start) -> dict:
+    """Two other first-order estimates of restoring a window of MLP outputs at a token
+    (an experiment; the library adds the layers' estimates, ``plain``):
+
+    - ``blocked``: a restored layer's gradient loses the paths through the later MLPs of the
+      window at the same token (restored, so clamped), each taken as one step
+      ``dM/dresid_mid(l') - dM/dresid_post(l')`` along the residual stream;
+    - ``top``: every restored difference is added at the top of the window (the gradient
+      at the window's last layer), ignoring what attention in between does with it.
+    """
+    from types import SimpleNamespace
+
+    from lens_rome.attribution import _prepare, _run
+    from lens_rome.tracing import window_layers
+
+    n_layers = model.cfg.n_layers
+    prepared = _prepare(model, prompt, subject, noise, samples, seed, target)
+    names = [f"blocks.{l}.{hook}" for hook in ("hook_mlp_out", "hook_resid_mid",
+                                                "hook_resid_post") for l in range(n_layers)]
+    runs = _run(model, prepared, names, "logprob", None, False)
+    grads = runs.grads[0]
+    diff = torch.stack([runs.clean[f"blocks.{l}.hook_mlp_out"]
+                        - runs.corrupted[f"blocks.{l}.hook_mlp_out"] for l in range(n_layers)], 2)
+    post = torch.stack([grads[f"blocks.{l}.hook_resid_post"] for l in range(n_layers)], 2)
+    through = torch.stack([grads[f"blocks.{l}.hook_resid_mid"] - grads[f"blocks.{l}.hook_resid_post"]
+                           for l in range(n_layers)], 2)  # [samples, pos, layer, d_model]
+    shape = diff.shape[1:3]
+    blocked, top = torch.zeros(shape), torch.zeros(shape)
+    for centre in range(n_layers):
+        layers = list(window_layers(centre, window, n_layers))
+        total = 0
+        for i, layer in enumerate(layers):
+            total = total + (diff[:, :, layer] * (post[:, :, layer]
+                                                  - through[:, :, layers[i + 1:]].sum(2))).sum(-1)
+        blocked[:, centre] = total.mean(0)
+        top[:, centre] = (diff[:, :, layers].sum(2) * post[:, :, layers[-1]]).sum(-1).mean(0)
+    out = {}
+    for rule, effect in (("blocked", blocked), ("top", top)):
+        effect[:start] = 0.0
+        out[rule] = SimpleNamespace(scores=effect + runs.low_score, low_score=runs.low_score)
+    return out
 
 
 def subject_peak(result) -> list[int]:
@@ -156,35 +207,45 @@ def run(args) -> None:
         if store.exists() else set()
     model = load_model("smollm2-135m")
     facts = load_known_facts(args.facts)
-    kept = answered_correctly(model, facts)[: args.n]
+    kept = []  # the first n facts answered correctly, filtered a chunk at a time
+    for first in range(0, len(facts), 64):
+        kept += answered_correctly(model, facts[first:first + 64])
+        if len(kept) >= args.n:
+            break
+    kept = kept[: args.n]
+    began = time.perf_counter()
+    settings = {"samples": args.samples, "window": args.window, "swap_kinds": args.swap_kinds,
+                "threads": torch.get_num_threads()}
     level = 3.0 * hooks.embedding_std(model, [f["subject"] for f in facts])
-    from lens_rome import tracing
-    head_engine = getattr(tracing, "HEAD", None) == "head"
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; {len(kept)} facts; noise level {level:.4f}; "
           f"{len(done)} already measured in {store}", flush=True)
     for number, fact in enumerate(kept):
         if fact["known_id"] in done:
             continue
-        heads = head_engine and number < args.heads
+        if args.minutes and time.perf_counter() - began > 60 * args.minutes:
+            print(f"stopping after {args.minutes} minutes; rerun to resume", flush=True)
+            return
+        heads = number < args.heads
         record = {"known_id": fact["known_id"], "subject": fact["subject"],
-                  "prompt": fact["prompt"]}
+                  "prompt": fact["prompt"], "settings": settings}
         record["gaussian"], gaussian = measure(model, fact, hooks.Gaussian(level=level),
                                                args.samples, args.window, KINDS, heads,
                                                list(VARIANTS))
         if not args.no_swap:
-            alternatives = swap_alternatives(model, fact, facts)
+            alternatives = swap_alternatives(model, fact, facts, limit=args.samples)
             record["swap_alternatives"] = alternatives
             if alternatives:
+                swap_kinds = tuple(args.swap_kinds.split(","))
                 record["swap"], swapped = measure(model, fact, hooks.SubjectSwap(alternatives),
-                                                  len(alternatives), args.window, KINDS, heads,
-                                                  ["plain", "qk_fix"])
+                                                  len(alternatives), args.window, swap_kinds,
+                                                  heads, ["plain", "qk_fix"], single=False)
                 from lens_rome.attribution import spearman
 
                 start = gaussian[0].subject_range[0]
                 record["gaussian_vs_swap"] = {
                     kind: spearman((a.scores - a.low_score)[start:], (b.scores - b.low_score)[start:])
-                    for kind, a, b in zip(KINDS, gaussian, swapped)}
+                    for kind, a, b in zip(swap_kinds, gaussian, swapped)}
         with store.open("a") as f:
             f.write(json.dumps(record) + "\n")
         g = record["gaussian"]
@@ -198,12 +259,17 @@ def run(args) -> None:
 def report(store: Path, args) -> None:
     records = [json.loads(line) for line in store.read_text().splitlines()]
     kept = [r["known_id"] for r in records]
-    print(f"\n{len(records)} facts (known_id {min(kept)}..{max(kept)}), samples {args.samples} "
-          f"(swap: one per alternative subject, up to 10), window {args.window} for mlp and attn "
-          f"(mlp@1: single MLP layers); metric: log-probability of the answer; Spearman over "
+    settings = records[0].get("settings", {"samples": args.samples, "window": args.window,
+                                           "swap_kinds": "hidden,mlp,attn"})
+    if any(r.get("settings", settings) != settings for r in records):
+        print("warning: the records were measured with different settings", flush=True)
+    print(f"\n{len(records)} facts (known_id {min(kept)}..{max(kept)}), samples "
+          f"{settings['samples']} (swap: one per other subject, as many), window "
+          f"{settings['window']} for mlp and attn (mlp@1: single MLP layers); swap kinds "
+          f"{settings['swap_kinds']}; metric: log-probability of the answer; Spearman over "
           f"cells from the first subject token; recall = exact top-{TOP} within estimate "
-          f"top-{WITHIN}; s per fact: hidden+mlp+attn together; speed-up: exact seconds / "
-          f"estimate seconds")
+          f"top-{WITHIN}; s per fact: the kinds of one noise rule together; speed-up: exact "
+          f"seconds / estimate seconds")
     for noise in ("gaussian", "swap"):
         rows = [r[noise] for r in records if noise in r]
         if not rows:
@@ -216,7 +282,7 @@ def report(store: Path, args) -> None:
               f"| facts with recall >= 0.8 | sign agreement | s per fact | speed-up |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for kind in (*KINDS, "mlp@1", "head"):
-            for variant in VARIANTS:
+            for variant in (*VARIANTS, "blocked", "top"):
                 key = f"{kind}/{variant}"
                 found = [r for r in rows if key in r]
                 if not found:
@@ -225,7 +291,9 @@ def report(store: Path, args) -> None:
                 recall = [r[key]["recall"] for r in found]
                 sign = [r[key]["sign"] for r in found]
                 good = sum(x >= 0.8 for x in recall)
-                if kind in KINDS:  # all three kinds in one call, against all three exactly
+                if variant in ("blocked", "top"):
+                    timing = "- | -"
+                elif kind in KINDS:  # all kinds in one call, against all of them exactly
                     seconds = statistics.mean(r[f"{variant}_seconds"] for r in found)
                     reference = statistics.mean(r["exact_seconds"] for r in found)
                     timing = f"{seconds:.2f} | {reference / seconds:.0f}x"
@@ -250,7 +318,7 @@ def report(store: Path, args) -> None:
         print("| kind | Spearman of the two exact grids (mean) | same best subject site "
               "(token, layer) | same best subject token | mean |layer difference| |")
         print("| --- | --- | --- | --- | --- |")
-        for kind in KINDS:
+        for kind in [k for k in KINDS if k in both[0]["gaussian_vs_swap"]]:
             rho = [r["gaussian_vs_swap"][kind] for r in both]
             peaks = [(r["gaussian"][f"{kind}/peak"], r["swap"][f"{kind}/peak"]) for r in both]
             same = sum(a == b for a, b in peaks)
@@ -264,11 +332,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--facts", default=str(DEFAULT_FACTS))
     parser.add_argument("--n", type=int, default=30, help="facts (answered correctly)")
-    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=5,
+                        help="noise samples (and swap subjects), shared by both methods")
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--heads", type=int, default=0, metavar="N",
                         help="also trace heads exactly for the first N facts")
     parser.add_argument("--no-swap", action="store_true", help="Gaussian noise only")
+    parser.add_argument("--swap-kinds", default="hidden,mlp",
+                        help="kinds traced with symmetric token replacement too")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="start no new fact after this many minutes (rerun to resume)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "runs" / "attribution_quality"))
     parser.add_argument("--report", action="store_true", help="print the table of OUT only")

@@ -143,6 +143,7 @@ class _Prepared:
 
 def _prepare(model, prompt, subject, corruption, samples, seed, target) -> _Prepared:
     tokens, subject_range = locate_subject(model, prompt, subject)
+    adapter_for(model).check_length(tokens.shape[1], f"prompt {prompt[:60]!r}")
     if corruption is None:
         corruption = hooks.Gaussian(scale=3.0)
     subject_tokens = tokens[0, subject_range[0] : subject_range[1]]
@@ -580,35 +581,21 @@ def restore_sites(
         scores = []
         for first in range(0, len(checked), per_batch):
             chunk = checked[first : first + per_batch]
-            plan: dict[str, list[tuple[slice, int, int | None]]] = {}
-            for g, site in enumerate(chunk):
-                rows = slice(g * samples, (g + 1) * samples)
-                for layer in layers_of(site[1]):
-                    plan.setdefault(_node_hook(adapter, kind, layer), []).append(
-                        (rows, site[0], site[2] if kind == HEAD else None))
             fwd = [hooks.corrupt(values.repeat(len(chunk), 1, 1), prepared.subject_range,
                                  replace=replace)]
-            fwd += [(name, _restorer(cache[name][0], entries)) for name, entries in plan.items()]
+            for g, site in enumerate(chunk):  # the tracer's own hook factories, one per site
+                rows = slice(g * samples, (g + 1) * samples)
+                for layer in layers_of(site[1]):
+                    name = _node_hook(adapter, kind, layer)
+                    fwd.append(hooks.patch_head(name, cache[name][0, site[0]], site[0], site[2],
+                                                rows=rows) if kind == HEAD else
+                               hooks.patch(name, cache[name][0, site[0]], site[0], rows=rows))
             with hooks.attached(model, fwd):
                 out = _last_logits(model, tokens.expand(len(chunk) * samples, -1))
             rows_contrast = None if contrast_tokens is None else contrast_tokens.repeat(len(chunk))
             per_row = _metric(out, prepared.answer, rows_contrast, metric)
             scores.append(per_row.view(len(chunk), samples).mean(1).cpu())
     return (torch.cat(scores) if scores else torch.empty(0)), low, high
-
-
-def _restorer(clean: torch.Tensor, entries: list[tuple[slice, int, int | None]]):
-    """A hook putting clean values back: ``(rows, token, head or None)`` per entry."""
-
-    def restore_hook(activation, hook):
-        for rows, token, head in entries:
-            if head is None:
-                activation[rows, token] = clean[token].to(activation.dtype)
-            else:
-                activation[rows, token, head] = clean[token, head].to(activation.dtype)
-        return activation
-
-    return restore_hook
 
 
 # --------------------------------------------------------------------------- verification

@@ -40,12 +40,11 @@ from lens_rome.edit_cli import add_edit_parser
 from lens_rome.errors import USER_ERRORS
 from lens_rome.evaluate_cli import add_evaluate_parser
 from lens_rome.models import DEFAULT_MODEL, EMBEDDED_MODELS
-from lens_rome.tracing import KINDS, TraceResult
+from lens_rome.tracing import HEAD, KINDS, TraceResult
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "lens_rome_out"
-HEAD = "head"
 METHODS = ("exact", "attribution")
 METRICS = ("prob", "logprob", "logit_diff")
 PNG_DPI = 150

@@ -39,14 +39,13 @@ import torch
 from matplotlib.figure import Figure
 
 from lens_rome.storage import replacing
-from lens_rome.tracing import KINDS, TraceResult
+from lens_rome.tracing import HEAD, KINDS, TraceResult
 
 __all__ = ["TraceView", "plot_trace", "render_offline", "show_trace"]
 
 # Colormaps and names of the paper's Figure 1 panels.
 COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "head": "Oranges"}
 KIND_NAMES = {"hidden": "state", "mlp": "MLP", "attn": "Attn", "head": "one head"}
-HEAD = "head"
 VIEW_KINDS = (*KINDS, HEAD)
 SHOWN_HEADS = 24  # heads offered in the inline view of a per-head trace
 SEVER_NAMES = {"mlp": "MLP", "attn": "Attn"}

@@ -322,8 +322,6 @@ def test_exact_head_trace_equals_a_hand_written_hook_on_hook_z(tiny_llama):
     """``trace(kind="head")``: the exact per-head kind of the tracing engine."""
     from lens_rome import tracing
 
-    if getattr(tracing, "HEAD", None) != "head":
-        pytest.skip("this checkout's tracing engine has no per-head kind yet")
     result = tracing.trace(tiny_llama, PROMPT, SUBJECT, "head", samples=2, noise=0.3,
                            metric="logprob")
     start, end = result.subject_range
