@@ -276,8 +276,9 @@ def report(store: Path, args) -> None:
             continue
         exact = statistics.mean(r["exact_seconds"] for r in rows)
         te = statistics.mean(r["clean"] - r["corrupted"] for r in rows)
+        kinds = "+".join(k for k in KINDS if f"{k}/plain" in rows[0])
         print(f"\n{noise}: {len(rows)} facts; mean total effect (log p) {te:.2f}; exact trace "
-              f"(hidden+mlp+attn) {exact:.1f} s per fact")
+              f"({kinds}) {exact:.1f} s per fact")
         print(f"| kind | variant | Spearman mean | Spearman median | recall@{TOP}/{WITHIN} mean "
               f"| facts with recall >= 0.8 | sign agreement | s per fact | speed-up |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -306,11 +307,11 @@ def report(store: Path, args) -> None:
                 print(f"| {kind} | {variant} | {statistics.mean(rho):.3f} | "
                       f"{statistics.median(rho):.3f} | {statistics.mean(recall):.3f} | "
                       f"{good}/{len(found)} | {statistics.mean(sign):.3f} | {timing} |")
-        worst = sorted(rows, key=lambda r: r["mlp/plain"]["recall"] + r["hidden/plain"]["recall"])
-        print("lowest plain recall (hidden + mlp): " + "; ".join(
+        ranked = [k for k in ("hidden/plain", "mlp/plain") if k in rows[0]]
+        worst = sorted(rows, key=lambda r: sum(r[k]["recall"] for k in ranked))
+        print(f"lowest plain recall ({', '.join(ranked)}): " + "; ".join(
             f"{r['answer']!r} clean {r['clean']:.2f} corrupted {r['corrupted']:.2f} "
-            f"hidden {r['hidden/plain']['recall']:.1f} mlp {r['mlp/plain']['recall']:.1f}"
-            for r in worst[:5]))
+            + " ".join(f"{k} {r[k]['recall']:.1f}" for k in ranked) for r in worst[:5]))
     both = [r for r in records if "gaussian_vs_swap" in r]
     if both:
         print(f"\nexact traces, Gaussian noise vs symmetric token replacement, {len(both)} facts "
