@@ -270,7 +270,7 @@ MODEL_DEFAULTS: dict[str, dict] = {
     # Layer 5: the peak of SmolLM2's MLP trace at the last subject token.  The NLL
     # early stop ends easy edits early; hard targets (NLL ~16 at the start) still get
     # all 20 steps.  Precision: bfloat16 where the hardware has it (RomeHyperParams.bf16).
-    "smollm2-135m": {"layer": 5, "v_steps": 20, "early_stop_nll": 0.2},
+    "smollm2-135m": {"layer": 5, "v_steps": 20, "v_lr": 1.0, "early_stop_nll": 0.2},
     # Layer 7: the peak of Gemma-3-270M's MLP trace at the last subject token (its edit
     # quality is not yet measured; the other settings are the paper's).
     "gemma-3-270m": {"layer": 7},
