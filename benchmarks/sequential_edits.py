@@ -1,0 +1,252 @@
+"""Many edits on the embedded SmolLM2: ROME, r-ROME, MEMIT and AlphaEdit one after another.
+
+Cases: CounterFact-format cases built from ../shared/data/known_facts.json by
+:func:`lens_rome.datasets.build_counterfact` (seed 0, in its seeded order).
+SmolLM2 answers only about a hundred of these facts correctly, and 200
+sequential edits need 200 cases, so every fact with paraphrases and neighbours
+is used (``only_correct=False``); the unedited model's scores over the same cases
+are printed next to the edited ones.
+
+For each method, :func:`lens_rome.evaluation.evaluate` with ``sequential=True``
+and ``batch_size=1`` applies the first ``--n`` cases one after another without
+reverting, and after 1, 10, 50, 100 and 200 edits measures every case edited so
+far: efficacy, paraphrase and neighbourhood scores, and fluency (generation
+entropy of the cases' generation prompts, ``--max-new-tokens`` each), next to the
+unedited model's measures of the same cases (cached once in ``OUT/original``).
+Then one batch of ``--batch`` edits with MEMIT (the first ``--batch`` cases).
+Everything is written as it finishes (``OUT/<method>/``: each edit, each
+checkpoint); rerun the same command to resume.
+
+Prints a markdown table and writes ``OUT/table.json`` and the plot
+(``--plot``, default docs/figures/sequential_edits_smollm2-135m.png).
+
+Run: ``.venv/bin/python benchmarks/sequential_edits.py --out runs/sequential --threads 2``
+(hours on a 2-core CPU: about 800 edits, each a v* optimisation).  ``--choose``
+instead prints the development sweep behind MEMIT's ``mom2_weight`` and
+AlphaEdit's null-space threshold, on other cases (``--dev-start`` on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KNOWN_FACTS = ROOT.parent / "shared" / "data" / "known_facts.json"
+FIGURE = ROOT / "docs" / "figures" / "sequential_edits_smollm2-135m.png"
+METHODS = ("rome", "r-rome", "memit", "alphaedit")
+LABELS = {"rome": "ROME", "r-rome": "r-ROME", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
+CHECKPOINTS = (1, 10, 50, 100, 200)
+# bfloat16 is ~300x slower than float32 on CPUs without bf16 units (this team's machine)
+OPTIONS = {"bf16": False}
+
+
+def load(args):
+    from lens_rome import load_model
+    from lens_rome.datasets import build_counterfact
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = load_model(args.model)
+    cases = build_counterfact(args.facts, None, only_correct=False, seed=args.seed,
+                              generation_prompts=2)
+    return model, cases
+
+
+def cell(value, digits=1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def run(args) -> None:
+    from lens_rome.evaluation import evaluate
+
+    model, cases = load(args)
+    cases = cases[:args.n]
+    out = Path(args.out)
+    marks = sorted({c for c in args.checkpoints if c <= len(cases)} | {len(cases)})
+    print(f"model {args.model}, torch threads {torch.get_num_threads()}, {len(cases)} cases "
+          f"(seed {args.seed}), checkpoints {marks}, {args.max_new_tokens} generated tokens x "
+          f"2 prompts per case", flush=True)
+    results, seconds = {}, {}
+    for method in args.methods:
+        start = time.perf_counter()
+        results[method] = evaluate(model, cases, method, out / method, sequential=True,
+                                   checkpoints=marks, max_new_tokens=args.max_new_tokens,
+                                   seed=args.seed, method_options=OPTIONS,
+                                   original_dir=out / "original", progress=args.progress)
+        seconds[method] = time.perf_counter() - start
+        print(f"{method}: done ({seconds[method]:.0f} s this run)", flush=True)
+    batch = None
+    if args.batch:
+        start = time.perf_counter()
+        batch = evaluate(model, cases[:args.batch], "memit", out / f"memit-batch{args.batch}",
+                         batch_size=args.batch, max_new_tokens=args.max_new_tokens,
+                         seed=args.seed, method_options=OPTIONS, progress=args.progress)
+        print(f"memit batch of {args.batch}: done ({time.perf_counter() - start:.0f} s this run)",
+              flush=True)
+    report(results, batch, args, out)
+
+
+def report(results: dict, batch: dict | None, args, out: Path) -> None:
+    rows = []
+    print("\n| method | edits | S | ES | PS | NS | fluency | unedited fluency | fluency change "
+          "| mean update norm |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for method, summary in results.items():
+        norms = summary["update_norms"]
+        for point in summary["checkpoints"]:
+            e, o, n = point["edited"], point["original"], point["n_edits"]
+            change = None if e["fluency"] is None or not o["fluency"] else \
+                100 * (e["fluency"] - o["fluency"]) / o["fluency"]
+            norm = sum(norms[:n]) / n
+            rows.append({"method": method, "n_edits": n, **{k: e[k] for k in (
+                "score", "efficacy_score", "paraphrase_score", "neighborhood_score",
+                "fluency")}, "unedited_fluency": o["fluency"], "fluency_change": change,
+                "unedited_score": o["score"], "unedited_neighborhood": o["neighborhood_score"],
+                "mean_update_norm": norm})
+            print(f"| {LABELS.get(method, method)} | {n} | {cell(e['score'])} | "
+                  f"{cell(e['efficacy_score'])} | {cell(e['paraphrase_score'])} | "
+                  f"{cell(e['neighborhood_score'])} | {cell(e['fluency'])} | "
+                  f"{cell(o['fluency'])} | {cell(change)}% | {norm:.2f} |")
+    if results:
+        o = next(iter(results.values()))["original"]
+        print(f"| unedited | 0 | {cell(o['score'])} | {cell(o['efficacy_score'])} | "
+              f"{cell(o['paraphrase_score'])} | {cell(o['neighborhood_score'])} | "
+              f"{cell(o['fluency'])} | | | |")
+    if batch is not None:
+        print(f"\nMEMIT, one batch of {batch['n_edits']} edits: S {cell(batch['score'])}, "
+              f"ES {cell(batch['efficacy_score'])}, PS {cell(batch['paraphrase_score'])}, "
+              f"NS {cell(batch['neighborhood_score'])}, fluency {cell(batch['fluency'])}, "
+              f"update norm {batch['update_norms'][0]:.2f}")
+    last = [r for r in rows if r["n_edits"] == max(x["n_edits"] for x in rows)] if rows else []
+    for r in last:
+        good = (r["score"] or 0) >= 80 and r["fluency_change"] is not None and \
+            abs(r["fluency_change"]) <= 5
+        print(f"after {r['n_edits']} edits, {LABELS.get(r['method'], r['method'])}: score "
+              f"{cell(r['score'])} (goal >= 80), fluency change {cell(r['fluency_change'])}% "
+              f"(goal within 5%): {'met' if good else 'not met'}")
+    (out / "table.json").write_text(json.dumps({"rows": rows, "batch": batch}, indent=1))
+    if rows and args.plot:
+        plot(rows, Path(args.plot), args)
+
+
+def plot(rows: list[dict], path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("score", "score S"), ("efficacy_score", "efficacy ES"),
+              ("paraphrase_score", "paraphrase PS"), ("neighborhood_score", "neighbourhood NS"),
+              ("fluency", "fluency (generation entropy x 100)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for ax, (key, title) in zip(axes, panels):
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method]
+            ax.plot([r["n_edits"] for r in mine], [r[key] for r in mine], marker="o",
+                    label=LABELS.get(method, method))
+        if key == "fluency":
+            mine = [r for r in rows if r["method"] == methods[0]]
+            ax.plot([r["n_edits"] for r in mine], [r["unedited_fluency"] for r in mine], "k--",
+                    label="unedited")
+        elif key in ("score", "neighborhood_score"):
+            mine = [r for r in rows if r["method"] == methods[0]]
+            ax.plot([r["n_edits"] for r in mine],
+                    [r["unedited_score" if key == "score" else "unedited_neighborhood"]
+                     for r in mine], "k--", label="unedited")
+        ax.set_xscale("log")
+        ax.set_xlabel("sequential edits")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{args.model}: sequential edits, scores over the cases edited so far")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def choose(args) -> None:
+    """Batch edits of the development cases under several mom2 weights and null-space cuts."""
+    from lens_rome import memit
+    from lens_rome.evaluation import measure_cases, summarize
+    from lens_rome.statistics import key_statistics
+
+    model, cases = load(args)
+    dev = cases[args.dev_start:args.dev_start + args.dev_n]
+    print(f"{len(dev)} development cases (positions {args.dev_start}.."
+          f"{args.dev_start + len(dev) - 1} of the seeded list; the benchmark uses the first "
+          f"{args.n})", flush=True)
+    hp = memit.MemitHyperParams.for_model(model, **OPTIONS)
+    stats = {l: key_statistics(model, l, progress=False) for l in hp.layers}
+    requests = [c.request for c in dev]
+    start = time.perf_counter()
+    deltas = memit.target_deltas(model, requests, hp)
+    print(f"targets at layer {hp.layers[-1]} for {len(dev)} requests: "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+
+    def score(label, **changes):
+        with memit.edited(model, requests, hparams=hp.replace(**changes), stats=stats,
+                          deltas=deltas) as change:
+            s = summarize(measure_cases(model, dev, max_new_tokens=0))
+            norm = change.update_norm()
+        print(f"| {label} | {cell(s['score'])} | {cell(s['efficacy_score'])} | "
+              f"{cell(s['paraphrase_score'])} | {cell(s['neighborhood_score'])} | "
+              f"{norm:.2f} |", flush=True)
+
+    base = summarize(measure_cases(model, dev, max_new_tokens=0))
+    print("\n| edit (layers %s) | S | ES | PS | NS | update norm |" % list(hp.layers))
+    print("|---|---|---|---|---|---|")
+    print(f"| unedited | {cell(base['score'])} | {cell(base['efficacy_score'])} | "
+          f"{cell(base['paraphrase_score'])} | {cell(base['neighborhood_score'])} | 0 |")
+    for weight in args.mom2_weights:
+        score(f"MEMIT, mom2_weight {weight:g}", mom2_weight=weight)
+    for threshold in args.thresholds:
+        for l2 in args.l2s:
+            score(f"AlphaEdit, threshold {threshold:g}, l2 {l2:g}", null_space=True,
+                  null_space_threshold=threshold, null_space_l2=l2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--facts", default=str(KNOWN_FACTS))
+    parser.add_argument("--out", default="runs/sequential", help="output folder")
+    parser.add_argument("--n", type=int, default=200, help="sequential edits per method")
+    parser.add_argument("--checkpoints", type=lambda t: [int(x) for x in t.split(",")],
+                        default=list(CHECKPOINTS), help="default: 1,10,50,100,200")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--batch", type=int, default=100,
+                        help="one MEMIT batch of this many edits (0: none)")
+    parser.add_argument("--max-new-tokens", type=int, default=100,
+                        help="tokens generated per generation prompt (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="case order, targets, sampling")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--plot", default=str(FIGURE), help="the figure ('' for none)")
+    parser.add_argument("--progress", action="store_true", help="progress bars")
+    parser.add_argument("--choose", action="store_true",
+                        help="the development sweep of mom2_weight and the null-space cut")
+    parser.add_argument("--dev-start", type=int, default=300)
+    parser.add_argument("--dev-n", type=int, default=30)
+    parser.add_argument("--mom2-weights", type=float, nargs="+",
+                        default=[1000.0, 3000.0, 10000.0, 15000.0, 30000.0])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    parser.add_argument("--l2s", type=float, nargs="+", default=[1.0])
+    args = parser.parse_args()
+    if not Path(args.facts).exists():
+        sys.exit(f"error: {args.facts} is absent (is the shared data folder beside the project?)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    choose(args) if args.choose else run(args)
+
+
+if __name__ == "__main__":
+    main()
