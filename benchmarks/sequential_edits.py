@@ -4,8 +4,11 @@ Cases: CounterFact-format cases built from ../shared/data/known_facts.json by
 :func:`lens_rome.datasets.build_counterfact` (seed 0, in its seeded order).
 SmolLM2 answers only about a hundred of these facts correctly, and 200
 sequential edits need 200 cases, so every fact with paraphrases and neighbours
-is used (``only_correct=False``); the unedited model's scores over the same cases
-are printed next to the edited ones.
+is a candidate (``only_correct=False``), and a case is kept when the unedited
+model prefers its true object to the new one on the rewrite prompt (mean token
+log-probability, the efficacy measure), so that every edit has something to
+change; the unedited model's scores over the same cases are printed next to the
+edited ones.
 
 For each method, :func:`lens_rome.evaluation.evaluate` with ``sequential=True``
 and ``batch_size=1`` applies the first ``--n`` cases one after another without
@@ -57,7 +60,23 @@ def load(args):
         model = load_model(args.model)
     cases = build_counterfact(args.facts, None, only_correct=False, seed=args.seed,
                               generation_prompts=2)
-    return model, cases
+    return model, prefer_true(model, cases)
+
+
+def prefer_true(model, cases):
+    """The cases whose rewrite prompt the unedited model continues with o rather than o*."""
+    from lens_rome.rome import target_log_probs
+
+    kept = []
+    for case in cases:
+        request = case.request
+        lp = target_log_probs(model, [case.rewrite_prompt],
+                              [request.target_true, request.target_new])[0]
+        if lp[0] > lp[1]:
+            kept.append(case)
+    print(f"{len(kept)} of {len(cases)} cases: the unedited model prefers the true object",
+          flush=True)
+    return kept
 
 
 def cell(value, digits=1) -> str:
@@ -163,6 +182,9 @@ def plot(rows: list[dict], path: Path, args) -> None:
                     [r["unedited_score" if key == "score" else "unedited_neighborhood"]
                      for r in mine], "k--", label="unedited")
         ax.set_xscale("log")
+        marks = sorted({r["n_edits"] for r in rows})
+        ax.set_xticks(marks, [str(m) for m in marks])
+        ax.minorticks_off()
         ax.set_xlabel("sequential edits")
         ax.set_title(title)
     axes[0].legend(fontsize=8)
@@ -171,6 +193,28 @@ def plot(rows: list[dict], path: Path, args) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def dev_targets(model, dev, hp, path: Path):
+    """MEMIT's targets for the development cases, computed once and kept in ``path``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lens_rome import memit
+
+    ids = json.dumps([c.case_id for c in dev] + [hp.value.to_dict()], sort_keys=True)
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("cases") == ids:
+                print(f"targets for {len(dev)} requests read from {path}", flush=True)
+                return memit.TargetDeltas(f.get_tensor("deltas"), hp.layers[-1], [])
+    start = time.perf_counter()
+    deltas = memit.target_deltas(model, [c.request for c in dev], hp)
+    print(f"targets at layer {hp.layers[-1]} for {len(dev)} requests: "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"deltas": deltas.deltas.contiguous()}, str(path), metadata={"cases": ids})
+    return deltas
 
 
 def choose(args) -> None:
@@ -187,10 +231,7 @@ def choose(args) -> None:
     hp = memit.MemitHyperParams.for_model(model, **OPTIONS)
     stats = {l: key_statistics(model, l, progress=False) for l in hp.layers}
     requests = [c.request for c in dev]
-    start = time.perf_counter()
-    deltas = memit.target_deltas(model, requests, hp)
-    print(f"targets at layer {hp.layers[-1]} for {len(dev)} requests: "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    deltas = dev_targets(model, dev, hp, Path(args.out) / "dev_targets.safetensors")
 
     def score(label, **changes):
         with memit.edited(model, requests, hparams=hp.replace(**changes), stats=stats,
@@ -233,12 +274,12 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true", help="progress bars")
     parser.add_argument("--choose", action="store_true",
                         help="the development sweep of mom2_weight and the null-space cut")
-    parser.add_argument("--dev-start", type=int, default=300)
+    parser.add_argument("--dev-start", type=int, default=250)
     parser.add_argument("--dev-n", type=int, default=30)
     parser.add_argument("--mom2-weights", type=float, nargs="+",
-                        default=[1000.0, 3000.0, 10000.0, 15000.0, 30000.0])
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    parser.add_argument("--l2s", type=float, nargs="+", default=[1.0])
+                        default=[100.0, 300.0, 1000.0, 3000.0, 15000.0])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    parser.add_argument("--l2s", type=float, nargs="+", default=[1.0, 10.0])
     args = parser.parse_args()
     if not Path(args.facts).exists():
         sys.exit(f"error: {args.facts} is absent (is the shared data folder beside the project?)")

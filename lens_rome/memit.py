@@ -74,12 +74,39 @@ METADATA_KEY = "lens_rome_memit_edit"
 DEFAULT_MOM2_WEIGHT = 15000.0  # the paper's lambda for GPT-J
 KEY_BATCH = 64  # prompt rows per forward pass when reading keys
 
-# Per-model defaults.  Layers: the plateau of the model's MLP causal trace at the last
-# subject token up to its peak (docs/editing.md, "Many edits"); GPT-2 XL's are the paper's.
+# Per-model defaults.  Layers: critical_layers() of the model's MLP causal trace at the
+# last subject token (docs/figures/editing_layer_<model>.json, from
+# benchmarks/rome_edits.py --choose-layer; docs/editing.md, "Many edits"); mom2_weight:
+# the best score over 30 development cases (benchmarks/sequential_edits.py --choose);
+# GPT-2 XL's are the paper's.  Gemma-3-270M's edit quality is not measured yet.
 MODEL_DEFAULTS: dict[str, dict] = {
-    "smollm2-135m": {"layers": (3, 4, 5), "mom2_weight": DEFAULT_MOM2_WEIGHT},
+    "smollm2-135m": {"layers": (3, 4, 5), "mom2_weight": 300.0},
+    "gemma-3-270m": {"layers": (4, 5, 6, 7)},
     "gpt2-xl": {"layers": (13, 14, 15, 16, 17), "mom2_weight": 20000.0},
 }
+CRITICAL_FRACTION = 0.85
+
+
+def critical_layers(effects: Sequence[float], fraction: float = CRITICAL_FRACTION
+                    ) -> tuple[int, ...]:
+    """The layers MEMIT spreads an edit over, from an MLP causal trace.
+
+    ``effects[l]``: the average indirect effect of restoring the MLP (window)
+    centred on layer ``l`` at the last subject token.  The result is the peak
+    layer and the contiguous layers just below it whose effect is at least
+    ``fraction`` of the peak's: the critical MLP path that ends where the
+    targets ``z`` are set.
+    """
+    values = [float(v) for v in effects]
+    if not values:
+        raise ValueError("effects is empty: give one average indirect effect per layer")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    peak = max(range(len(values)), key=values.__getitem__)
+    first = peak
+    while first > 0 and values[first - 1] >= fraction * values[peak]:
+        first -= 1
+    return tuple(range(first, peak + 1))
 
 
 # --------------------------------------------------------------------------- hyper-parameters

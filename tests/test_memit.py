@@ -178,6 +178,20 @@ def test_bad_batches(tiny_llama, tmp_path):
     assert rome.applied_edits(tiny_llama) == []
 
 
+def test_default_layers_come_from_the_mlp_trace():
+    import json
+    from pathlib import Path
+
+    figures = Path(__file__).resolve().parents[1] / "docs" / "figures"
+    for model in ("smollm2-135m", "gemma-3-270m"):
+        trace = json.loads((figures / f"editing_layer_{model}.json").read_text())
+        assert memit.critical_layers(trace["aie_last_subject_token"]) == \
+            memit.MODEL_DEFAULTS[model]["layers"]
+    assert memit.critical_layers([0.1, 0.5, 0.9, 1.0, 0.2]) == (2, 3)
+    assert memit.critical_layers([0.1, 0.5, 0.9, 1.0, 0.2], fraction=0.5) == (1, 2, 3)
+    assert memit.critical_layers([1.0, 0.2]) == (0,)
+
+
 def test_hyperparameters():
     hp = MemitHyperParams.for_model("smollm2-135m", v_steps=3, mom2_weight=100.0)
     assert hp.layers == memit.MODEL_DEFAULTS["smollm2-135m"]["layers"]
@@ -289,3 +303,28 @@ def test_twenty_stacked_edits_of_mixed_methods_revert_bit_exactly(tiny_llama, tm
         change.revert()
     assert_same(model, before)
     assert rome.applied_edits(model) == []
+
+
+# --------------------------------------------------------------------------- embedded model
+
+
+@pytest.mark.embedded
+def test_smollm_batch_rewrites_two_facts_and_reverts(smollm, tmp_path):
+    stats = {l: key_statistics(smollm, l, samples=48, token_length=64, cache_dir=tmp_path,
+                               progress=False) for l in (4, 5)}
+    requests = [{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+                 "target_new": " Rome", "target_true": " Paris"},
+                {"prompt": "{} is located in the continent of", "subject": "Vinson Massif",
+                 "target_new": " Europe", "target_true": " Antarctica"}]
+    prompts = ["The Eiffel Tower is located in the city of",
+               "Vinson Massif is located in the continent of"]
+    before = snapshot(smollm)
+    hp = MemitHyperParams(layers=(4, 5), mom2_weight=300.0, value=RomeHyperParams(
+        layer=5, v_steps=10, n_prefixes=4, prefix_lengths=(5,), early_stop_nll=0.2))
+    with memit.edited(smollm, requests, hparams=hp, stats=stats) as change:
+        for prompt, request in zip(prompts, requests):
+            new, old = rome.target_log_probs(smollm, [prompt], [request["target_new"],
+                                                                request["target_true"]])[0]
+            assert new > old, (prompt, float(new), float(old))
+        assert [t["lookup_token"] for t in change.info["targets"]] == [" Tower", "if"]
+    assert_same(smollm, before)
