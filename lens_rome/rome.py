@@ -27,6 +27,10 @@ model, or use :func:`edited` for a temporary edit::
     with rome.edited(model, {"prompt": "{} is located in the city of",
                              "subject": "The Eiffel Tower", "target_new": " Rome"}):
         model.generate("The Eiffel Tower is", max_new_tokens=10)
+
+For edits that pile up on one model: ``update_key="average"`` is r-ROME's update
+(``k*`` in numerator and denominator), and ``null_space=True`` AlphaEdit's
+(:mod:`lens_rome.null_space`); :mod:`lens_rome.memit` edits batches.
 """
 
 from __future__ import annotations
