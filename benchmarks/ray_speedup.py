@@ -31,7 +31,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=8, help="facts traced (default: %(default)s)")
     parser.add_argument("--kinds", default="hidden,mlp,attn")
     parser.add_argument("--samples", type=int, default=10)
-    parser.add_argument("--fp32", action="store_true", help="float32 restored passes (default bf16)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="restored passes in bfloat16 (default: where this CPU runs it "
+                             "faster, else float32)")
     args = parser.parse_args()
     if not Path(args.facts).exists():
         sys.exit(f"error: {args.facts} is absent (is the shared data folder beside the project?)")
@@ -41,17 +43,23 @@ def main() -> None:
     import numpy as np
 
     from lens_rome.dataset_trace import trace_dataset
+    from lens_rome.precision import precision_name, probe_report, resolve_bf16
+
+    bf16 = resolve_bf16(args.bf16, what="benchmarks/ray_speedup.py")
+    probe = probe_report()
+    print(f"CPU {probe['cpu']}; bfloat16 probe: {'fast' if probe['bf16_fast'] else 'slow'} "
+          f"({probe['rule']})")
 
     print(f"model {args.model}; first {args.limit} correctly answered facts of {args.facts}; "
           f"kinds {args.kinds} + severed; {args.samples} samples; "
-          f"{'float32' if args.fp32 else 'bf16'}; 1 torch thread per worker")
+          f"{precision_name(bf16)}; 1 torch thread per worker")
     seconds, frames = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for workers in (1, 2):
             start = time.perf_counter()
             result = trace_dataset(args.model, args.facts, Path(folder) / f"w{workers}",
                                    args.kinds, limit=args.limit, samples=args.samples,
-                                   bf16=not args.fp32, workers=workers, progress=False)
+                                   bf16=bf16, workers=workers, progress=False)
             seconds[workers] = time.perf_counter() - start
             frames[workers] = result.frame.sort_values(
                 ["known_id", "kind", "sever", "token", "layer"]).reset_index(drop=True)

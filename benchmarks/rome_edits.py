@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -119,6 +120,7 @@ def mean(rows: list[dict], key: str) -> float:
 
 def run_edits(args) -> None:
     from lens_rome import load_model, rome
+    from lens_rome.precision import precision_name, probe_report, resolve_bf16
     from lens_rome.statistics import key_statistics
 
     model = load_model(args.model)
@@ -131,7 +133,12 @@ def run_edits(args) -> None:
             "bf16": args.bf16,
         }.items() if v is not None})
     cases = build_cases(model, load_facts(Path(args.facts)), args.n, args.seed, args.max_prompts)
-    print(f"model {args.model}, torch threads {torch.get_num_threads()}, {len(cases)} cases")
+    probe = probe_report()
+    precision = precision_name(resolve_bf16(hp.bf16, what="benchmarks/rome_edits.py"))
+    print(f"model {args.model}, {len(cases)} cases; CPU {probe['cpu']}, torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"bfloat16 probe: {'fast' if probe['bf16_fast'] else 'slow'} ({probe['rule']}); "
+          f"v* loop precision: {precision} (bf16={hp.bf16})")
     print(f"hyper-parameters: {hp.to_dict()}")
 
     start = time.perf_counter()
@@ -149,14 +156,15 @@ def run_edits(args) -> None:
 
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     rome.context_prefixes(model, hp.n_prefixes, hp.prefix_lengths, hp.seed)  # once per model
-    unedited, edited, seconds = [], [], []
+    unedited, edited, seconds, steps = [], [], [], []
     print(f"\n{'id':>4} {'subject':28} {'old -> new':34} {'lookup':>10} "
-          f"{'eff':>4} {'para':>5} {'neigh':>5} {'s':>5}")
+          f"{'eff':>4} {'para':>5} {'neigh':>5} {'steps':>5} {'s':>5}")
     for case in cases:
         unedited.append(score(model, case))
         start = time.perf_counter()
         change = rome.edit(model, case["request"], hparams=hp, stats=stats)
         seconds.append(time.perf_counter() - start)
+        steps.append(len(change.info["v_history"]))
         result = score(model, case)
         change.revert()
         edited.append(result)
@@ -164,7 +172,8 @@ def run_edits(args) -> None:
         print(f"{case['known_id']:>4} {req['subject'][:28]:28} "
               f"{(req['target_true'] + ' ->' + req['target_new'])[:34]:34} "
               f"{change.info['lookup_token'][:10]:>10} {result['efficacy']:4.0f} "
-              f"{result['paraphrase']:5.2f} {result['neighbourhood']:5.2f} {seconds[-1]:5.1f}",
+              f"{result['paraphrase']:5.2f} {result['neighbourhood']:5.2f} {steps[-1]:5d} "
+              f"{seconds[-1]:5.1f}",
               flush=True)
     exact = all(torch.equal(before[name], p) for name, p in model.named_parameters())
 
@@ -172,15 +181,17 @@ def run_edits(args) -> None:
     for label, rows in (("unedited model", unedited), (f"ROME, layer {hp.layer}", edited)):
         print(f"{label:22} {mean(rows, 'efficacy'):8.1f}% {mean(rows, 'paraphrase'):10.1f}% "
               f"{mean(rows, 'neighbourhood'):13.1f}%")
-    print(f"\ntime per edit (statistics excluded): mean {sum(seconds) / len(seconds):.1f} s, "
-          f"max {max(seconds):.1f} s")
+    print(f"\ntime per edit (statistics excluded, {precision}): median "
+          f"{statistics.median(seconds):.1f} s, mean {statistics.mean(seconds):.1f} s, "
+          f"max {max(seconds):.1f} s; v* steps: median {statistics.median(steps):.0f}, "
+          f"max {max(steps)}")
     print(f"one-time key statistics for layer {hp.layer}: {computed:.1f} s; "
           f"cached load: {cached_load:.2f} s")
     print(f"every parameter bit-exact after the {len(cases)} reverts: {exact}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "hparams": hp.to_dict(), "cases": cases, "edited": edited, "unedited": unedited,
-            "seconds": seconds, "stats_seconds": computed, "cached_load": cached_load}, indent=1))
+            "seconds": seconds, "steps": steps, "precision": precision, "stats_seconds": computed, "cached_load": cached_load}, indent=1))
 
 
 def choose_layer(args) -> None:

@@ -3,22 +3,24 @@
 Prints, for each kind (hidden, mlp, attn) on "The Eiffel Tower is located in
 the city of" (subject "The Eiffel Tower", 10 samples, window 10):
 
-- lens_rome's ``trace`` (float32), and in bfloat16 with its largest deviation
-  from the float32 scores;
+- lens_rome's ``trace`` in float32 (the exact path; lean blocks on this model);
 - the paper's algorithm (one restoration per forward pass, batch = clean row +
   10 corrupted rows; ``tests/reference.py``) with the same noise, on the same
   model, and its largest deviation from ``trace``;
-- that reference again on TransformerLens' default weight layout (what a
-  plain ``HookedTransformer`` runs), unless ``--skip-default-layout``.
+- ``trace`` in bfloat16 and its largest deviation from float32, only where
+  :func:`lens_rome.precision.bf16_is_fast` says bf16 is fast here (or with
+  ``--bf16``: on a CPU without bf16 units that takes hours);
+- with ``--default-layout``, the reference again on TransformerLens' default
+  weight layout (what a plain ``HookedTransformer`` runs).
 
-Run: ``.venv/bin/python benchmarks/trace_speed.py`` (about 10 minutes on a
-2-core CPU).  Nothing else should run on the machine meanwhile.
+It prints the CPU, the torch threads and the bfloat16 probe's answer first.
+Run: ``.venv/bin/python benchmarks/trace_speed.py --threads 2`` (about 10
+minutes on a 2-core CPU).  Nothing else should run on the machine meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from lens_rome import load_model, locate_subject, trace  # noqa: E402
 from lens_rome.hooks import Gaussian  # noqa: E402
+from lens_rome.precision import probe_report  # noqa: E402
 from reference import reference_trace  # noqa: E402
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -48,7 +51,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--skip-default-layout", action="store_true")
+    parser.add_argument("--default-layout", action="store_true",
+                        help="also time the reference on TransformerLens' default weight layout")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="time bfloat16 traces too (default: only where bf16 is fast)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice; use 1 when another job "
                              "shares the CPU, where spinning threads slow each other down)")
@@ -57,13 +63,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",")
 
+    probe = probe_report()
+    with_bf16 = probe["bf16_fast"] if args.bf16 is None else args.bf16
     model = load_model("smollm2-135m")
     tokens, subject_range = locate_subject(model, PROMPT, SUBJECT)
     subject_tokens = tokens[0, subject_range[0]:subject_range[1]]
     noise = Gaussian().draw(model, subject_tokens, args.samples,
                             torch.Generator().manual_seed(0)).values
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"machine: {probe['cpu']}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__} ({probe['cpu_capability']})")
+    print(f"bfloat16 probe: {'fast' if probe['bf16_fast'] else 'slow'} ({probe['rule']}); "
+          f"bf16 traces {'timed' if with_bf16 else 'skipped'}")
     print(f"prompt {PROMPT!r}, subject {SUBJECT!r}: {tokens.shape[1]} tokens, "
           f"{model.cfg.n_layers} layers, {args.samples} samples, window 10\n")
     trace(model, PROMPT, SUBJECT, "hidden", samples=2)  # warm-up
@@ -72,24 +82,27 @@ def main() -> None:
     for kind in kinds:
         fast, seconds = timed(trace, model, PROMPT, SUBJECT, kind, samples=args.samples,
                               noise=noise)
-        half, bf16_seconds = timed(trace, model, PROMPT, SUBJECT, kind, samples=args.samples,
-                                   noise=noise, bf16=True)
         answer = fast.answer_token
-        row = {"kind": kind, "trace": seconds, "bf16": bf16_seconds,
-               "bf16_dev": (half.scores - fast.scores).abs().max().item()}
-        print(f"{kind:>6}: trace {seconds:6.1f} s   bf16 {bf16_seconds:6.1f} s "
-              f"(max |bf16 - fp32| = {row['bf16_dev']:.4f})   "
+        row = {"kind": kind, "trace": seconds}
+        print(f"{kind:>6}: trace (float32, {fast.meta['blocks']}) {seconds:6.1f} s   "
               f"p clean {fast.high_score:.3f}, corrupted {fast.low_score:.3f}", flush=True)
+        if with_bf16:
+            half, row["bf16"] = timed(trace, model, PROMPT, SUBJECT, kind, samples=args.samples,
+                                      noise=noise, bf16=True)
+            row["bf16_dev"] = (half.scores - fast.scores).abs().max().item()
+            print(f"{'':>6}  trace (bfloat16) {row['bf16']:6.1f} s "
+                  f"(max |bf16 - fp32| = {row['bf16_dev']:.4f})", flush=True)
         if not args.skip_reference:
             (expected, _), ref_seconds = timed(reference_trace, model, tokens, subject_range,
                                                fast.answer_token, noise, kind, 10)
             row["reference"] = ref_seconds
             row["ref_dev"] = (expected - fast.scores).abs().max().item()
             print(f"{'':>6}  paper's algorithm, same model: {ref_seconds:6.1f} s "
-                  f"(max |reference - trace| = {row['ref_dev']:.1e})", flush=True)
+                  f"(max |reference - trace| = {row['ref_dev']:.1e}), "
+                  f"ratio {ref_seconds / seconds:.1f}x", flush=True)
         rows.append(row)
 
-    if not args.skip_reference and not args.skip_default_layout:
+    if not args.skip_reference and args.default_layout:
         plain = load_model("smollm2-135m", linear_layout=False)
         for row in rows:
             (_, _), seconds = timed(reference_trace, plain, tokens, subject_range,
@@ -99,19 +112,18 @@ def main() -> None:
                   f"{seconds:6.1f} s", flush=True)
 
     total = {key: sum(row[key] for row in rows) for key in rows[0] if key != "kind"}
-    print("\nall kinds together:")
-    print(f"  lens_rome trace (fp32): {total['trace']:7.1f} s")
-    print(f"  lens_rome trace (bf16): {total['bf16']:7.1f} s   "
-          f"max |bf16 - fp32| = {max(row['bf16_dev'] for row in rows):.4f}")
+    print(f"\nall kinds together ({', '.join(kinds)}):")
+    print(f"  lens_rome trace (float32): {total['trace']:7.1f} s")
+    if "bf16" in total:
+        print(f"  lens_rome trace (bfloat16): {total['bf16']:7.1f} s   "
+              f"max |bf16 - fp32| = {max(row['bf16_dev'] for row in rows):.4f}")
     if "reference" in total:
-        print(f"  paper's algorithm, same model:                 {total['reference']:7.1f} s  "
-              f"ratio {total['reference'] / total['trace']:.1f}x (bf16: "
-              f"{total['reference'] / total['bf16']:.1f}x)")
+        print(f"  paper's algorithm, same model: {total['reference']:7.1f} s   "
+              f"ratio {total['reference'] / total['trace']:.1f}x, "
+              f"max |reference - trace| = {max(row['ref_dev'] for row in rows):.1e}")
     if "reference_default" in total:
-        print(f"  paper's algorithm, TransformerLens layout:     "
-              f"{total['reference_default']:7.1f} s  "
-              f"ratio {total['reference_default'] / total['trace']:.1f}x (bf16: "
-              f"{total['reference_default'] / total['bf16']:.1f}x)")
+        print(f"  paper's algorithm, TransformerLens layout: {total['reference_default']:7.1f} s"
+              f"   ratio {total['reference_default'] / total['trace']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -59,9 +59,12 @@ def add_trace_dataset_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-severed", action="store_true",
                         help="skip the severed experiment (Figure 3)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="restored passes in bfloat16 (about 1.8x faster on CPUs with bf16 "
-                             "units; scores differ from float32 by up to ~0.01)")
+    parser.add_argument("--bf16", action="store_const", const=True, default=False,
+                        help="restored passes in bfloat16: about 1.8x faster on CPUs with bf16 "
+                             "units, far slower on CPUs without (a warning says so); scores "
+                             "differ from float32 by up to ~0.03. Default: float32, exact")
+    parser.add_argument("--auto-precision", dest="bf16", action="store_const", const="auto",
+                        help="bfloat16 if this machine runs it faster than float32, else float32")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="T",
                         help="torch threads of this process (default: torch's choice)")
     where = parser.add_mutually_exclusive_group()
@@ -81,6 +84,7 @@ def run_trace_dataset(args: argparse.Namespace) -> int:
     from lens_rome.cli import load  # noqa: PLC0415
     from lens_rome.dataset_trace import _check_kinds, trace_dataset  # noqa: PLC0415
     from lens_rome.datasets import load_known_facts  # noqa: PLC0415
+    from lens_rome.precision import precision_name, resolve_bf16  # noqa: PLC0415
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,8 +95,9 @@ def run_trace_dataset(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} exists and is not a folder")
     started = time.perf_counter()
     model = args.model if (args.workers or args.address) else load(args.model)
+    precision = precision_name(resolve_bf16(args.bf16, what="trace-dataset"))
     print(f"model {args.model}; {len(facts)} facts in {args.facts}; kinds {', '.join(kinds)}"
-          f"{'' if args.no_severed else ' + severed'}; out {out}")
+          f"{'' if args.no_severed else ' + severed'}; {precision}; out {out}")
     result = trace_dataset(
         model, facts, out, kinds, limit=args.limit, only_correct=not args.all_facts,
         samples=args.samples, window=args.window,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ from transformer_lens import HookedTransformer
 from lens_rome import hooks
 from lens_rome.datasets import answered_correctly, load_known_facts
 from lens_rome.models import adapter_for
+from lens_rome.precision import resolve_bf16
 from lens_rome.storage import replacing
 from lens_rome.tracing import KINDS, locate_subject, trace_many
 
@@ -208,7 +210,7 @@ def trace_dataset(
     noise_scale: float = 3.0,
     severed: bool = True,
     seed: int = 0,
-    bf16: bool = False,
+    bf16: bool | str = False,
     workers: int | None = None,
     address: str | None = None,
     progress: bool = True,
@@ -227,6 +229,9 @@ def trace_dataset(
             model's own most likely answer.
         noise_scale: noise std in units of the subject-token embedding std.
         severed: also run the severed experiment (needs ``"hidden"`` in kinds).
+        bf16: restored passes in bfloat16 (``"auto"``: where the hardware makes
+            it faster; see :mod:`lens_rome.precision`).  Default float32, exact.
+            The precision that ran is recorded in ``run.json``.
         workers, address: run on Ray (see :mod:`lens_rome.distributed`):
             ``workers`` processes on a local runtime, or join the cluster at
             ``address``.
@@ -242,6 +247,10 @@ def trace_dataset(
     for name, value in (("samples", samples), ("window", window)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not (
+            math.isfinite(noise_scale) and noise_scale >= 0):
+        raise ValueError(f"noise_scale must be a finite number >= 0 (3.0 is the paper's), "
+                         f"got {noise_scale!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
     facts = load_known_facts(facts)
@@ -259,6 +268,7 @@ def trace_dataset(
     if not kept:
         raise ValueError(f"{model_name} answers none of the {len(facts)} facts correctly; "
                          "nothing to trace (only_correct=False / --all-facts traces them anyway)")
+    bf16 = resolve_bf16(bf16, model.cfg.device, what="trace_dataset")
     level = noise_scale * hooks.embedding_std(model, [f["subject"] for f in facts])
     settings = TraceSettings(model=model_name, kinds=kinds, samples=samples, window=window,
                              noise_level=round(level, 8), severed=severed, seed=seed, bf16=bf16)
@@ -275,9 +285,13 @@ def trace_dataset(
                      progress=progress)
     else:
         bar = tqdm(todo, desc="facts", unit="fact", disable=not progress)
+        last = None
         for fact in bar:
-            bar.set_postfix_str(fact["subject"][:30])
+            bar.set_postfix_str(("" if last is None else f"last {last:.1f} s/fact, ")
+                                + fact["subject"][:30])
+            began = time.perf_counter()
             store.write(fact["known_id"], trace_fact(model, fact, settings))
+            last = time.perf_counter() - began
 
     report = {"facts": len(facts), "answered_correctly": len(facts) - n_skipped,
               "selected": len(kept), "traced_this_run": len(todo),

@@ -22,6 +22,7 @@ Every activation is ``[batch, pos, ...]``; positions index dimension 1.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -85,6 +86,40 @@ def patch(
         return activation
 
     return hook_name, patch_hook
+
+
+def patch_head(
+    hook_name: str,
+    values: torch.Tensor,
+    position: int,
+    heads: int | Sequence[int],
+    *,
+    rows: slice = slice(None),
+) -> Hook:
+    """Set one head's output at ``position`` of a ``[batch, pos, head, d_head]`` hook point.
+
+    For ``attn.hook_z``.  ``heads`` is one head for every row, or one head
+    per row of ``rows`` (a slice with explicit start and stop); ``values`` is
+    the heads' clean output at the position, ``[n_heads, d_head]``, from
+    which each row takes its head's.
+    """
+    per_row = not isinstance(heads, int)
+    head_index = torch.as_tensor(heads if per_row else [heads], dtype=torch.long)
+    if per_row and (rows.start is None or rows.stop is None
+                    or rows.stop - rows.start != len(head_index)):
+        raise ValueError(f"a head per row needs rows with a start and stop spanning "
+                         f"{len(head_index)} rows, got {rows}")
+
+    def patch_head_hook(activation: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        head_values = values[head_index].to(activation.dtype)  # [n_rows or 1, d_head]
+        if per_row:
+            row_index = torch.arange(rows.start, rows.stop)
+            activation[row_index, position, head_index] = head_values
+        else:
+            activation[rows, position, int(head_index[0])] = head_values[0]
+        return activation
+
+    return hook_name, patch_head_hook
 
 
 def _position_index(positions: Positions) -> slice | list[int]:
@@ -367,15 +402,27 @@ def draw_corruption(
                 f"noise tensor has shape {tuple(noise.shape)}; expected [samples, "
                 f"n_subject_tokens, d_model] = {list(expected)} for this prompt and subject"
             )
-        return Corruption(noise.detach().float().cpu()), "explicit tensor"
+        values = noise.detach().float().cpu()
+        if not torch.isfinite(values).all():
+            bad = int((~torch.isfinite(values)).sum())
+            raise ValueError(
+                f"noise tensor has {bad} NaN or infinite values of {values.numel()}; every "
+                f"value must be finite (draw it e.g. with torch.randn(...) * level)"
+            )
+        return Corruption(values), "explicit tensor"
     if isinstance(noise, bool) or not isinstance(noise, (int, float, Noise)):
         raise TypeError(
             f"noise must be a float level, a tensor [samples, n_subject_tokens, d_model] or a "
             f"lens_rome.hooks.Noise rule, got {noise!r}"
         )
     if not isinstance(noise, Noise):
-        if noise < 0:
-            raise ValueError(f"noise level must be >= 0, got {noise}")
+        if not math.isfinite(noise) or noise < 0:
+            raise ValueError(f"noise level must be a finite number >= 0 (the std of the "
+                             f"Gaussian noise, e.g. 0.1), got {noise}")
         noise = Gaussian(level=float(noise))
     generator = torch.Generator().manual_seed(seed)
-    return noise.draw(model, subject_tokens.cpu(), samples, generator), str(noise)
+    corruption = noise.draw(model, subject_tokens.cpu(), samples, generator)
+    if not torch.isfinite(corruption.values).all():
+        raise ValueError(f"the noise rule {noise} drew NaN or infinite values; check its "
+                         f"parameters (levels and scales must be finite)")
+    return corruption, str(noise)

@@ -53,6 +53,7 @@ class ModelAdapter:
         "mlp": "blocks.{layer}.hook_mlp_out",
         "attn": "blocks.{layer}.hook_attn_out",
         "key": "blocks.{layer}.mlp.hook_post",
+        "head": "blocks.{layer}.attn.hook_z",
     }
     EMBED_HOOK = "hook_embed"
 
@@ -63,6 +64,24 @@ class ModelAdapter:
     @property
     def d_model(self) -> int:
         return self.model.cfg.d_model
+
+    @property
+    def n_heads(self) -> int:
+        return self.model.cfg.n_heads
+
+    @property
+    def n_ctx(self) -> int:
+        """The longest token sequence the model accepts."""
+        return self.model.cfg.n_ctx
+
+    def check_length(self, n_tokens: int, what: str) -> None:
+        """Raise ``ValueError`` if ``n_tokens`` tokens (``what`` they are) exceed the context."""
+        if n_tokens > self.n_ctx:
+            raise ValueError(
+                f"{what} is {n_tokens} tokens long, but {self.name} accepts at most "
+                f"{self.n_ctx} tokens (its context length); shorten it by "
+                f"{n_tokens - self.n_ctx} tokens"
+            )
 
     @property
     def name(self) -> str:

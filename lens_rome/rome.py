@@ -51,8 +51,10 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+from lens_rome.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 from lens_rome.models import ModelAdapter, adapter_for
 from lens_rome.null_space import NULL_SPACE_L2, NULL_SPACE_THRESHOLD
+from lens_rome.precision import precision_name, resolve_bf16
 from lens_rome.storage import replacing
 from lens_rome.statistics import (
     DEFAULT_SAMPLES,
@@ -193,7 +195,12 @@ class RomeHyperParams:
             the KL term against the norm of ``delta``.
         bf16: run the upper blocks in bfloat16 during the ``v*`` optimisation
             (about 1.5x faster on CPUs with bf16 units; ``k*``, ``C`` and the
-            update stay in float32/float64).
+            update stay in float32/float64).  None (default): bfloat16 where
+            :func:`lens_rome.precision.bf16_is_fast` says it is faster, float32
+            elsewhere; ``True`` on hardware without bf16 units warns once.
+        lean_blocks: run the upper blocks as :class:`lens_rome.fast_blocks.FastBlocks`
+            (the same function in fewer, larger matrix products) when the model
+            supports it and has no hooks attached.
         stats_samples, stats_token_length: the corpus sample behind ``C``.
         seed: seeds the prefix generation.
         update_key: the key the update is solved for.  ``"bare"`` (the paper's
@@ -223,7 +230,8 @@ class RomeHyperParams:
     clamp_norm: float = 4.0
     early_stop_loss: float = 0.05
     early_stop_nll: float = 0.0
-    bf16: bool = False
+    bf16: bool | None = None
+    lean_blocks: bool = True
     stats_samples: int = DEFAULT_SAMPLES
     stats_token_length: int = DEFAULT_TOKEN_LENGTH
     seed: int = 0
@@ -286,9 +294,9 @@ class RomeHyperParams:
 # (benchmarks/rome_edits.py --choose-layer; docs/editing.md); GPT-2 XL's are the paper's.
 MODEL_DEFAULTS: dict[str, dict] = {
     # Layer 5: the peak of SmolLM2's MLP trace at the last subject token.  The NLL
-    # early stop and bfloat16 keep an edit near 10 s on a 2-core CPU; hard targets
-    # (NLL ~16 at the start) still get all 20 steps.
-    "smollm2-135m": {"layer": 5, "v_steps": 20, "early_stop_nll": 0.2, "bf16": True},
+    # early stop ends easy edits early; hard targets (NLL ~16 at the start) still get
+    # all 20 steps.  Precision: bfloat16 where the hardware has it (RomeHyperParams.bf16).
+    "smollm2-135m": {"layer": 5, "v_steps": 20, "early_stop_nll": 0.2},
     # Layer 7: the peak of Gemma-3-270M's MLP trace at the last subject token (its edit
     # quality is not yet measured; the other settings are the paper's).
     "gemma-3-270m": {"layer": 7},
@@ -457,11 +465,19 @@ class _Group:
         names = {adapter.hook_name("key", layer), adapter.hook_name("mlp", layer),
                  adapter.hook_name("hidden", layer)}
         kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rows))
-        logits, cache = model.run_with_cache(tokens, names_filter=names.__contains__,
-                                             past_kv_cache=kv)
-        self.keys = cache[adapter.hook_name("key", layer)][:, p].double()
-        self.mlp_out = cache[adapter.hook_name("mlp", layer)][:, p]
-        self.resid = cache[adapter.hook_name("hidden", layer)][:, p:].clone()
+        if loss_targets is None:  # the KL rows compare with the unedited model's outputs
+            logits, cache = model.run_with_cache(tokens, names_filter=names.__contains__,
+                                                 past_kv_cache=kv)
+            logits, start = logits[:, p:], p
+        else:  # the rest need every block before the lookup token, and block <= layer after
+            if p > 0:
+                model(tokens[:, :p], past_kv_cache=kv, return_type=None)
+            cache = model.run_with_cache(tokens[:, p:], names_filter=names.__contains__,
+                                         past_kv_cache=kv, stop_at_layer=layer + 1)[1]
+            logits, start = None, 0
+        self.keys = cache[adapter.hook_name("key", layer)][:, start].double()
+        self.mlp_out = cache[adapter.hook_name("mlp", layer)][:, start]
+        self.resid = cache[adapter.hook_name("hidden", layer)][:, start:].clone()
         self.prefix = {b: (kv.entries[b].past_keys[:, :p].clone(),
                            kv.entries[b].past_values[:, :p].clone())
                        for b in range(layer + 1, adapter.n_layers)}
@@ -469,13 +485,17 @@ class _Group:
         if min(self.loss_positions) < 0:
             raise ValueError("the lookup token lies after the predicted tokens")
         self.loss_targets = loss_targets
-        self.original = torch.log_softmax(logits[:, [q + self.offset for q in loss_positions]]
-                                          .float(), -1)
+        self.original = None if logits is None else torch.log_softmax(
+            logits[:, self.loss_positions].float(), -1)
 
-    def cast(self, dtype: torch.dtype) -> "_Group":
-        """Keep the precomputed states in ``dtype`` (that of the blocks they enter)."""
+    def cast(self, dtype: torch.dtype, fast: FastBlocks | None = None) -> "_Group":
+        """Keep the precomputed states in ``dtype`` (that of the blocks they enter), and run
+        the upper blocks as ``fast`` (lean blocks built in that dtype) when given."""
         self.resid = self.resid.to(dtype)
         self.prefix = {b: (k.to(dtype), v.to(dtype)) for b, (k, v) in self.prefix.items()}
+        self.fast = fast
+        if fast is not None:  # TransformerLens caches keys unrotated
+            self.prefix = {b: (fast.rotated_keys(b, k), v) for b, (k, v) in self.prefix.items()}
         return self
 
     def log_probs(self, delta: torch.Tensor) -> torch.Tensor:
@@ -484,17 +504,13 @@ class _Group:
         resid = torch.cat([self.resid[:, :1] + delta.to(self.resid.dtype), self.resid[:, 1:]], 1)
         for b in range(self.layer + 1, self.adapter.n_layers):
             keys, values = self.prefix[b]
+            if self.fast is not None:
+                resid = self.fast(b, resid, (keys, values) if self.p > 0 else None)
+                continue
             entry = (TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values,
                                                        frozen=True) if self.p > 0 else None)
             resid = model.blocks[b](resid, past_kv_cache_entry=entry)
-        out = resid[:, self.loss_positions]
-        if hasattr(model, "ln_final"):
-            out = model.ln_final(out)
-        logits = model.unembed(out)
-        cap = getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0
-        if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
-        return torch.log_softmax(logits.float(), -1)
+        return _final_log_probs(model, resid[:, self.loss_positions])
 
     def nll(self, delta: torch.Tensor) -> torch.Tensor:
         """Mean over target tokens of -log p, summed over rows."""
@@ -502,6 +518,81 @@ class _Group:
         targets = torch.tensor(self.loss_targets, device=log_probs.device)
         picked = log_probs.gather(2, targets[None, :, None].expand(len(log_probs), -1, 1))
         return -picked[..., 0].mean(1).sum()
+
+
+def _final_log_probs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities ``[..., d_vocab]`` from residual states after the last block."""
+    if hasattr(model, "ln_final"):
+        resid = model.ln_final(resid)
+    logits = model.unembed(resid)
+    cap = getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return torch.log_softmax(logits.float(), -1)
+
+
+class _OneBatch:
+    """All rows of the v* loop (every layout and the KL prompt) as one batch for the lean blocks.
+
+    Rows differ in how many earlier positions they attend to (their cached
+    prefix) and how many they compute; both are padded, and the padding is
+    masked out: prefix slots past a row's own prefix are never attended to,
+    and padded positions come after a row's real ones, which attention
+    (causal) never lets them influence.  Each block then runs four large
+    matrix products instead of four small ones per layout.
+    """
+
+    def __init__(self, groups: list[_Group], kl_group: _Group, fast: FastBlocks):
+        self.groups, self.kl_group, self.fast = groups, kl_group, fast
+        members = [*groups, kl_group]
+        self.layer, self.adapter = kl_group.layer, kl_group.adapter
+        n_rows = sum(len(g.resid) for g in members)
+        n_pos = max(g.resid.shape[1] for g in members)
+        n_prefix = max(g.p for g in members)
+        first = members[0].resid
+        self.resid = first.new_zeros(n_rows, n_pos, first.shape[-1])
+        self.positions = torch.zeros(n_rows, n_pos, dtype=torch.long, device=first.device)
+        self.mask = torch.zeros(n_rows, 1, n_pos, n_prefix + n_pos, dtype=torch.bool,
+                                device=first.device)
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=first.device).tril()
+        self.prefix = {}
+        self.rows: list[slice] = []
+        row = 0
+        for g in members:
+            rows = slice(row, row + len(g.resid))
+            self.rows.append(rows)
+            self.resid[rows, : g.resid.shape[1]] = g.resid
+            self.positions[rows] = g.p + torch.arange(n_pos, device=first.device)
+            self.mask[rows, :, :, : g.p] = True
+            self.mask[rows, :, :, n_prefix:] = causal
+            row = rows.stop
+        for b in range(self.layer + 1, self.adapter.n_layers):
+            keys, values = (members[0].prefix[b][0].new_zeros(n_rows, n_prefix, *members[0]
+                                                             .prefix[b][0].shape[2:])
+                            for _ in range(2))
+            for g, rows in zip(members, self.rows):
+                if g.p:
+                    keys[rows, : g.p], values[rows, : g.p] = g.prefix[b]
+            self.prefix[b] = (keys, values)
+        self.n_rows = sum(len(g.resid) for g in groups)
+
+    def losses(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target NLL (mean over prompts) and the KL term, as :func:`_key_and_value` sums them."""
+        model = self.adapter.model
+        resid = torch.cat([self.resid[:, :1] + delta.to(self.resid.dtype), self.resid[:, 1:]], 1)
+        for b in range(self.layer + 1, self.adapter.n_layers):
+            resid = self.fast(b, resid, self.prefix[b], positions=self.positions, mask=self.mask)
+        nll = 0
+        for g, rows in zip(self.groups, self.rows):
+            log_probs = _final_log_probs(model, resid[rows, g.loss_positions])
+            targets = torch.tensor(g.loss_targets, device=log_probs.device)
+            picked = log_probs.gather(2, targets[None, :, None].expand(len(log_probs), -1, 1))
+            nll = nll - picked[..., 0].mean(1).sum()
+        kl_rows, kl = self.rows[-1], self.kl_group
+        kl_log_probs = _final_log_probs(model, resid[kl_rows, kl.loss_positions[-1:]])
+        divergence = torch.nn.functional.kl_div(kl_log_probs[:, -1], kl.original[:, -1],
+                                                log_target=True, reduction="batchmean")
+        return nll / self.n_rows, divergence
 
 
 @contextlib.contextmanager
@@ -542,6 +633,9 @@ def _layout(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams):
         body = prompt.ids + target[:-1]
         positions = [shift + len(prompt.ids) - 1 + j for j in range(len(target))]
         specs.append(([r + body for r in rows], lookup, positions, target))
+    longest = max(len(r) for rows, *_ in specs for r in rows) + int(adapter.prepend_bos)
+    adapter.check_length(longest, f"the edit prompt {request.text[:60]!r} with the target "
+                                  f"{request.target_new[:30]!r} after its longest context prefix")
     kl = _subject_prompt(adapter, KL_PROMPT, request.subject)
     kl_lookup = lookup_position(hp.lookup, kl.subject_range, len(kl.ids),
                                 reference if not isinstance(hp.lookup, str) else None)
@@ -559,6 +653,7 @@ class _KeyValue:
 def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams,
                    progress: bool = False) -> _KeyValue:
     model = adapter.model
+    started = time.perf_counter()
     specs, (kl_ids, kl_lookup), bare = _layout(adapter, request, hp)
     with torch.no_grad():
         groups = [_Group(adapter, hp.layer, rows, lookup, positions, target)
@@ -572,16 +667,24 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
     delta = torch.zeros(model.cfg.d_model, device=model.cfg.device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     history = []
-    dtype = torch.bfloat16 if hp.bf16 else model.cfg.dtype
-    for group in [*groups, kl_group]:
-        group.cast(dtype)
+    bf16 = resolve_bf16(hp.bf16, model.cfg.device, what="ROME's v* optimisation")
+    dtype = torch.bfloat16 if bf16 else model.cfg.dtype
     with _frozen_parameters(model), adapter.cast(dtype):
+        lean = hp.lean_blocks and unsupported_reason(model) is None and not has_user_hooks(model)
+        fast = FastBlocks(model) if lean else None
+        for group in [*groups, kl_group]:
+            group.cast(dtype, fast)
+        batch = _OneBatch(groups, kl_group, fast) if fast is not None else None
+        prepared = time.perf_counter()
         for step in range(hp.v_steps):
             optimiser.zero_grad()
-            nll = sum(g.nll(delta) for g in groups) / n_rows
-            kl = torch.nn.functional.kl_div(kl_group.log_probs(delta)[:, -1],
-                                            kl_group.original[:, -1], log_target=True,
-                                            reduction="batchmean")
+            if batch is not None:
+                nll, kl = batch.losses(delta)
+            else:
+                nll = sum(g.nll(delta) for g in groups) / n_rows
+                kl = torch.nn.functional.kl_div(kl_group.log_probs(delta)[:, -1],
+                                                kl_group.original[:, -1], log_target=True,
+                                                reduction="batchmean")
             decay = hp.weight_decay * delta.norm() ** 2 / reference.float().norm() ** 2
             loss = nll + hp.kl_weight * kl + decay
             history.append({"step": step, "loss": float(loss.detach()),
@@ -598,7 +701,11 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
                     delta.mul_(max_norm / delta.norm())
     info = {"v_history": history, "rows": n_rows, "lookup_token":
             model.tokenizer.decode([bare.ids[groups[0].lookup]]),
-            "lookup_index": groups[0].lookup}
+            "lookup_index": groups[0].lookup, "precision": precision_name(bf16),
+            "setup_seconds": prepared - started, "v_seconds": time.perf_counter() - prepared,
+            "blocks": "lens_rome.fast_blocks" if fast is not None else "transformer_lens"}
+    log.info("v* for %r: %d steps in %s on %s", request.subject, len(history), info["precision"],
+             info["blocks"])
     return _KeyValue(key, groups[0].keys[0], delta.detach().clone(), info)
 
 

@@ -44,11 +44,13 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from lens_rome import hooks
 from lens_rome.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 from lens_rome.models import ModelAdapter, adapter_for
+from lens_rome.precision import precision_name, resolve_bf16
 from lens_rome.storage import replacing
 
 log = logging.getLogger(__name__)
 
 KINDS = ("hidden", "mlp", "attn")
+HEAD = "head"  # one attention head's output at one layer (``attn.hook_z``)
 METRICS = ("prob", "logprob")
 SAVE_FORMAT = 1
 
@@ -229,7 +231,7 @@ def trace(
     target: str | None = None,
     metric: str = "prob",
     seed: int = 0,
-    bf16: bool = False,
+    bf16: bool | str = False,
     positions: Sequence[int] | None = None,
     progress: bool = False,
 ) -> TraceResult:
@@ -237,7 +239,9 @@ def trace(
 
     Args:
         kind: ``"hidden"`` (residual stream after each block), ``"mlp"`` or
-            ``"attn"`` (outputs over ``window`` layers centred on each layer).
+            ``"attn"`` (outputs over ``window`` layers centred on each layer),
+            or ``"head"`` (one attention head's output, ``attn.hook_z``, at one
+            layer; scores ``[n_tokens, n_layers, n_heads]``).
         samples: corrupted runs averaged (each its own noise draw).
         noise: a :class:`lens_rome.hooks.Noise` rule (default: spherical
             Gaussian at 3x the embedding std, the paper's "s3"), a float level
@@ -250,16 +254,19 @@ def trace(
         metric: ``"prob"`` (the paper's mean probability over samples) or
             ``"logprob"`` (mean log-probability).
         seed: seeds the noise draws, so a trace is reproducible.
-        bf16: run the restored passes in bfloat16 (faster on CPUs with bf16
-            units; clean and corrupted runs stay float32).  For a Llama-style
-            model with no hooks attached they run through
-            :class:`lens_rome.fast_blocks.FastBlocks`.
+        bf16: run the restored passes in bfloat16 (clean and corrupted runs
+            stay float32); ``"auto"``: where :func:`lens_rome.precision.bf16_is_fast`
+            says it is faster.  Default float32, the exact path.
         positions: restore only at these token positions (default: all); the
             scores of other positions are NaN.  The paper's Figure 3 restores
             the last subject token only.
 
-    Hooks already active on ``model`` (``with model.hooks(...)``) apply to
-    every run of the trace.
+    A Llama-style model with no hooks attached runs the restored passes
+    through :class:`lens_rome.fast_blocks.FastBlocks` (the same function as
+    TransformerLens' blocks, to ~1e-6 in float32); hooks already active on
+    ``model`` (``with model.hooks(...)``) apply to every run of the trace, on
+    TransformerLens' own blocks.  ``result.meta`` names the precision and
+    blocks that ran.
     """
     return trace_many(
         model, prompt, subject, [(kind, sever, positions)], samples=samples, window=window,
@@ -279,13 +286,13 @@ def trace_many(
     target: str | None = None,
     metric: str = "prob",
     seed: int = 0,
-    bf16: bool = False,
+    bf16: bool | str = False,
     progress: bool = False,
 ) -> list[TraceResult]:
     """Several traces of one fact with the same noise: one per ``(kind, sever, positions)``.
 
     The same numbers as calling :func:`trace` for each, but the clean and
-    corrupted runs (and the bfloat16 copy of the weights) are made once.
+    corrupted runs (and the weights of the lean blocks) are made once.
     """
     adapter = adapter_for(model)
     if metric not in METRICS:
@@ -294,33 +301,42 @@ def trace_many(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     for kind, sever, _ in traces:
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind {kind!r}; expected one of {list(KINDS)}")
+        if kind not in (*KINDS, HEAD):
+            raise ValueError(f"unknown kind {kind!r}; expected one of {[*KINDS, HEAD]}")
         if sever is not None:
             if sever not in ("mlp", "attn"):
                 raise ValueError(f"sever must be None, 'mlp' or 'attn', got {sever!r}")
             if kind != "hidden":
                 raise ValueError(f"sever applies to hidden-state traces; got kind={kind!r}")
     tokens, subject_range = locate_subject(model, prompt, subject)
+    adapter.check_length(tokens.shape[1], f"prompt {prompt[:60]!r}")
     traces = [(kind, sever, _check_positions(positions, tokens.shape[1]))
               for kind, sever, positions in traces]
     if noise is None:
         noise = hooks.Gaussian(scale=3.0)
     subject_tokens = tokens[0, subject_range[0] : subject_range[1]]
     corruption, noise_text = hooks.draw_corruption(noise, model, subject_tokens, samples, seed)
+    bf16 = resolve_bf16(bf16, model.cfg.device, what="trace")
+    dtype = torch.bfloat16 if bf16 else model.cfg.dtype
 
     with torch.no_grad():
         if target is None:
             answer = int(model(tokens)[0, -1].argmax())
         else:
             answer = answer_token(model, target)
-        engine = _TraceEngine(adapter, tokens, subject_range, answer, corruption, metric)
-        dtype = torch.bfloat16 if bf16 else model.cfg.dtype
+        with_heads = any(kind == HEAD for kind, _, _ in traces)
+        engine = _TraceEngine(adapter, tokens, subject_range, answer, corruption, metric,
+                              with_heads)
         with adapter.cast(dtype):  # once for all traces: casting the weights is not free
-            if bf16 and unsupported_reason(model) is None and not has_user_hooks(model):
-                engine.fast = FastBlocks(model)  # lean blocks; float32 keeps TransformerLens'
-            all_scores = [engine.run(kind, window if kind != "hidden" else 1, sever, dtype,
-                                     positions, progress)
+            reason = unsupported_reason(model) or (
+                "hooks are attached" if has_user_hooks(model) else None)
+            if reason is None:
+                engine.fast = FastBlocks(model)
+            blocks = "lens_rome.fast_blocks" if reason is None else "transformer_lens"
+            log.info("tracing %r in %s on %s blocks%s", prompt, precision_name(bf16), blocks,
+                     "" if reason is None else f" ({reason})")
+            all_scores = [engine.run(kind, 1 if kind in ("hidden", HEAD) else window, sever,
+                                     dtype, positions, progress)
                           for kind, sever, positions in traces]
 
     return [TraceResult(
@@ -332,7 +348,7 @@ def trace_many(
         tokens=adapter.token_strings(tokens),
         subject_range=subject_range,
         kind=kind,
-        window=window if kind != "hidden" else 1,
+        window=1 if kind in ("hidden", HEAD) else window,
         prompt=prompt,
         subject=subject,
         metric=metric,
@@ -340,7 +356,7 @@ def trace_many(
         sever=sever,
         noise=noise_text,
         model_name=adapter.name,
-        meta={"seed": seed, "bf16": bf16},
+        meta={"seed": seed, "bf16": bf16, "precision": precision_name(bf16), "blocks": blocks},
     ) for scores, (kind, sever, _) in zip(all_scores, traces)]
 
 
@@ -362,10 +378,44 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
+@dataclass(frozen=True)
+class _Group:
+    """One restoration of a token: every sample's rows share it.
+
+    ``layer`` (and ``head``) name the restored state; ``patched`` are the
+    blocks whose ``kind`` output is set to its clean value (window and head
+    kinds); ``start`` is the first block the engine runs for it.
+    """
+
+    layer: int
+    start: int
+    patched: range = range(0)
+    head: int | None = None
+
+
+def _groups(kind: str, window: int, n_layers: int, n_heads: int, shortcut: bool) -> list[_Group]:
+    """The restorations of one token, in the order the engine adds them to the batch.
+
+    A hidden state after the last block changes nothing computed by a block,
+    so its group is left out (:meth:`_TraceEngine.run` knows its score).
+    With ``shortcut`` a group whose first patched block is ``a`` starts at
+    ``a + 1``: block ``a`` changes the restored token only, and its output
+    there follows from the cached runs (:meth:`_TraceEngine._entering_stream`).
+    """
+    if kind == "hidden":
+        return [_Group(layer, layer + 1) for layer in range(n_layers - 1)]
+    if kind == HEAD:
+        return [_Group(layer, layer + shortcut, range(layer, layer + 1), head)
+                for layer in range(n_layers) for head in range(n_heads)]
+    windows = [window_layers(layer, window, n_layers) for layer in range(n_layers)]
+    return [_Group(layer, w.start + shortcut, w) for layer, w in enumerate(windows)]
+
+
 class _TraceEngine:
     """Runs the clean and corrupted passes once, then every restoration in batches."""
 
-    def __init__(self, adapter: ModelAdapter, tokens, subject_range, answer, corruption, metric):
+    def __init__(self, adapter: ModelAdapter, tokens, subject_range, answer, corruption, metric,
+                 with_heads: bool = False):
         self.adapter = adapter
         self.model = model = adapter.model
         self.tokens = tokens
@@ -378,6 +428,8 @@ class _TraceEngine:
         names = set()
         for layer in range(n_layers):
             names |= {f"blocks.{layer}.hook_resid_pre", *(adapter.hook_name(k, layer) for k in KINDS)}
+            if with_heads:
+                names.add(adapter.hook_name(HEAD, layer))
         keep = names.__contains__
 
         logits, self.clean = model.run_with_cache(tokens, names_filter=keep)
@@ -396,14 +448,19 @@ class _TraceEngine:
         self.fast: FastBlocks | None = None
 
     def score(self, logits: Float[torch.Tensor, "rows d_vocab"]) -> Float[torch.Tensor, "rows"]:
+        """The metric of the answer for each row of logits (overwrites ``logits``)."""
         logits = logits.float()
-        log_probs = logits[:, self.answer] - torch.logsumexp(logits, dim=-1)
+        answer = logits[:, self.answer].clone()
+        top = logits.amax(-1, keepdim=True)  # log-sum-exp in place: no second vocab-sized copy
+        log_probs = answer - logits.sub_(top).exp_().sum(-1).log_() - top[:, 0]
         return log_probs.exp() if self.metric == "prob" else log_probs
 
     def run(self, kind, window, sever, dtype, positions, progress) -> torch.Tensor:
-        """Scores ``[n_tokens, n_layers]``; the model must already be cast to ``dtype``."""
+        """Scores ``[n_tokens, n_layers(, n_heads)]``; the model must already be cast to ``dtype``."""
         n_tokens, n_layers = self.tokens.shape[1], self.adapter.n_layers
-        scores = torch.full((n_tokens, n_layers), self.low_score)
+        groups = _groups(kind, window, n_layers, self.adapter.n_heads, self.fast is not None)
+        shape = (n_tokens, n_layers, self.adapter.n_heads) if kind == HEAD else (n_tokens, n_layers)
+        scores = torch.full(shape, self.low_score)
         restored = range(self.subject_range[0], n_tokens)
         if positions is not None:  # restorations before the subject equal the corrupted run
             scores[[p for p in range(n_tokens) if p not in positions]] = float("nan")
@@ -414,69 +471,148 @@ class _TraceEngine:
         if self.fast is not None:
             self.prefix_kv = [(self.fast.rotated_keys(layer, keys), values)
                               for layer, (keys, values) in enumerate(self.prefix_kv)]
+        finals = []
         bar = tqdm(restored, desc=f"trace {kind}", disable=not progress, leave=False)
         for position in bar:
-            scores[position] = self._restore_token(position, kind, window, sever)
+            finals.append(self._restore_token(position, kind, groups, sever))
+        per_row = self._final_scores(torch.cat(finals)) if finals else torch.empty(0)
+        per_group = per_row.view(len(restored), len(groups), self.samples).mean(-1)
+        for position, row in zip(restored, per_group):
+            for group, value in zip(groups, row.tolist()):
+                index = (position, group.layer) if group.head is None else (
+                    position, group.layer, group.head)
+                scores[index] = value
+            if kind == "hidden":  # the last block's output, restored: nothing left to compute
+                scores[position, n_layers - 1] = (
+                    self.high_score if position == n_tokens - 1 else self.low_score)
         return scores
 
-    def _restore_token(self, t: int, kind: str, window: int, sever: str | None) -> torch.Tensor:
-        """Scores ``[n_layers]`` for restoring each layer's state at token ``t``.
+    def _final_scores(self, final: Float[torch.Tensor, "rows d_model"], chunk: int = 512
+                      ) -> Float[torch.Tensor, "rows"]:
+        """The metric for each row's last-position residual after the last block."""
+        model, n_layers = self.model, self.adapter.n_layers
+        out = [self.score(model(final[i:i + chunk, None], start_at_layer=n_layers)[:, -1])
+               for i in range(0, len(final), chunk)]
+        return torch.cat(out).float().cpu()
+
+    def _restore_token(self, t: int, kind: str, groups: list[_Group], sever: str | None
+                       ) -> Float[torch.Tensor, "rows d_model"]:
+        """The last position's residual after the last block, for every group of token ``t``.
 
         Restorations join the batch at the block where they first differ from
-        the corrupted run; rows are group-major (restored layer, then sample).
+        the corrupted run; rows are group-major (group, then sample).
         """
-        model, adapter, samples = self.model, self.adapter, self.samples
-        n_layers = adapter.n_layers
-        if kind == "hidden":
-            start = [layer + 1 for layer in range(n_layers)]
-        else:
-            start = [window_layers(layer, window, n_layers).start for layer in range(n_layers)]
-
-        residual, groups = None, []  # groups[g] = restored layer of rows g*samples..
+        model, adapter = self.model, self.adapter
+        n_layers, last = adapter.n_layers, t == self.tokens.shape[1] - 1
+        residual, joined = None, 0  # groups[:joined] are in the batch
         for block_index in range(n_layers + 1):
-            entering = [layer for layer in range(n_layers) if start[layer] == block_index]
+            entering = 0
+            while joined + entering < len(groups) and groups[joined + entering].start == block_index:
+                entering += 1
             if entering:
-                new = self._entering_stream(block_index, t, kind, len(entering))
+                new = self._entering_stream(block_index, t, kind, groups[joined:joined + entering])
+                if block_index == n_layers:  # nothing left to run: only the last position counts
+                    new = new[:, -1:]
                 residual = new if residual is None else torch.cat([residual, new])
-                groups += entering
-            if block_index == n_layers or residual is None:
+                joined += entering
+            if residual is None or block_index == n_layers:
                 continue
-            block_hooks = []
-            if kind != "hidden":
-                patched = [g for g, layer in enumerate(groups)
-                           if block_index in window_layers(layer, window, n_layers)]
-                if patched:
-                    name = adapter.hook_name(kind, block_index)
-                    rows = _group_rows(patched, samples)
-                    block_hooks.append(hooks.patch(name, self.clean[name][0, t], 0, rows=rows))
-            if sever is not None:
-                name = adapter.hook_name(sever, block_index)
-                frozen = self.corrupted[name][:, t].repeat(len(groups), 1)
-                block_hooks.append(hooks.patch(name, frozen[:, None], 0))
-            prefix = self._prefix(block_index, t, len(groups))
+            # In the last block only the last position matters: a patch at t < last is moot.
+            final_block = block_index == n_layers - 1
+            block_hooks = [] if final_block and not last else self._patches(
+                block_index, t, kind, groups[:joined], sever)
+            prefix = self._prefix(block_index, t, joined)
             if self.fast is not None:
-                residual = self.fast(block_index, residual, prefix, block_hooks)
+                mlp_first = None  # a restored MLP output at t need not be computed
+                if kind == "mlp" and block_hooks and not final_block:
+                    mlp_first = self._restored_mlp(block_index, t, groups[:joined])
+                    block_hooks = [h for h in block_hooks if h[0] != adapter.hook_name(
+                        "mlp", block_index)]
+                residual = self.fast(block_index, residual, prefix, block_hooks,
+                                     last_only=final_block, mlp_first=mlp_first)
                 continue
             entry = None if prefix is None else TransformerLensKeyValueCacheEntry(
                 past_keys=prefix[0], past_values=prefix[1], frozen=True)
             with hooks.attached(model, block_hooks):
                 residual = model.blocks[block_index](residual, past_kv_cache_entry=entry)
-        logits = model(residual[:, -1:], start_at_layer=n_layers)[:, -1]
-        per_row = self.score(logits).view(len(groups), samples).mean(1)
-        out = torch.empty(n_layers)
-        out[groups] = per_row.float().cpu()
-        return out
+        return residual[:, -1]
 
-    def _entering_stream(self, block_index: int, t: int, kind: str, n_groups: int) -> torch.Tensor:
-        """Residual stream entering ``block_index`` for restorations that start there."""
-        if block_index < self.adapter.n_layers:
-            stream = self.corrupted[f"blocks.{block_index}.hook_resid_pre"]
-        else:
-            stream = self.corrupted[self.adapter.hook_name("hidden", block_index - 1)]
-        new = stream[:, t:].to(self.dtype).repeat(n_groups, 1, 1)
+    def _patches(self, block_index: int, t: int, kind: str, groups: list[_Group],
+                 sever: str | None) -> list[hooks.Hook]:
+        """Hooks of one block: clean values for the groups it restores, corrupted for severing."""
+        adapter, samples = self.adapter, self.samples
+        block_hooks = []
+        patched = [g for g, group in enumerate(groups) if block_index in group.patched]
+        if patched and kind == HEAD:
+            name = adapter.hook_name(HEAD, block_index)
+            heads = [groups[g].head for g in patched for _ in range(samples)]
+            block_hooks.append(hooks.patch_head(name, self.clean[name][0, t], 0, heads,
+                                                rows=_group_rows(patched, samples)))
+        elif patched:
+            name = adapter.hook_name(kind, block_index)
+            rows = _group_rows(patched, samples)
+            block_hooks.append(hooks.patch(name, self.clean[name][0, t], 0, rows=rows))
+        if sever is not None:
+            name = adapter.hook_name(sever, block_index)
+            frozen = self.corrupted[name][:, t].repeat(len(groups), 1)
+            block_hooks.append(hooks.patch(name, frozen[:, None], 0))
+        return block_hooks
+
+    def _restored_mlp(self, block_index: int, t: int, groups: list[_Group]
+                      ) -> tuple[slice, torch.Tensor] | None:
+        """The rows whose MLP output at ``t`` is restored in this block, and that clean output."""
+        patched = [g for g, group in enumerate(groups) if block_index in group.patched]
+        if not patched:
+            return None
+        name = self.adapter.hook_name("mlp", block_index)
+        return _group_rows(patched, self.samples), self.clean[name][0, t]
+
+    def _entering_stream(self, block_index: int, t: int, kind: str, groups: list[_Group]
+                         ) -> Float[torch.Tensor, "rows pos d_model"]:
+        """Residual stream entering ``block_index`` (positions ``t..``) for ``groups``, which start there.
+
+        A hidden-state restoration enters with the clean state at ``t``.  A
+        window or head restoration skipping its first patched block ``a``
+        (``start == a + 1``) enters with the corrupted stream after ``a``,
+        corrected at ``t``: in block ``a`` the other positions see only
+        corrupted inputs, so they compute what the corrupted run did.
+        """
+        adapter = self.adapter
+        stream = self.corrupted[f"blocks.{block_index}.hook_resid_pre"] if (
+            block_index < adapter.n_layers) else self.corrupted[
+            adapter.hook_name("hidden", block_index - 1)]
+        new = stream[:, t:].repeat(len(groups), 1, 1)
         if kind == "hidden":  # restoring the output of the block just before
-            new[:, 0] = self.clean[self.adapter.hook_name("hidden", block_index - 1)][0, t]
-        return new
+            new[:, 0] = self.clean[adapter.hook_name("hidden", block_index - 1)][0, t]
+        elif groups[0].start != groups[0].patched.start:  # the shortcut over block a
+            a = block_index - 1
+            clean, corrupted = self.clean, self.corrupted
+            if kind == "mlp":  # the MLP output at t is the clean one, the rest as corrupted
+                name = adapter.hook_name("mlp", a)
+                new[:, 0] += (clean[name][0, t] - corrupted[name][:, t]).repeat(len(groups), 1)
+            else:  # attention output at t changes: recompute the MLP of block a at t
+                before = corrupted[f"blocks.{a}.hook_resid_pre"][:, t].repeat(len(groups), 1)
+                if kind == "attn":
+                    attn = clean[adapter.hook_name("attn", a)][0, t].expand_as(before)
+                else:
+                    attn = self._attn_out_with_heads(a, t, [g.head for g in groups])
+                middle = (before + attn).to(self.dtype)
+                new[:, 0] = self.fast.mlp_residual(a, middle[:, None])[:, 0].to(new.dtype)
+        return new.to(self.dtype)
+
+    def _attn_out_with_heads(self, layer: int, t: int, heads: list[int]
+                             ) -> Float[torch.Tensor, "rows d_model"]:
+        """Corrupted attention output at ``t`` with one head's ``z`` clean, for each head (x samples)."""
+        name = self.adapter.hook_name(HEAD, layer)
+        corrupted_z, clean_z = self.corrupted[name][:, t], self.clean[name][0, t]  # [.., head, d_head]
+        z = corrupted_z.repeat(len(heads), 1, 1)
+        rows = torch.arange(len(z))
+        per_row = torch.tensor(heads).repeat_interleave(self.samples)
+        z[rows, per_row] = clean_z[per_row]
+        w_o = self.model.blocks[layer].attn.W_O.float()  # [head, d_head, d_model]
+        change = torch.einsum("rhd,hdm->rm", z - corrupted_z.repeat(len(heads), 1, 1), w_o)
+        return self.corrupted[self.adapter.hook_name("attn", layer)][:, t].repeat(
+            len(heads), 1) + change
 
     def _prefix(self, block_index: int, t: int, n_groups: int):
         """Corrupted keys and values of positions before ``t``, one copy per group."""
@@ -499,4 +635,3 @@ def trace_all(model: HookedTransformer, prompt: str, subject: str, kinds: Sequen
     """``trace`` for several kinds with the same noise: ``{kind: result}``."""
     results = trace_many(model, prompt, subject, [(kind, None, None) for kind in kinds], **kwargs)
     return dict(zip(kinds, results))
-

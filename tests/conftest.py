@@ -20,6 +20,19 @@ TRAINING_TEXT = [
 ] * 5
 
 
+@pytest.fixture(autouse=True)
+def threads_for_the_model_size(request):
+    """Tiny models: one thread (their tensors are too small to split, and spinning threads
+    lose badly on a shared CPU); embedded-model tests keep torch's default."""
+    if request.node.get_closest_marker("embedded"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A byte-level BPE tokenizer trained here in a second (no download)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lens_rome import locate_subject, trace
+from lens_rome import locate_subject, trace, tracing
 from lens_rome.hooks import Replacement
 from reference import reference_trace
 
@@ -69,3 +69,45 @@ def test_trace_matches_paper_algorithm_on_smollm(smollm, kind, sever):
     # "iffel", the last subject token and the last token.
     _compare(smollm, "The Eiffel Tower is in the city of", "Eiffel Tower", kind, sever,
              samples=2, window=10, scale=0.5, positions=[1, 2, 3, 8])
+
+
+@pytest.mark.parametrize("kind,sever", [("mlp", None), ("attn", None), ("hidden", "mlp")])
+def test_transformer_lens_blocks_match_paper_algorithm_too(tiny_llama, kind, sever, monkeypatch):
+    # The path a model with hooks attached (or without a lean block) takes.
+    monkeypatch.setattr(tracing, "unsupported_reason", lambda model: "forced off")
+    _compare(tiny_llama, "Where is The Eiffel Tower? It is in the city of", "The Eiffel Tower",
+             kind, sever)
+
+
+@pytest.mark.parametrize("architecture", ["tiny_gpt2", "tiny_llama"])
+def test_head_restoration_equals_a_hand_written_hook_on_hook_z(architecture, request):
+    model = request.getfixturevalue(architecture)
+    prompt, subject = "Where is The Eiffel Tower? It is in the city of", "The Eiffel Tower"
+    tokens, (start, end) = locate_subject(model, prompt, subject)
+    noise = torch.randn(3, end - start, model.cfg.d_model,
+                        generator=torch.Generator().manual_seed(5))
+    result = trace(model, prompt, subject, "head", samples=3, noise=noise)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    assert result.scores.shape == (tokens.shape[1], n_layers, n_heads)
+    _, clean = model.run_with_cache(tokens)
+
+    def corrupt(embed, hook):
+        embed[:, start:end] += noise
+        return embed
+
+    deviations = []
+    for position in (start, end - 1, tokens.shape[1] - 1):
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                name = f"blocks.{layer}.attn.hook_z"
+
+                def restore(z, hook, position=position, head=head, name=name):
+                    z[:, position, head] = clean[name][0, position, head]
+                    return z
+
+                with torch.no_grad():
+                    logits = model.run_with_hooks(
+                        tokens.expand(3, -1), fwd_hooks=[("hook_embed", corrupt), (name, restore)])
+                expected = torch.softmax(logits[:, -1].float(), -1)[:, result.answer_token].mean()
+                deviations.append(abs(float(expected) - float(result.scores[position, layer, head])))
+    assert max(deviations) < TOLERANCE, f"largest deviation {max(deviations):.2e}"

@@ -1,5 +1,6 @@
 """The lean Llama block equals TransformerLens' block, and the engine uses it only where it may."""
 
+
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,19 @@ from lens_rome import hooks, tracing
 from lens_rome.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 
 PROMPT, SUBJECT = "The Space Needle is in downtown", "The Space Needle"
+
+
+
+def assert_float32_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """The same function in float32: equal to 1e-5 of the activations' scale.
+
+    The lean block and TransformerLens' differ only in rounding (fused matrices
+    sum in another order); the tiny models' activations reach ~50, where one
+    float32 step is 4e-6, so the bound is relative to their largest value.
+    """
+    scale = float(expected.abs().max())
+    deviation = float((got - expected).abs().max())
+    assert deviation <= 1e-5 * max(scale, 1.0), f"deviation {deviation:.2e} at scale {scale:.1f}"
 
 
 def test_block_equals_transformer_lens_block_with_prefix_and_patches(tiny_llama):
@@ -31,7 +45,7 @@ def test_block_equals_transformer_lens_block_with_prefix_and_patches(tiny_llama)
         got = fast(layer, resid, (fast.rotated_keys(layer, keys), values), [patch_attn, patch_mlp])
         plain = fast(layer, resid, (fast.rotated_keys(layer, keys), values))
 
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert_float32_equal(got, expected)
     assert not torch.allclose(plain, got)  # the patches did something
 
 
@@ -41,8 +55,7 @@ def test_block_without_prefix_equals_transformer_lens_block(tiny_llama):
     resid = torch.randn(2, 7, tiny_llama.cfg.d_model)
     with torch.no_grad():
         for layer in range(tiny_llama.cfg.n_layers):
-            torch.testing.assert_close(fast(layer, resid), tiny_llama.blocks[layer](resid),
-                                       rtol=1e-4, atol=1e-4)
+            assert_float32_equal(fast(layer, resid), tiny_llama.blocks[layer](resid))
 
 
 def test_unsupported_models_and_hooks_are_named(tiny_gpt2, tiny_llama):
@@ -50,7 +63,7 @@ def test_unsupported_models_and_hooks_are_named(tiny_gpt2, tiny_llama):
     assert "RMSNorm" in reason and "rotary" in reason and "gated SiLU MLP" in reason
     with pytest.raises(ValueError, match="does not support this model"):
         FastBlocks(tiny_gpt2)
-    with pytest.raises(ValueError, match="only has blocks.0.hook_attn_out"):
+    with pytest.raises(ValueError, match="only has blocks.0.attn.hook_z, blocks.0.hook_attn_out"):
         FastBlocks(tiny_llama)(0, torch.zeros(1, 1, 64), hooks=[("blocks.0.hook_resid_post", None)])
     assert unsupported_reason(tiny_llama) is None and not has_user_hooks(tiny_llama)
     with tiny_llama.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda a, hook: a)]):
@@ -84,13 +97,73 @@ def test_bf16_trace_takes_the_fast_path_and_agrees_with_transformer_lens(tiny_ll
         assert (fast[kind].scores - slow[kind].scores).abs().max() < 0.02
 
 
-def test_float32_traces_and_user_hooks_keep_transformer_lens_blocks(tiny_llama, monkeypatch):
+def test_float32_traces_take_the_fast_path_exactly_and_user_hooks_keep_transformer_lens(
+        tiny_llama, monkeypatch):
     calls = _spy_fast_calls(monkeypatch)
-    tracing.trace(tiny_llama, PROMPT, SUBJECT, "mlp", samples=2, window=3)
-    assert not calls
+    fast = tracing.trace_all(tiny_llama, PROMPT, SUBJECT, samples=2, window=3)
+    assert calls and all(r.meta["blocks"] == "lens_rome.fast_blocks" for r in fast.values())
+    assert all(r.meta["precision"] == "float32" for r in fast.values())
+    monkeypatch.setattr(tracing, "unsupported_reason", lambda model: "forced off")
+    slow = tracing.trace_all(tiny_llama, PROMPT, SUBJECT, samples=2, window=3)
+    for kind in tracing.KINDS:
+        assert slow[kind].meta["blocks"] == "transformer_lens"
+        torch.testing.assert_close(fast[kind].scores, slow[kind].scores)
+    monkeypatch.undo()
+    calls = _spy_fast_calls(monkeypatch)
     ablate = ("blocks.1.hook_mlp_out", lambda activation, hook: activation * 0)
     with tiny_llama.hooks(fwd_hooks=[ablate]):
-        hooked = tracing.trace(tiny_llama, PROMPT, SUBJECT, "hidden", samples=2, bf16=True)
-    assert not calls
-    plain = tracing.trace(tiny_llama, PROMPT, SUBJECT, "hidden", samples=2, bf16=True)
-    assert calls and not torch.allclose(hooked.scores, plain.scores)
+        hooked = tracing.trace(tiny_llama, PROMPT, SUBJECT, "hidden", samples=2)
+    assert not calls and hooked.meta["blocks"] == "transformer_lens"
+    assert not torch.allclose(hooked.scores, fast["hidden"].scores)
+
+
+def test_last_only_gives_the_last_position_of_a_full_block(tiny_llama):
+    torch.manual_seed(3)
+    fast = FastBlocks(tiny_llama)
+    resid = torch.randn(3, 5, tiny_llama.cfg.d_model)
+    keys, values = torch.randn(2, 3, 4, 2, 16).unbind(0)
+    prefix = (fast.rotated_keys(4, keys), values)
+    with torch.no_grad():
+        full = fast(4, resid, prefix)
+        last = fast(4, resid, prefix, last_only=True)
+    assert last.shape == (3, 1, tiny_llama.cfg.d_model)
+    assert_float32_equal(last, full[:, -1:])
+
+
+def test_rows_of_different_layouts_in_one_padded_batch(tiny_llama):
+    """Per-row positions and masks give each row what it gets alone (ROME's one batch)."""
+    torch.manual_seed(4)
+    fast, d_model = FastBlocks(tiny_llama), tiny_llama.cfg.d_model
+    layouts = [(0, 3), (2, 4), (5, 2)]  # (prefix length, positions computed)
+    alone, n_prefix, n_pos = [], 5, 4
+    keys = torch.zeros(3, n_prefix, 2, 16)
+    values = torch.zeros(3, n_prefix, 2, 16)
+    resid = torch.zeros(3, n_pos, d_model)
+    positions = torch.zeros(3, n_pos, dtype=torch.long)
+    mask = torch.zeros(3, 1, n_pos, n_prefix + n_pos, dtype=torch.bool)
+    with torch.no_grad():
+        for row, (p, n) in enumerate(layouts):
+            x, k, v = torch.randn(1, n, d_model), torch.randn(1, p, 2, 16), torch.randn(1, p, 2, 16)
+            k = fast.rotated_keys(1, k)
+            alone.append(fast(1, x, (k, v) if p else None)[0])
+            keys[row, :p], values[row, :p], resid[row, :n] = k[0], v[0], x[0]
+            positions[row] = p + torch.arange(n_pos)
+            mask[row, :, :, :p] = True
+            mask[row, :, :, n_prefix:] = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
+        together = fast(1, resid, (keys, values), positions=positions, mask=mask)
+    for row, (p, n) in enumerate(layouts):
+        assert_float32_equal(together[row, :n], alone[row])
+
+
+def test_a_given_mlp_output_equals_patching_it(tiny_llama):
+    """``mlp_first`` skips computing what a restoration overwrites, with the same result."""
+    torch.manual_seed(5)
+    fast, d_model = FastBlocks(tiny_llama), tiny_llama.cfg.d_model
+    resid, value = torch.randn(6, 4, d_model), torch.randn(d_model)
+    rows = slice(2, 4)
+    patch = hooks.patch("blocks.3.hook_mlp_out", value, 0, rows=rows)
+    with torch.no_grad():
+        for n_pos in (4, 1):
+            expected = fast(3, resid[:, :n_pos], hooks=[patch])
+            got = fast(3, resid[:, :n_pos], mlp_first=(rows, value))
+            assert_float32_equal(got, expected)

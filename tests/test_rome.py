@@ -220,6 +220,32 @@ def test_edit_errors(tiny):
     assert rome.applied_edits(model) == []
 
 
+def test_edit_longer_than_the_context_is_refused(tiny_llama):
+    long_prompt = "{} is located" + " in the city" * 30 + " of"
+    with pytest.raises(ValueError, match="the edit prompt 'The Eiffel Tower is located in the "
+                                         "city.* is [0-9]+ tokens long, but tiny accepts at "
+                                         "most 64 tokens"):
+        rome.edit(tiny_llama, {**REQUEST, "prompt": long_prompt}, layer=2,
+                  stats=torch.eye(128, dtype=torch.float64), **FAST)
+    assert rome.applied_edits(tiny_llama) == []
+
+
+def test_one_batch_of_lean_blocks_equals_transformer_lens_layouts(tiny_llama):
+    """The v* loop's padded single batch computes what the per-layout runs do."""
+    stats = torch.eye(tiny_llama.cfg.d_mlp, dtype=torch.float64)
+    results = {}
+    for lean in (True, False):
+        with rome.edited(tiny_llama, REQUEST, layer=2, stats=stats, lean_blocks=lean,
+                         v_steps=4, n_prefixes=6) as change:
+            results[lean] = change
+    assert results[True].info["blocks"] == "lens_rome.fast_blocks"
+    assert results[False].info["blocks"] == "transformer_lens"
+    for a, b in zip(results[True].info["v_history"], results[False].info["v_history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    right_lean, right_tl = results[True].right, results[False].right
+    assert float((right_lean - right_tl).norm() / right_tl.norm()) < 1e-4
+
+
 @pytest.mark.parametrize("lookup", ["subject_first", "last", 1])
 def test_lookup_strategies_run(tiny_llama, tmp_path, lookup):
     stats = key_statistics(tiny_llama, 2, CORPUS, samples=20, token_length=16,

@@ -97,12 +97,19 @@ def test_save_and_load_round_trip(tiny_llama, tmp_path):
         (dict(subject=""), "subject must be a non-empty string"),
         (dict(samples=0), "samples must be an integer >= 1, got 0"),
         (dict(window=0), "window must be an integer >= 1, got 0"),
-        (dict(kind="mlps"), "unknown kind 'mlps'; expected one of \\['hidden', 'mlp', 'attn'\\]"),
+        (dict(kind="mlps"), "unknown kind 'mlps'; expected one of \\['hidden', 'mlp', 'attn', "
+                            "'head'\\]"),
         (dict(metric="logit"), "unknown metric 'logit'"),
         (dict(sever="embed"), "sever must be None, 'mlp' or 'attn'"),
         (dict(kind="mlp", sever="mlp"), "sever applies to hidden-state traces"),
         (dict(target=""), "target must be a non-empty string"),
-        (dict(noise=-1.0), "noise level must be >= 0"),
+        (dict(noise=-1.0), "noise level must be a finite number >= 0"),
+        (dict(noise=float("nan")), "noise level must be a finite number >= 0 .*, got nan"),
+        (dict(noise=float("inf")), "noise level must be a finite number >= 0 .*, got inf"),
+        (dict(noise=Gaussian(scale=float("nan"))), "noise rule .* drew NaN or infinite values"),
+        (dict(prompt=SUBJECT + " is" + " in Seattle" * 40),
+         "prompt 'The Space Needle is in Seattle.* is [0-9]+ tokens long, but tiny accepts at "
+         "most 64 tokens \\(its context length\\); shorten it by [0-9]+ tokens"),
         (dict(noise=torch.zeros(2, 1, 64)), "noise tensor has shape \\(2, 1, 64\\); expected"),
     ],
 )
@@ -110,6 +117,15 @@ def test_bad_input_is_named(tiny_gpt2, kwargs, message):
     arguments = dict(prompt=PROMPT, subject=SUBJECT, samples=2) | kwargs
     with pytest.raises(ValueError, match=message):
         trace(tiny_gpt2, arguments.pop("prompt"), arguments.pop("subject"), **arguments)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_noise_tensor_must_be_finite(tiny_gpt2, bad):
+    _, (start, end) = locate_subject(tiny_gpt2, PROMPT, SUBJECT)
+    noise = torch.randn(2, end - start, 64)
+    noise[1, 0, 5] = bad
+    with pytest.raises(ValueError, match="noise tensor has 1 NaN or infinite values of"):
+        trace(tiny_gpt2, PROMPT, SUBJECT, samples=2, noise=noise)
 
 
 def test_noise_of_wrong_type(tiny_gpt2):

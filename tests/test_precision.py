@@ -1,0 +1,77 @@
+"""Precision follows the hardware: bfloat16 only where it is fast, reported wherever it ran."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lens_rome import precision, rome, trace
+
+PROMPT, SUBJECT = "The Space Needle is in downtown", "The Space Needle"
+
+
+@pytest.fixture
+def bf16_slow(monkeypatch):
+    """Pretend this CPU has no bf16 units (whatever it really has)."""
+    monkeypatch.setitem(precision._FAST, "cpu", False)
+    monkeypatch.setitem(precision._PROBES, "cpu", {"bf16_fast": False, "rule": "pretended"})
+    monkeypatch.setattr(precision, "_WARNED", set())
+
+
+@pytest.fixture
+def bf16_fast(monkeypatch):
+    monkeypatch.setitem(precision._FAST, "cpu", True)
+    monkeypatch.setitem(precision._PROBES, "cpu", {"bf16_fast": True, "rule": "pretended"})
+
+
+def test_the_probe_measures_once_and_says_why():
+    first = precision.probe_report()
+    assert isinstance(first["bf16_fast"], bool) and first["rule"]
+    assert "cpu_capability" in first and "bf16_gflops_128" in first
+    assert precision.bf16_is_fast() is first["bf16_fast"]
+    assert precision.probe_report() == first  # cached for the process
+
+
+def test_auto_follows_the_probe(bf16_slow):
+    assert precision.resolve_bf16(None) is False
+    assert precision.resolve_bf16("auto") is False
+    assert precision.resolve_bf16(False) is False
+
+
+def test_auto_takes_bf16_where_it_is_fast(bf16_fast):
+    assert precision.resolve_bf16(None) is True
+
+
+def test_explicit_bf16_on_a_slow_cpu_runs_but_warns_once(bf16_slow):
+    with pytest.warns(RuntimeWarning, match="no fast bfloat16 .*pretended.*far slower"):
+        assert precision.resolve_bf16(True, what="a test") is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.resolve_bf16(True) is True  # no second warning
+
+
+def test_bad_setting_is_named():
+    with pytest.raises(ValueError, match="bf16 must be True, False, None or 'auto', got 'yes'"):
+        precision.resolve_bf16("yes")
+
+
+def test_trace_reports_the_precision_that_ran(tiny_llama, bf16_fast):
+    assert trace(tiny_llama, PROMPT, SUBJECT, samples=2).meta["precision"] == "float32"
+    auto = trace(tiny_llama, PROMPT, SUBJECT, samples=2, bf16="auto")
+    assert auto.meta["precision"] == "bfloat16" and auto.meta["bf16"] is True
+
+
+def test_rome_defaults_to_float32_where_bf16_is_slow(tiny_llama, bf16_slow):
+    hp = rome.RomeHyperParams.for_model("smollm2-135m")
+    assert hp.bf16 is None  # no default assumes the hardware
+    request = {"prompt": "{} is in downtown", "subject": "The Space Needle",
+               "target_new": " Paris"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 chosen silently
+        change = rome.edit(tiny_llama, request, layer=2, v_steps=2, n_prefixes=2,
+                           stats=torch.eye(tiny_llama.cfg.d_mlp, dtype=torch.float64))
+    change.revert()
+    assert change.info["precision"] == "float32"
+    assert change.info["blocks"] == "lens_rome.fast_blocks"
