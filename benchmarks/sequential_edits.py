@@ -7,26 +7,29 @@ sequential edits need 200 cases, so every fact with paraphrases and neighbours
 is a candidate (``only_correct=False``), and a case is kept when the unedited
 model prefers its true object to the new one on the rewrite prompt (mean token
 log-probability, the efficacy measure), so that every edit has something to
-change; the unedited model's scores over the same cases are printed next to the
-edited ones.
+change; the verdicts are kept in ``OUT/prefer_true.json``.
 
 For each method, :func:`lens_rome.evaluation.evaluate` with ``sequential=True``
 and ``batch_size=1`` applies the first ``--n`` cases one after another without
-reverting, and after 1, 10, 50, 100 and 200 edits measures every case edited so
-far: efficacy, paraphrase and neighbourhood scores, and fluency (generation
-entropy of the cases' generation prompts, ``--max-new-tokens`` each), next to the
-unedited model's measures of the same cases (cached once in ``OUT/original``).
-Then one batch of ``--batch`` edits with MEMIT (the first ``--batch`` cases).
-Everything is written as it finishes (``OUT/<method>/``: each edit, each
-checkpoint); rerun the same command to resume.
+reverting, and after each of ``--checkpoints`` (default 1, 10, 50, 100, 200)
+measures at most ``--sample`` of the cases edited so far (a seeded sample; all of
+them while there are fewer): efficacy, paraphrase and neighbourhood scores, and
+fluency (generation entropy of the measured cases' two generation prompts,
+``--max-new-tokens`` each), next to the unedited model's measures of the same
+cases (cached once in ``OUT/original``).  ``--batch N``: one batch of the first
+``N`` cases with MEMIT.  Everything is written as it finishes (``OUT/<method>/``:
+each edit, each checkpoint); rerun the same command to resume, or with a larger
+``--n`` (and its checkpoint) to extend a finished run.  The table is printed from
+every finished run in ``OUT``.
 
 Prints a markdown table and writes ``OUT/table.json`` and the plot
 (``--plot``, default docs/figures/sequential_edits_smollm2-135m.png).
 
-Run: ``.venv/bin/python benchmarks/sequential_edits.py --out runs/sequential --threads 2``
-(hours on a 2-core CPU: about 800 edits, each a v* optimisation).  ``--choose``
-instead prints the development sweep behind MEMIT's ``mom2_weight`` and
-AlphaEdit's null-space threshold, on other cases (``--dev-start`` on).
+Run: ``.venv/bin/python benchmarks/sequential_edits.py --out runs/sequential --threads 1``
+(hours on a 2-core CPU: about 800 edits, each a v* optimisation of 20-30 s on a
+busy 2-core machine; split it with ``--methods``, ``--n`` and ``--batch 0``).
+``--choose`` instead prints the development sweep behind MEMIT's ``mom2_weight``
+and AlphaEdit's null-space threshold, on other cases (``--dev-start`` on).
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ CHECKPOINTS = (1, 10, 50, 100, 200)
 OPTIONS = {"bf16": False}
 
 
-def load(args):
+def load(args, n: int | None = None):
+    """The model and the first ``n`` cases (all if None) the unedited model gets right."""
     from lens_rome import load_model
     from lens_rome.datasets import build_counterfact
 
@@ -60,22 +64,32 @@ def load(args):
         model = load_model(args.model)
     cases = build_counterfact(args.facts, None, only_correct=False, seed=args.seed,
                               generation_prompts=2)
-    return model, prefer_true(model, cases)
+    return model, prefer_true(model, cases, n, Path(args.out) / "prefer_true.json")
 
 
-def prefer_true(model, cases):
-    """The cases whose rewrite prompt the unedited model continues with o rather than o*."""
+def prefer_true(model, cases, n: int | None, path: Path):
+    """The first ``n`` cases whose rewrite prompt the unedited model continues with o rather
+    than o*; the verdicts are kept in ``path`` so that later runs only look at new cases."""
     from lens_rome.rome import target_log_probs
 
-    kept = []
+    verdicts = json.loads(path.read_text()) if path.exists() else {}
+    kept, looked = [], 0
     for case in cases:
-        request = case.request
-        lp = target_log_probs(model, [case.rewrite_prompt],
-                              [request.target_true, request.target_new])[0]
-        if lp[0] > lp[1]:
+        if n is not None and len(kept) == n:
+            break
+        key = str(case.case_id)
+        if key not in verdicts:
+            request = case.request
+            lp = target_log_probs(model, [case.rewrite_prompt],
+                                  [request.target_true, request.target_new])[0]
+            verdicts[key] = bool(lp[0] > lp[1])
+        looked += 1
+        if verdicts[key]:
             kept.append(case)
-    print(f"{len(kept)} of {len(cases)} cases: the unedited model prefers the true object",
-          flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(verdicts))
+    print(f"{len(kept)} of the first {looked} cases: the unedited model prefers the true "
+          f"object", flush=True)
     return kept
 
 
@@ -86,38 +100,42 @@ def cell(value, digits=1) -> str:
 def run(args) -> None:
     from lens_rome.evaluation import evaluate
 
-    model, cases = load(args)
-    cases = cases[:args.n]
     out = Path(args.out)
-    marks = sorted({c for c in args.checkpoints if c <= len(cases)} | {len(cases)})
-    print(f"model {args.model}, torch threads {torch.get_num_threads()}, {len(cases)} cases "
-          f"(seed {args.seed}), checkpoints {marks}, {args.max_new_tokens} generated tokens x "
-          f"2 prompts per case", flush=True)
-    results, seconds = {}, {}
+    if args.methods or args.batch:
+        model, every = load(args, max(args.n, args.batch))
+        cases = every[:args.n]
+        marks = sorted({c for c in args.checkpoints if c <= len(cases)} | {len(cases)})
+        print(f"model {args.model}, torch threads {torch.get_num_threads()}, {len(cases)} "
+              f"cases (seed {args.seed}), checkpoints {marks}, at most {args.sample} cases "
+              f"measured per checkpoint, {args.max_new_tokens} generated tokens x 2 prompts "
+              f"per measured case", flush=True)
     for method in args.methods:
         start = time.perf_counter()
-        results[method] = evaluate(model, cases, method, out / method, sequential=True,
-                                   checkpoints=marks, max_new_tokens=args.max_new_tokens,
-                                   seed=args.seed, method_options=OPTIONS,
-                                   original_dir=out / "original", progress=args.progress)
-        seconds[method] = time.perf_counter() - start
-        print(f"{method}: done ({seconds[method]:.0f} s this run)", flush=True)
-    batch = None
+        evaluate(model, cases, method, out / method, sequential=True, checkpoints=marks,
+                 checkpoint_sample=args.sample, max_new_tokens=args.max_new_tokens,
+                 seed=args.seed, method_options=OPTIONS, original_dir=out / "original",
+                 progress=args.progress)
+        print(f"{method}: done ({time.perf_counter() - start:.0f} s this run)", flush=True)
     if args.batch:
         start = time.perf_counter()
-        batch = evaluate(model, cases[:args.batch], "memit", out / f"memit-batch{args.batch}",
-                         batch_size=args.batch, max_new_tokens=args.max_new_tokens,
-                         seed=args.seed, method_options=OPTIONS, progress=args.progress)
+        evaluate(model, every[:args.batch], "memit", out / f"memit-batch{args.batch}",
+                 batch_size=args.batch, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                 method_options=OPTIONS, progress=args.progress)
         print(f"memit batch of {args.batch}: done ({time.perf_counter() - start:.0f} s this run)",
               flush=True)
-    report(results, batch, args, out)
+    # the table: every finished run in OUT, whichever invocation made it
+    results = {m: json.loads((out / m / "summary.json").read_text()) for m in METHODS
+               if (out / m / "summary.json").exists()}
+    batches = sorted((json.loads(p.read_text()) for p in out.glob("memit-batch*/summary.json")),
+                     key=lambda b: b["n_edits"])
+    report(results, batches, args, out)
 
 
-def report(results: dict, batch: dict | None, args, out: Path) -> None:
+def report(results: dict, batches: list[dict], args, out: Path) -> None:
     rows = []
-    print("\n| method | edits | S | ES | PS | NS | fluency | unedited fluency | fluency change "
-          "| mean update norm |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| method | edits | cases measured | S | ES | PS | NS | fluency | unedited fluency "
+          "| fluency change | mean update norm |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for method, summary in results.items():
         norms = summary["update_norms"]
         for point in summary["checkpoints"]:
@@ -125,33 +143,36 @@ def report(results: dict, batch: dict | None, args, out: Path) -> None:
             change = None if e["fluency"] is None or not o["fluency"] else \
                 100 * (e["fluency"] - o["fluency"]) / o["fluency"]
             norm = sum(norms[:n]) / n
-            rows.append({"method": method, "n_edits": n, **{k: e[k] for k in (
+            rows.append({"method": method, "n_edits": n, "measured": point.get("measured"),
+                         **{k: e[k] for k in (
                 "score", "efficacy_score", "paraphrase_score", "neighborhood_score",
                 "fluency")}, "unedited_fluency": o["fluency"], "fluency_change": change,
                 "unedited_score": o["score"], "unedited_neighborhood": o["neighborhood_score"],
                 "mean_update_norm": norm})
-            print(f"| {LABELS.get(method, method)} | {n} | {cell(e['score'])} | "
+            print(f"| {LABELS.get(method, method)} | {n} | {point.get('measured', n)} | "
+                  f"{cell(e['score'])} | "
                   f"{cell(e['efficacy_score'])} | {cell(e['paraphrase_score'])} | "
                   f"{cell(e['neighborhood_score'])} | {cell(e['fluency'])} | "
                   f"{cell(o['fluency'])} | {cell(change)}% | {norm:.2f} |")
     if results:
         o = next(iter(results.values()))["original"]
-        print(f"| unedited | 0 | {cell(o['score'])} | {cell(o['efficacy_score'])} | "
+        print(f"| unedited | 0 | {o['n']} | {cell(o['score'])} | {cell(o['efficacy_score'])} | "
               f"{cell(o['paraphrase_score'])} | {cell(o['neighborhood_score'])} | "
               f"{cell(o['fluency'])} | | | |")
-    if batch is not None:
+    for batch in batches:
         print(f"\nMEMIT, one batch of {batch['n_edits']} edits: S {cell(batch['score'])}, "
               f"ES {cell(batch['efficacy_score'])}, PS {cell(batch['paraphrase_score'])}, "
               f"NS {cell(batch['neighborhood_score'])}, fluency {cell(batch['fluency'])}, "
               f"update norm {batch['update_norms'][0]:.2f}")
-    last = [r for r in rows if r["n_edits"] == max(x["n_edits"] for x in rows)] if rows else []
+    last = [max((r for r in rows if r["method"] == m), key=lambda r: r["n_edits"])
+            for m in results]
     for r in last:
         good = (r["score"] or 0) >= 80 and r["fluency_change"] is not None and \
             abs(r["fluency_change"]) <= 5
         print(f"after {r['n_edits']} edits, {LABELS.get(r['method'], r['method'])}: score "
               f"{cell(r['score'])} (goal >= 80), fluency change {cell(r['fluency_change'])}% "
               f"(goal within 5%): {'met' if good else 'not met'}")
-    (out / "table.json").write_text(json.dumps({"rows": rows, "batch": batch}, indent=1))
+    (out / "table.json").write_text(json.dumps({"rows": rows, "batches": batches}, indent=1))
     if rows and args.plot:
         plot(rows, Path(args.plot), args)
 
@@ -223,7 +244,7 @@ def choose(args) -> None:
     from lens_rome.evaluation import measure_cases, summarize
     from lens_rome.statistics import key_statistics
 
-    model, cases = load(args)
+    model, cases = load(args, args.dev_start + args.dev_n)
     dev = cases[args.dev_start:args.dev_start + args.dev_n]
     print(f"{len(dev)} development cases (positions {args.dev_start}.."
           f"{args.dev_start + len(dev) - 1} of the seeded list; the benchmark uses the first "
@@ -263,10 +284,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="sequential edits per method")
     parser.add_argument("--checkpoints", type=lambda t: [int(x) for x in t.split(",")],
                         default=list(CHECKPOINTS), help="default: 1,10,50,100,200")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
+                        help="sequential runs (none: only the batch and the table)")
     parser.add_argument("--batch", type=int, default=100,
                         help="one MEMIT batch of this many edits (0: none)")
-    parser.add_argument("--max-new-tokens", type=int, default=100,
+    parser.add_argument("--sample", type=int, default=20,
+                        help="cases measured per checkpoint: a seeded sample of those edited "
+                             "so far (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=40,
                         help="tokens generated per generation prompt (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="case order, targets, sampling")
     parser.add_argument("--threads", type=int, default=None)

@@ -96,6 +96,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoints", type=_counts, default=None, metavar="N1,N2,...",
                         help="with --sequential: also measure after these numbers of edits "
                              "(multiples of --batch-size)")
+    parser.add_argument("--checkpoint-sample", type=positive_int, default=None, metavar="N",
+                        help="with --sequential: measure at most N of the cases edited so far "
+                             "at each checkpoint, a seeded sample (default: all)")
     parser.add_argument("--original-dir", default=None, metavar="DIR",
                         help="with --sequential: where the unedited model's measures are "
                              "cached (default: OUT/original; runs over the same cases can "
@@ -129,6 +132,8 @@ def _run(args) -> int:
         raise ValueError(f"{args.method} edits several layers: give --layers, not --layer")
     if args.checkpoints is not None and not args.sequential:
         raise ValueError("--checkpoints needs --sequential")
+    if args.checkpoint_sample is not None and not args.sequential:
+        raise ValueError("--checkpoint-sample needs --sequential")
     model = load_model(args.model)
     options = {}
     if args.layer is not None and args.method != "none":
@@ -139,7 +144,8 @@ def _run(args) -> int:
                        max_new_tokens=args.max_new_tokens, seed=args.seed,
                        method_options=options, progress=True, batch_size=args.batch_size,
                        sequential=args.sequential, checkpoints=args.checkpoints,
-                       original_dir=args.original_dir)
+                       original_dir=args.original_dir,
+                       checkpoint_sample=args.checkpoint_sample)
     print(f"{args.method} on {summary['n']} {args.format} cases ({args.out}/summary.json):")
     for key, value in summary.items():
         if isinstance(value, (list, dict)):
@@ -152,11 +158,11 @@ def _run(args) -> int:
         print(f"  {'update norm per batch':24} mean {sum(norms) / len(norms):.3f}, "
               f"max {max(norms):.3f} ({len(norms)} batches)")
     if summary.get("sequential"):
-        print(f"\n  {'edits':>6} {'score':>7} {'efficacy':>9} {'paraphrase':>11} "
+        print(f"\n  {'edits':>6} {'cases':>6} {'score':>7} {'efficacy':>9} {'paraphrase':>11} "
               f"{'neighbourhood':>14} {'fluency':>8} {'unedited fluency':>17}")
         for point in summary["checkpoints"]:
             e, o = point["edited"], point["original"]
-            print(f"  {point['n_edits']:>6} {_shown(e['score']):>7} "
+            print(f"  {point['n_edits']:>6} {point['measured']:>6} {_shown(e['score']):>7} "
                   f"{_shown(e.get('efficacy_score', e.get('efficacy'))):>9} "
                   f"{_shown(e.get('paraphrase_score', e.get('paraphrase'))):>11} "
                   f"{_shown(e.get('neighborhood_score', e.get('specificity'))):>14} "

@@ -40,6 +40,7 @@ import functools
 import json
 import logging
 import math
+import random
 import re
 import time
 import zlib
@@ -490,6 +491,7 @@ def evaluate(
     sequential: bool = False,
     checkpoints: Sequence[int] | None = None,
     original_dir: str | Path | None = None,
+    checkpoint_sample: int | None = None,
 ) -> dict:
     """Evaluate ``method`` on ``cases``.
 
@@ -523,6 +525,12 @@ def evaluate(
             (multiples of ``batch_size``); the end is always measured.
         original_dir: where the unedited model's measures are cached (several
             sequential runs over the same cases can share it).
+        checkpoint_sample: with ``sequential``, measure at most this many of the
+            cases edited so far at each checkpoint (None: all of them), so that
+            a checkpoint's cost stays bounded.  The sample is the first cases of
+            one seeded permutation of ``cases`` that are already edited: the same
+            on a resumed run, and a case once in it stays in it at the later
+            checkpoints of the same size.
 
     Returns the summary (see :func:`summarize`) with ``n_edits``,
     ``batch_size``, ``sequential`` and ``update_norms`` (Frobenius norm of each
@@ -554,6 +562,13 @@ def evaluate(
     if not isinstance(sequential, bool):
         raise TypeError(f"sequential must be True or False, got {sequential!r}")
     marks = _checkpoints(checkpoints, batch_size, len(cases), sequential)
+    if checkpoint_sample is not None:
+        if not sequential:
+            raise ValueError("checkpoint_sample is for sequential runs; pass sequential=True")
+        if isinstance(checkpoint_sample, bool) or not isinstance(checkpoint_sample, int) \
+                or checkpoint_sample < 1:
+            raise ValueError(f"checkpoint_sample must be a positive integer or None, got "
+                             f"{checkpoint_sample!r}")
     editor = baselines.make_method(name, model, **(method_options or {})) \
         if isinstance(method, str) else method
 
@@ -567,6 +582,8 @@ def evaluate(
         settings.update(batch_size=batch_size, sequential=sequential)
     if sequential:
         settings.update(checkpoints=marks)
+        if checkpoint_sample is not None:  # runs without a sample keep their old run.json
+            settings.update(checkpoint_sample=checkpoint_sample)
     _check_run(out, settings)
     if fmt == "counterfact" and consistency is None and max_new_tokens > 0:
         try:
@@ -578,7 +595,8 @@ def evaluate(
                     consistency=consistency or None)
 
     if sequential:
-        return _evaluate_sequential(model, cases, editor, out, batch_size, marks, measures,
+        samples = checkpoint_samples(len(cases), marks, checkpoint_sample, seed)
+        return _evaluate_sequential(model, cases, editor, out, batch_size, samples, measures,
                                     Path(original_dir) if original_dir else out / ORIGINAL,
                                     fmt, progress)
     done = sum(case_path(out, c.case_id).exists() for c in cases)
@@ -633,6 +651,21 @@ def _checkpoints(checkpoints, batch_size: int, n_cases: int, sequential: bool) -
     return sorted({m for m in marks if m <= n_cases} | {n_cases})
 
 
+def checkpoint_samples(n_cases: int, marks: Sequence[int], size: int | None, seed: int = 0
+                       ) -> dict[int, list[int]]:
+    """For each checkpoint, the indices of the cases it measures (increasing).
+
+    All cases edited so far when ``size`` is None; else the first ``size`` of
+    them in one order of the cases seeded by ``seed`` (independent of ``n_cases``, so a
+    run extended to more cases keeps the samples of its earlier checkpoints).
+    """
+    if size is None:
+        return {n: list(range(n)) for n in marks}
+    # one random key per index, whatever n_cases is: a longer run keeps the shorter one's samples
+    order = sorted(range(n_cases), key=lambda i: random.Random(f"{seed}/{i}").random())
+    return {n: sorted([i for i in order if i < n][:size]) for n in marks}
+
+
 def _evaluate_batch(model, batch, editor, measures, index) -> list[dict]:
     """Edit a batch on the unedited model, measure its cases, revert."""
     start = time.perf_counter()
@@ -651,19 +684,24 @@ def _evaluate_batch(model, batch, editor, measures, index) -> list[dict]:
              "edit_seconds": edit_seconds, "seconds": seconds} for r in records]
 
 
-def _evaluate_sequential(model, cases, editor, out: Path, batch_size: int, marks: list[int],
-                         measures: dict, original_dir: Path, fmt: str, progress: bool) -> dict:
-    """Batches in order without reverting; measures at the checkpoints; reverts at the end."""
+def _evaluate_sequential(model, cases, editor, out: Path, batch_size: int,
+                         samples: dict[int, list[int]], measures: dict, original_dir: Path,
+                         fmt: str, progress: bool) -> dict:
+    """Batches in order without reverting; measures at the checkpoints (``samples``: the case
+    indices each measures); reverts at the end."""
+    marks = sorted(samples)
+    measured = sorted({i for indices in samples.values() for i in indices})
     _check_run(original_dir, {
         "format": fmt, "model": adapter_for(model).name, "fingerprint": model_fingerprint(model),
         **{k: v for k, v in measures.items() if k != "consistency"},
         "consistency": measures["consistency"] is not None})
-    missing = [c for c in cases if _read_record(case_path(original_dir, c.case_id)) is None]
+    missing = [cases[i] for i in measured
+               if _read_record(case_path(original_dir, cases[i].case_id)) is None]
     if missing:
         log.info("measuring the unedited model on %d cases", len(missing))
         for record in measure_cases(model, missing, progress=progress, **measures):
             _write_json(case_path(original_dir, record["case_id"]), record)
-    original = [_read_record(case_path(original_dir, c.case_id)) for c in cases]
+    original = {i: _read_record(case_path(original_dir, cases[i].case_id)) for i in measured}
 
     paths = {n: out / CHECKPOINTS / f"{n:06d}.json" for n in marks}
     metas = [_read_record(out / EDITS / f"{i:06d}.json")
@@ -683,11 +721,14 @@ def _evaluate_sequential(model, cases, editor, out: Path, batch_size: int, marks
             n_edits = index * batch_size + len(batch)
             if n_edits not in marks or _read_record(paths[n_edits]) is not None:
                 continue
-            records = measure_cases(model, cases[:n_edits], **measures)
-            for i, record in enumerate(records):
+            indices = samples[n_edits]
+            records = measure_cases(model, [cases[i] for i in indices], **measures)
+            for i, record in zip(indices, records):
                 record.update(method=editor.name, batch=i // batch_size, n_edits=n_edits)
-            stored = {"n_edits": n_edits, "summary": summarize(records),
-                      "original": summarize(original[:n_edits]), "records": records}
+            stored = {"n_edits": n_edits, "measured": len(records),
+                      "summary": summarize(records),
+                      "original": summarize([original[i] for i in indices]),
+                      "records": records}
             _write_json(paths[n_edits], stored)
             log.info("%s after %d edits: %s", editor.name, n_edits, stored["summary"])
     finally:
@@ -699,19 +740,21 @@ def _evaluate_sequential(model, cases, editor, out: Path, batch_size: int, marks
 
 
 def _sequential_summary(out: Path, cases, batch_size: int, marks: list[int],
-                        paths: dict[int, Path], metas: list[dict], original: list[dict]) -> dict:
+                        paths: dict[int, Path], metas: list[dict], original: dict[int, dict]
+                        ) -> dict:
     """``summary.json`` (and the final case files) of a finished sequential run."""
     checkpoints = []
     for n_edits in marks:
         stored = _read_record(paths[n_edits])
-        checkpoints.append({"n_edits": n_edits, "edited": stored["summary"],
-                            "original": stored["original"]})
+        checkpoints.append({"n_edits": n_edits,
+                            "measured": stored.get("measured", len(stored["records"])),
+                            "edited": stored["summary"], "original": stored["original"]})
     records = stored["records"]  # the last checkpoint: after every edit
     for record in records:
         _write_json(case_path(out, record["case_id"]), record)
     summary = {**summarize(records), "n_edits": len(cases), "batch_size": batch_size,
                "sequential": True, "update_norms": [m["update_norm"] for m in metas],
-               "checkpoints": checkpoints, "original": summarize(original)}
+               "checkpoints": checkpoints, "original": summarize(list(original.values()))}
     _write_json(out / SUMMARY, summary)
     return summary
 
@@ -763,15 +806,26 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _check_run(out: Path, settings: dict) -> None:
-    """Write ``run.json``, or check that an earlier run in ``out`` used the same settings."""
+    """Write ``run.json``, or check that an earlier run in ``out`` used the same settings.
+
+    A sequential run may be extended: the same settings with more checkpoints (all the
+    earlier ones among them) continue where the earlier run stopped.
+    """
     path = out / RUN
     stored = _read_record(path)
     if stored is not None:
-        if stored != json.loads(json.dumps(settings)):
+        now = json.loads(json.dumps(settings))
+        if stored != now and stored.get("sequential") and \
+                {**stored, "checkpoints": None} == {**now, "checkpoints": None} and \
+                set(stored.get("checkpoints") or ()) <= set(now.get("checkpoints") or ()):
+            log.info("%s: extending the run to the checkpoints %s", out, now["checkpoints"])
+            stored = None  # rewritten below
+        elif stored != now:
             differ = sorted(k for k in {*stored, *settings} if stored.get(k) != settings.get(k))
             raise ValueError(
                 f"{out} holds results of another run (different {differ}: {stored} here, "
                 f"{settings} now); resume with the same settings or choose another out_dir")
-        return
+        else:
+            return
     with replacing(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")

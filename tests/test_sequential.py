@@ -178,3 +178,43 @@ def test_cli_sequential(tiny_gpt2, tmp_path, monkeypatch, capsys):
         assert message in capsys.readouterr().err
     assert cli.main([a for a in args if a != "--sequential"]) == 2
     assert "--checkpoints needs --sequential" in capsys.readouterr().err
+
+
+def test_checkpoint_samples_are_bounded_and_kept_by_longer_runs():
+    samples = evaluation.checkpoint_samples(200, [1, 10, 50, 200], 20, seed=3)
+    assert samples[1] == [0] and len(samples[10]) == 10 and len(samples[50]) == 20
+    assert all(i < 50 for i in samples[50]) and len(set(samples[200])) == 20
+    # the same checkpoints of a run over fewer cases measure the same cases
+    assert evaluation.checkpoint_samples(50, [1, 10, 50], 20, seed=3) == \
+        {n: samples[n] for n in (1, 10, 50)}
+    assert evaluation.checkpoint_samples(200, [50], 20, seed=4)[50] != samples[50]
+    assert evaluation.checkpoint_samples(5, [2, 5], None) == {2: [0, 1], 5: [0, 1, 2, 3, 4]}
+
+
+def test_sampled_run_extends_to_more_cases(tiny_llama, stats, tmp_path, monkeypatch):
+    options = dict(sequential=True, checkpoint_sample=2, method_options=rome_options(stats),
+                   **FAST)
+    whole = evaluate(tiny_llama, CASES, "rome", tmp_path / "whole", checkpoints=[1, 2, 4],
+                     **options)
+    assert [(p["n_edits"], p["measured"], p["edited"]["n"], p["original"]["n"])
+            for p in whole["checkpoints"]] == [(1, 1, 1, 1), (2, 2, 2, 2), (4, 2, 2, 2)]
+    assert json.loads((tmp_path / "whole" / "run.json").read_text())["checkpoint_sample"] == 2
+    short = evaluate(tiny_llama, CASES[:2], "rome", tmp_path / "grown", checkpoints=[1, 2],
+                     **options)
+    assert short["checkpoints"] == whole["checkpoints"][:2]
+    real, calls = baselines.apply_batch, []
+    monkeypatch.setattr(baselines, "apply_batch", lambda *a: calls.append(a) or real(*a))
+    before = snapshot(tiny_llama)
+    grown = evaluate(tiny_llama, CASES, "rome", tmp_path / "grown", checkpoints=[1, 2, 4],
+                     **options)
+    assert len(calls) == 2  # the first two edits were loaded from their files
+    assert grown == whole
+    assert_same(tiny_llama, before)
+    with pytest.raises(ValueError, match="holds results of another run"):  # not a shorter one
+        evaluate(tiny_llama, CASES, "rome", tmp_path / "grown", checkpoints=[2, 4], **options)
+    with pytest.raises(ValueError, match="checkpoint_sample is for sequential runs"):
+        evaluate(tiny_llama, CASES, "rome", tmp_path / "x", checkpoint_sample=2,
+                 method_options=rome_options(stats), **FAST)
+    with pytest.raises(ValueError, match="checkpoint_sample must be a positive integer"):
+        evaluate(tiny_llama, CASES, "rome", tmp_path / "x", sequential=True,
+                 checkpoint_sample=0, method_options=rome_options(stats), **FAST)
