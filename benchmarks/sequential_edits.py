@@ -22,8 +22,9 @@ each edit, each checkpoint); rerun the same command to resume, or with a larger
 ``--n`` (and its checkpoint) to extend a finished run.  The table is printed from
 every finished run in ``OUT``.
 
-Prints a markdown table and writes ``OUT/table.json`` and the plot
-(``--plot``, default docs/figures/sequential_edits_smollm2-135m.png).
+Prints a markdown table and writes ``OUT/table.json``, the plot (``--plot``,
+default docs/figures/sequential_edits_smollm2-135m.png) and a copy of the table
+next to it (``.json``).
 
 Run: ``.venv/bin/python benchmarks/sequential_edits.py --out runs/sequential --threads 1``
 (hours on a 2-core CPU: about 800 edits, each a v* optimisation of 20-30 s on a
@@ -172,9 +173,11 @@ def report(results: dict, batches: list[dict], args, out: Path) -> None:
         print(f"after {r['n_edits']} edits, {LABELS.get(r['method'], r['method'])}: score "
               f"{cell(r['score'])} (goal >= 80), fluency change {cell(r['fluency_change'])}% "
               f"(goal within 5%): {'met' if good else 'not met'}")
-    (out / "table.json").write_text(json.dumps({"rows": rows, "batches": batches}, indent=1))
+    table = json.dumps({"rows": rows, "batches": batches}, indent=1)
+    (out / "table.json").write_text(table)
     if rows and args.plot:
         plot(rows, Path(args.plot), args)
+        Path(args.plot).with_suffix(".json").write_text(table)  # the numbers behind the plot
 
 
 def plot(rows: list[dict], path: Path, args) -> None:
