@@ -212,7 +212,8 @@ def plot(rows: list[dict], path: Path, args) -> None:
         ax.set_xlabel("sequential edits")
         ax.set_title(title)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{args.model}: sequential edits, scores over the cases edited so far")
+    fig.suptitle(f"{args.model}: sequential edits; scores over at most {args.sample} of the "
+                 f"cases edited so far")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
