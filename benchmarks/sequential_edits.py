@@ -124,12 +124,25 @@ def run(args) -> None:
                  method_options=OPTIONS, progress=args.progress)
         print(f"memit batch of {args.batch}: done ({time.perf_counter() - start:.0f} s this run)",
               flush=True)
-    # the table: every finished run in OUT, whichever invocation made it
-    results = {m: json.loads((out / m / "summary.json").read_text()) for m in METHODS
-               if (out / m / "summary.json").exists()}
+    # the table: every run in OUT, whichever invocation made it, to its last checkpoint
+    results = {m: finished(out / m) for m in METHODS if (out / m / "checkpoints").is_dir()}
     batches = sorted((json.loads(p.read_text()) for p in out.glob("memit-batch*/summary.json")),
                      key=lambda b: b["n_edits"])
     report(results, batches, args, out)
+
+
+def finished(run_dir: Path) -> dict:
+    """The summary of a sequential run, or what its finished checkpoints say of an unfinished
+    one (``"finished": False``)."""
+    if (run_dir / "summary.json").exists():
+        return {**json.loads((run_dir / "summary.json").read_text()), "finished": True}
+    points = [json.loads(p.read_text()) for p in sorted((run_dir / "checkpoints").glob("*.json"))]
+    edits = [json.loads(p.read_text()) for p in sorted((run_dir / "edits").glob("??????.json"))]
+    return {"finished": False, "n_edits": len(edits),
+            "update_norms": [e["update_norm"] for e in edits],
+            "checkpoints": [{"n_edits": p["n_edits"], "measured": p.get("measured"),
+                             "edited": p["summary"], "original": p["original"]} for p in points],
+            "original": points[-1]["original"] if points else None}
 
 
 def report(results: dict, batches: list[dict], args, out: Path) -> None:
@@ -155,8 +168,12 @@ def report(results: dict, batches: list[dict], args, out: Path) -> None:
                   f"{cell(e['efficacy_score'])} | {cell(e['paraphrase_score'])} | "
                   f"{cell(e['neighborhood_score'])} | {cell(e['fluency'])} | "
                   f"{cell(o['fluency'])} | {cell(change)}% | {norm:.2f} |")
-    if results:
-        o = next(iter(results.values()))["original"]
+    for method, summary in results.items():
+        if not summary["finished"]:
+            print(f"({LABELS.get(method, method)}: unfinished, {summary['n_edits']} edits made)")
+    originals = [s["original"] for s in results.values() if s["finished"]]
+    if originals:
+        o = originals[0]
         print(f"| unedited | 0 | {o['n']} | {cell(o['score'])} | {cell(o['efficacy_score'])} | "
               f"{cell(o['paraphrase_score'])} | {cell(o['neighborhood_score'])} | "
               f"{cell(o['fluency'])} | | | |")
