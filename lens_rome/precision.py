@@ -131,3 +131,17 @@ def resolve_bf16(bf16: bool | str | None, device: str | torch.device | None = "c
 def precision_name(bf16: bool) -> str:
     """``"bfloat16"`` or ``"float32"``: how results and logs name the precision that ran."""
     return BFLOAT16 if bf16 else FLOAT32
+
+
+def entry_points(device: str | torch.device | None = "cpu") -> dict[str, str]:
+    """The precision each entry point runs at its defaults on ``device`` (asks the probe)."""
+    probed = precision_name(bf16_is_fast(device))
+    return {
+        "trace() (bf16=False: exact float32)": FLOAT32,
+        "trace(bf16='auto')": probed,
+        "trace-dataset (default; --auto-precision asks the probe)": FLOAT32,
+        "trace-dataset --auto-precision": probed,
+        "rome.edit, lens-rome edit/evaluate: ROME's v* loop (bf16=None)": probed,
+        "benchmarks (trace_speed: bf16 column; rome_edits)": probed,
+    }
+

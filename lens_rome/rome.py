@@ -296,7 +296,7 @@ MODEL_DEFAULTS: dict[str, dict] = {
     # Layer 5: the peak of SmolLM2's MLP trace at the last subject token.  The NLL
     # early stop ends easy edits early; hard targets (NLL ~16 at the start) still get
     # all 20 steps.  Precision: bfloat16 where the hardware has it (RomeHyperParams.bf16).
-    "smollm2-135m": {"layer": 5, "v_steps": 20, "early_stop_nll": 0.2},
+    "smollm2-135m": {"layer": 5, "v_steps": 20, "v_lr": 1.0, "early_stop_nll": 0.2},
     # Layer 7: the peak of Gemma-3-270M's MLP trace at the last subject token (its edit
     # quality is not yet measured; the other settings are the paper's).
     "gemma-3-270m": {"layer": 7},
@@ -454,7 +454,8 @@ class _Group:
     """
 
     def __init__(self, adapter: ModelAdapter, layer: int, rows: list[list[int]], lookup: int,
-                 loss_positions: list[int], loss_targets: list[int] | None):
+                 loss_positions: list[int], loss_targets: list[int] | None,
+                 fast: FastBlocks | None = None):
         model = adapter.model
         self.adapter, self.layer, self.lookup = adapter, layer, lookup
         bos = [model.tokenizer.bos_token_id] if adapter.prepend_bos else []
@@ -462,10 +463,25 @@ class _Group:
         tokens = torch.tensor([bos + r for r in rows], device=model.cfg.device)
         p = lookup + self.offset
         self.p = p
+        self.loss_positions = [q + self.offset - p for q in loss_positions]
+        if min(self.loss_positions) < 0:
+            raise ValueError("the lookup token lies after the predicted tokens")
+        self.loss_targets = loss_targets
+        self.rotated = fast is not None
+        if fast is not None:
+            logits = self._run_lean(fast, tokens, loss_targets is None)
+        else:
+            logits = self._run_transformer_lens(tokens, loss_targets is None)
+        self.original = None if logits is None else torch.log_softmax(
+            logits[:, self.loss_positions].float(), -1)
+
+    def _run_transformer_lens(self, tokens: torch.Tensor, kl: bool) -> torch.Tensor | None:
+        """The states the loop needs, from TransformerLens' blocks; the KL rows' logits."""
+        adapter, layer, p, model = self.adapter, self.layer, self.p, self.adapter.model
         names = {adapter.hook_name("key", layer), adapter.hook_name("mlp", layer),
                  adapter.hook_name("hidden", layer)}
-        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rows))
-        if loss_targets is None:  # the KL rows compare with the unedited model's outputs
+        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(tokens))
+        if kl:  # the KL rows compare with the unedited model's outputs
             logits, cache = model.run_with_cache(tokens, names_filter=names.__contains__,
                                                  past_kv_cache=kv)
             logits, start = logits[:, p:], p
@@ -481,12 +497,38 @@ class _Group:
         self.prefix = {b: (kv.entries[b].past_keys[:, :p].clone(),
                            kv.entries[b].past_values[:, :p].clone())
                        for b in range(layer + 1, adapter.n_layers)}
-        self.loss_positions = [q + self.offset - p for q in loss_positions]
-        if min(self.loss_positions) < 0:
-            raise ValueError("the lookup token lies after the predicted tokens")
-        self.loss_targets = loss_targets
-        self.original = None if logits is None else torch.log_softmax(
-            logits[:, self.loss_positions].float(), -1)
+        return logits
+
+    def _run_lean(self, fast: FastBlocks, tokens: torch.Tensor, kl: bool) -> torch.Tensor | None:
+        """The same states from the lean blocks (one pass per group, no hook machinery)."""
+        adapter, layer, p, model = self.adapter, self.layer, self.p, self.adapter.model
+        resid = model(tokens, stop_at_layer=0)  # the embedded tokens, as block 0 sees them
+        for b in range(layer):
+            resid = fast(b, resid)
+        seen = {}
+
+        def keep(name):
+            def hook(activation, _):
+                seen[name] = activation
+            return hook
+
+        hooks = [(f"blocks.{layer}.hook_attn_out", keep("attn")),
+                 (f"blocks.{layer}.hook_mlp_out", keep("mlp"))]
+        before = resid  # block `layer` adds its attention output to this
+        resid = fast(layer, resid, hooks=hooks)
+        self.keys = fast.mlp_key(layer, before[:, p] + seen["attn"][:, p]).double()
+        self.mlp_out = seen["mlp"][:, p]
+        self.resid = resid[:, p:]
+        upper = resid if kl else resid[:, :p]
+        self.prefix = {}
+        for b in range(layer + 1, adapter.n_layers):
+            if upper.shape[1] == 0:
+                self.prefix[b] = (upper.new_zeros(len(upper), 0, fast.n_kv_heads, fast.d_head),) * 2
+                continue
+            kv = []
+            upper = fast(b, upper, kv_out=kv)
+            self.prefix[b] = (kv[0][0][:, :p], kv[0][1][:, :p])
+        return _final_logits(model, upper[:, p:]) if kl else None
 
     def cast(self, dtype: torch.dtype, fast: FastBlocks | None = None) -> "_Group":
         """Keep the precomputed states in ``dtype`` (that of the blocks they enter), and run
@@ -494,7 +536,7 @@ class _Group:
         self.resid = self.resid.to(dtype)
         self.prefix = {b: (k.to(dtype), v.to(dtype)) for b, (k, v) in self.prefix.items()}
         self.fast = fast
-        if fast is not None:  # TransformerLens caches keys unrotated
+        if fast is not None and not self.rotated:  # TransformerLens caches keys unrotated
             self.prefix = {b: (fast.rotated_keys(b, k), v) for b, (k, v) in self.prefix.items()}
         return self
 
@@ -520,15 +562,20 @@ class _Group:
         return -picked[..., 0].mean(1).sum()
 
 
-def _final_log_probs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities ``[..., d_vocab]`` from residual states after the last block."""
+def _final_logits(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+    """Logits ``[..., d_vocab]`` from residual states after the last block."""
     if hasattr(model, "ln_final"):
         resid = model.ln_final(resid)
     logits = model.unembed(resid)
     cap = getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)
-    return torch.log_softmax(logits.float(), -1)
+    return logits
+
+
+def _final_log_probs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities ``[..., d_vocab]`` from residual states after the last block."""
+    return torch.log_softmax(_final_logits(model, resid).float(), -1)
 
 
 class _OneBatch:
@@ -655,10 +702,13 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
     model = adapter.model
     started = time.perf_counter()
     specs, (kl_ids, kl_lookup), bare = _layout(adapter, request, hp)
+    lean = hp.lean_blocks and unsupported_reason(model) is None and not has_user_hooks(model)
     with torch.no_grad():
-        groups = [_Group(adapter, hp.layer, rows, lookup, positions, target)
+        setup = FastBlocks(model) if lean else None  # in the model's own dtype
+        groups = [_Group(adapter, hp.layer, rows, lookup, positions, target, setup)
                   for rows, lookup, positions, target in specs]
-        kl_group = _Group(adapter, hp.layer, [kl_ids], kl_lookup, [len(kl_ids) - 1], None)
+        kl_group = _Group(adapter, hp.layer, [kl_ids], kl_lookup, [len(kl_ids) - 1], None,
+                          setup)
     n_rows = sum(len(g.keys) for g in groups)
     key = torch.cat([g.keys for g in groups]).mean(0)
     reference = groups[0].mlp_out[0]  # the bare prompt's MLP output at the lookup token
@@ -670,8 +720,7 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
     bf16 = resolve_bf16(hp.bf16, model.cfg.device, what="ROME's v* optimisation")
     dtype = torch.bfloat16 if bf16 else model.cfg.dtype
     with _frozen_parameters(model), adapter.cast(dtype):
-        lean = hp.lean_blocks and unsupported_reason(model) is None and not has_user_hooks(model)
-        fast = FastBlocks(model) if lean else None
+        fast = (setup if dtype == model.cfg.dtype else FastBlocks(model)) if lean else None
         for group in [*groups, kl_group]:
             group.cast(dtype, fast)
         batch = _OneBatch(groups, kl_group, fast) if fast is not None else None

@@ -75,3 +75,20 @@ def test_rome_defaults_to_float32_where_bf16_is_slow(tiny_llama, bf16_slow):
     change.revert()
     assert change.info["precision"] == "float32"
     assert change.info["blocks"] == "lens_rome.fast_blocks"
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_precision_command_prints_the_probe_and_each_entry_point(fast, monkeypatch, capsys):
+    from lens_rome.cli import main
+
+    monkeypatch.setitem(precision._FAST, "cpu", fast)
+    monkeypatch.setitem(precision._PROBES, "cpu", {"bf16_fast": fast, "rule": "pretended",
+                                                   "cpu": "Some CPU", "cpu_capability": "AVX2"})
+    assert main(["precision"]) == 0
+    out = capsys.readouterr().out
+    assert "Some CPU" in out and f"bfloat16 is {'fast' if fast else 'slow'} here: pretended" in out
+    lines = {line.split(None, 1)[1]: line.split()[0] for line in out.splitlines()[2:]}
+    assert lines["trace() (bf16=False: exact float32)"] == "float32"
+    auto = "bfloat16" if fast else "float32"
+    assert lines["trace(bf16='auto')"] == auto
+    assert lines["rome.edit, lens-rome edit/evaluate: ROME's v* loop (bf16=None)"] == auto
