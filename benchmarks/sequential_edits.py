@@ -110,18 +110,19 @@ def run(args) -> None:
               f"cases (seed {args.seed}), checkpoints {marks}, at most {args.sample} cases "
               f"measured per checkpoint, {args.max_new_tokens} generated tokens x 2 prompts "
               f"per measured case", flush=True)
+    options = {**OPTIONS, **({"v_lr": args.v_lr} if args.v_lr is not None else {})}
     for method in args.methods:
         start = time.perf_counter()
         evaluate(model, cases, method, out / method, sequential=True, checkpoints=marks,
                  checkpoint_sample=args.sample, max_new_tokens=args.max_new_tokens,
-                 seed=args.seed, method_options=OPTIONS, original_dir=out / "original",
+                 seed=args.seed, method_options=options, original_dir=out / "original",
                  progress=args.progress)
         print(f"{method}: done ({time.perf_counter() - start:.0f} s this run)", flush=True)
     if args.batch:
         start = time.perf_counter()
         evaluate(model, every[:args.batch], "memit", out / f"memit-batch{args.batch}",
                  batch_size=args.batch, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                 method_options=OPTIONS, progress=args.progress)
+                 method_options=options, progress=args.progress)
         print(f"memit batch of {args.batch}: done ({time.perf_counter() - start:.0f} s this run)",
               flush=True)
     # the table: every run in OUT, whichever invocation made it, to its last checkpoint
@@ -315,6 +316,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40,
                         help="tokens generated per generation prompt (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="case order, targets, sampling")
+    parser.add_argument("--v-lr", type=float, default=None,
+                        help="the v* learning rate of every method (default: the model's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--plot", default=str(FIGURE), help="the figure ('' for none)")
     parser.add_argument("--progress", action="store_true", help="progress bars")
