@@ -159,11 +159,11 @@ def test_cli_sequential(tiny_gpt2, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = ["evaluate", "--dataset", str(data), "--format", "counterfact", "--method", "none",
             "--out", str(out), "--max-new-tokens", "3", "--batch-size", "2", "--sequential",
-            "--checkpoints", "2"]
+            "--checkpoints", "2", "--checkpoint-sample", "3"]
     assert cli.main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_edits"] == 4 and summary["batch_size"] == 2 and summary["sequential"]
-    assert [p["n_edits"] for p in summary["checkpoints"]] == [2, 4]
+    assert [(p["n_edits"], p["measured"]) for p in summary["checkpoints"]] == [(2, 2), (4, 3)]
     printed = capsys.readouterr().out
     assert "update norm per batch" in printed and "unedited fluency" in printed
     for bad, message in ((["--layers", "1,2"], "--layers is for memit and alphaedit"),
@@ -178,6 +178,8 @@ def test_cli_sequential(tiny_gpt2, tmp_path, monkeypatch, capsys):
         assert message in capsys.readouterr().err
     assert cli.main([a for a in args if a != "--sequential"]) == 2
     assert "--checkpoints needs --sequential" in capsys.readouterr().err
+    assert cli.main(args[:args.index("--sequential")] + ["--checkpoint-sample", "3"]) == 2
+    assert "--checkpoint-sample needs --sequential" in capsys.readouterr().err
 
 
 def test_checkpoint_samples_are_bounded_and_kept_by_longer_runs():
