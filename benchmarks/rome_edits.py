@@ -132,7 +132,8 @@ def run_edits(args) -> None:
             "early_stop_loss": args.early_stop_loss, "early_stop_nll": args.early_stop_nll,
             "bf16": args.bf16,
         }.items() if v is not None})
-    cases = build_cases(model, load_facts(Path(args.facts)), args.n, args.seed, args.max_prompts)
+    cases = build_cases(model, load_facts(Path(args.facts)), args.skip + args.n, args.seed,
+                        args.max_prompts)[args.skip:]
     probe = probe_report()
     precision = precision_name(resolve_bf16(hp.bf16, what="benchmarks/rome_edits.py"))
     print(f"model {args.model}, {len(cases)} cases; CPU {probe['cpu']}, torch threads "
@@ -247,6 +248,9 @@ def main() -> None:
     parser.add_argument("--facts", default=str(KNOWN_FACTS))
     parser.add_argument("--n", type=int, default=30, help="cases (facts) to edit or trace")
     parser.add_argument("--seed", type=int, default=0, help="picks the facts and new objects")
+    parser.add_argument("--skip", type=int, default=0,
+                        help="leave out the first N cases of the seed's order (e.g. those a "
+                             "setting was chosen on), so the run is on held-out facts")
     parser.add_argument("--max-prompts", type=int, default=10,
                         help="at most this many paraphrase and neighbour prompts per case")
     parser.add_argument("--threads", type=int, default=None,

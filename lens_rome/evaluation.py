@@ -40,6 +40,7 @@ import functools
 import json
 import logging
 import math
+import random
 import re
 import time
 import zlib
@@ -57,6 +58,7 @@ from lens_rome import baselines
 from lens_rome.datasets import CounterFactCase, ZsreCase
 from lens_rome.models import adapter_for
 from lens_rome.rome import target_log_probs
+from lens_rome.statistics import model_fingerprint
 from lens_rome.storage import replacing
 
 log = logging.getLogger(__name__)
@@ -65,11 +67,17 @@ COUNTERFACT_KEYS = ("n", "efficacy_score", "efficacy_magnitude", "paraphrase_sco
                     "paraphrase_magnitude", "neighborhood_score", "neighborhood_magnitude",
                     "score", "fluency", "consistency")
 ZSRE_KEYS = ("n", "efficacy", "paraphrase", "specificity")
+RUN_KEYS = ("n_edits", "batch_size", "sequential", "update_norms")  # added by evaluate
+SEQUENTIAL_KEYS = ("checkpoints", "original")  # added by a sequential run
 SUMMARY = "summary.json"
 RUN = "run.json"
 CASES = "cases"
 DEFAULT_NEW_TOKENS = 100  # the paper's generation length
 DEFAULT_TOP_K = 5  # the paper's sampling
+GENERATION_BATCH = 32  # generation prompts per batched pass in measure_cases
+ORIGINAL = "original"
+EDITS = "edits"
+CHECKPOINTS = "checkpoints"
 
 
 # --------------------------------------------------------------------------- text metrics
@@ -279,17 +287,72 @@ def evaluate_case(model: HookedTransformer, case: CounterFactCase | ZsreCase, me
     each answer.
     """
     start = time.perf_counter()
+    before = w_out_snapshot(model)
     change = method.apply(model, case.request)
     edit_seconds = time.perf_counter() - start
     try:
+        norm = change_norm(model, before)
+        del before
         if isinstance(case, CounterFactCase):
             record = _measure_counterfact(model, case, max_new_tokens, top_k, seed, consistency)
         else:
             record = _measure_zsre(model, case)
     finally:
         change.revert()
-    return {"case_id": case.case_id, "method": method.name, **record,
+    return {"case_id": case.case_id, "method": method.name, **record, "update_norm": norm,
             "edit_seconds": edit_seconds, "seconds": time.perf_counter() - start}
+
+
+def w_out_snapshot(model: HookedTransformer) -> list[torch.Tensor]:
+    """A copy of every layer's ``W_out`` (what editing methods change)."""
+    adapter = adapter_for(model)
+    return [adapter.w_out(layer).detach().clone() for layer in range(adapter.n_layers)]
+
+
+def change_norm(model: HookedTransformer, snapshot: Sequence[torch.Tensor]) -> float:
+    """Frobenius norm of the change of all ``W_out`` since ``snapshot`` (all layers together)."""
+    adapter = adapter_for(model)
+    total = 0.0
+    for layer, before in enumerate(snapshot):
+        total += float((adapter.w_out(layer).detach().double() - before.double()).norm()) ** 2
+    return math.sqrt(total)
+
+
+def measure_cases(model: HookedTransformer, cases: Sequence[CounterFactCase | ZsreCase], *,
+                  max_new_tokens: int = DEFAULT_NEW_TOKENS, top_k: int = DEFAULT_TOP_K,
+                  seed: int = 0, consistency: Consistency | None = None,
+                  generation_batch: int = GENERATION_BATCH, progress: bool = False
+                  ) -> list[dict]:
+    """The measures of :func:`evaluate_case` for many cases on the model as it is (no edit).
+
+    Generation runs for the prompts of many cases at once (``generation_batch``
+    per pass), each prompt with the seed it has in :func:`evaluate_case`.
+    """
+    records = []
+    for case in tqdm(cases, desc="measure", unit="case", disable=not progress):
+        if isinstance(case, CounterFactCase):
+            record = _measure_counterfact(model, case, 0, top_k, seed, None)
+        else:
+            record = _measure_zsre(model, case)
+        records.append({"case_id": case.case_id, **record})
+    counterfact = [(i, c) for i, c in enumerate(cases) if isinstance(c, CounterFactCase)]
+    if max_new_tokens > 0 and counterfact:
+        jobs = [(i, p, case_seed(seed, c.case_id) + j) for i, c in counterfact
+                for j, p in enumerate(c.generation_prompts)]
+        texts: dict[int, list[str]] = {i: [] for i, _ in counterfact}
+        for start in range(0, len(jobs), generation_batch):
+            chunk = jobs[start:start + generation_batch]
+            out = generate(model, [p for _, p, _ in chunk], max_new_tokens, top_k=top_k,
+                           seed=[s for _, _, s in chunk])
+            for (i, _, _), text in zip(chunk, out):
+                texts[i].append(text)
+        for i, case in counterfact:
+            generated = texts[i]
+            consistent = consistency.score(generated, case.target_new) \
+                if consistency and generated else math.nan
+            records[i].update(generations=generated, fluency=_json_float(fluency(generated)),
+                              consistency=_json_float(consistent))
+    return records
 
 
 def _measure_counterfact(model, case: CounterFactCase, max_new_tokens, top_k, seed,
@@ -424,23 +487,56 @@ def evaluate(
     consistency: Consistency | bool | None = None,
     method_options: Mapping[str, Any] | None = None,
     progress: bool = True,
+    batch_size: int = 1,
+    sequential: bool = False,
+    checkpoints: Sequence[int] | None = None,
+    original_dir: str | Path | None = None,
+    checkpoint_sample: int | None = None,
 ) -> dict:
-    """Evaluate ``method`` on ``cases``; each case starts from the unedited model.
+    """Evaluate ``method`` on ``cases``.
+
+    By default each case starts from the unedited model: edit, measure, revert.
+    With ``batch_size=N`` the cases are edited ``N`` at a time (one edit for
+    MEMIT and AlphaEdit, ``N`` edits in turn for the others), measured, and
+    reverted.  With ``sequential=True`` the batches are applied in order and
+    never reverted until the end: after the last batch (and after each of
+    ``checkpoints``, counted in edits) every case edited so far is measured,
+    next to the unedited model's measures of the same cases, which are taken
+    before the first edit and kept in ``original_dir``.
 
     Args:
-        method: ``"rome"``, ``"ft"``, ``"ft-l"``, ``"none"`` (built with
-            ``method_options`` by :func:`lens_rome.baselines.make_method`) or a
-            method object with ``.name`` and ``.apply(model, request)``.
+        method: ``"rome"``, ``"r-rome"``, ``"memit"``, ``"alphaedit"``, ``"ft"``,
+            ``"ft-l"``, ``"none"`` (built with ``method_options`` by
+            :func:`lens_rome.baselines.make_method`) or a method object with
+            ``.name`` and ``.apply(model, request)``.
         out_dir: gets ``cases/<case_id>.json`` per case, ``run.json`` (method,
-            model and settings; a rerun must match them) and ``summary.json``.
-            Finished cases are skipped, so a rerun resumes an interrupted run.
+            model and settings; a rerun must match them) and ``summary.json``;
+            a sequential run also ``edits/`` (each batch's saved edit, re-applied
+            on resume), ``checkpoints/<n_edits>.json`` and, unless
+            ``original_dir`` is given, ``original/``.  A rerun resumes.
         limit: evaluate only the first ``limit`` cases.
         max_new_tokens, top_k: generation for fluency and consistency
             (CounterFact); 0 tokens skips generation.
         consistency: a :class:`Consistency`; None: the offline Wikipedia
             summaries if installed; False: none (consistency is None).
+        batch_size: edits per batch.
+        sequential: apply the batches one after another without reverting.
+        checkpoints: numbers of edits after which a sequential run measures
+            (multiples of ``batch_size``); the end is always measured.
+        original_dir: where the unedited model's measures are cached (several
+            sequential runs over the same cases can share it).
+        checkpoint_sample: with ``sequential``, measure at most this many of the
+            cases edited so far at each checkpoint (None: all of them), so that
+            a checkpoint's cost stays bounded.  The sample is the first cases of
+            one seeded permutation of ``cases`` that are already edited: the same
+            on a resumed run, and a case once in it stays in it at the later
+            checkpoints of the same size.
 
-    Returns the summary (see :func:`summarize`), also written to ``summary.json``.
+    Returns the summary (see :func:`summarize`) with ``n_edits``,
+    ``batch_size``, ``sequential`` and ``update_norms`` (Frobenius norm of each
+    batch's change to the weights); a sequential run adds ``checkpoints``
+    (the summary after each, next to the unedited model's over the same cases)
+    and ``original``.  Also written to ``summary.json``.
     """
     name = baselines.method_name(method)
     cases = list(cases)
@@ -461,6 +557,18 @@ def evaluate(
     if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
             or max_new_tokens < 0):
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(sequential, bool):
+        raise TypeError(f"sequential must be True or False, got {sequential!r}")
+    marks = _checkpoints(checkpoints, batch_size, len(cases), sequential)
+    if checkpoint_sample is not None:
+        if not sequential:
+            raise ValueError("checkpoint_sample is for sequential runs; pass sequential=True")
+        if isinstance(checkpoint_sample, bool) or not isinstance(checkpoint_sample, int) \
+                or checkpoint_sample < 1:
+            raise ValueError(f"checkpoint_sample must be a positive integer or None, got "
+                             f"{checkpoint_sample!r}")
     editor = baselines.make_method(name, model, **(method_options or {})) \
         if isinstance(method, str) else method
 
@@ -470,6 +578,12 @@ def evaluate(
     settings = {"format": fmt, "model": adapter_for(model).name,
                 "method": dict(baselines.describe(editor)),
                 "max_new_tokens": max_new_tokens, "top_k": top_k, "seed": seed}
+    if batch_size != 1 or sequential:  # runs of one edit per case keep their old run.json
+        settings.update(batch_size=batch_size, sequential=sequential)
+    if sequential:
+        settings.update(checkpoints=marks)
+        if checkpoint_sample is not None:  # runs without a sample keep their old run.json
+            settings.update(checkpoint_sample=checkpoint_sample)
     _check_run(out, settings)
     if fmt == "counterfact" and consistency is None and max_new_tokens > 0:
         try:
@@ -477,38 +591,241 @@ def evaluate(
         except (ModuleNotFoundError, FileNotFoundError) as error:
             log.warning("no consistency scores: %s", error)
             consistency = False
-    reference = consistency or None
+    measures = dict(max_new_tokens=max_new_tokens, top_k=top_k, seed=seed,
+                    consistency=consistency or None)
 
+    if sequential:
+        samples = checkpoint_samples(len(cases), marks, checkpoint_sample, seed)
+        return _evaluate_sequential(model, cases, editor, out, batch_size, samples, measures,
+                                    Path(original_dir) if original_dir else out / ORIGINAL,
+                                    fmt, progress)
     done = sum(case_path(out, c.case_id).exists() for c in cases)
     if done:
         log.info("%s: %d of %d cases already done; resuming", out, done, len(cases))
-    bar = tqdm(cases, desc=f"evaluate {name}", unit="case", disable=not progress)
-    for case in bar:
-        path = case_path(out, case.case_id)
-        if _read_record(path) is not None:
+    batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
+    bar = tqdm(total=len(cases), desc=f"evaluate {name}", unit="case", disable=not progress)
+    for index, batch in enumerate(batches):
+        todo = [c for c in batch if _read_record(case_path(out, c.case_id)) is None]
+        if not todo:
+            bar.update(len(batch))
             continue
-        record = evaluate_case(model, case, editor, max_new_tokens=max_new_tokens,
-                               top_k=top_k, seed=seed, consistency=reference)
-        with replacing(path, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(record), encoding="utf-8")
+        if batch_size == 1:
+            records = [evaluate_case(model, batch[0], editor, **measures)]
+        else:
+            records = _evaluate_batch(model, batch, editor, measures, index)
+        for record in records:
+            with replacing(case_path(out, record["case_id"]), overwrite=True) as tmp:
+                tmp.write_text(json.dumps(record), encoding="utf-8")
+        bar.update(len(batch))
     bar.close()
 
-    summary = summarize(load_records(out, cases))
-    with replacing(out / SUMMARY, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    records = load_records(out, cases)
+    norms = {}
+    for record in records:  # one norm per batch
+        norms.setdefault(record.get("batch", record["case_id"]), record.get("update_norm"))
+    summary = {**summarize(records), "n_edits": len(records), "batch_size": batch_size,
+               "sequential": False, "update_norms": list(norms.values())}
+    _write_json(out / SUMMARY, summary)
     return summary
 
 
+def _checkpoints(checkpoints, batch_size: int, n_cases: int, sequential: bool) -> list[int]:
+    """Sorted checkpoints (in edits) that fit the run, the last edit included."""
+    if checkpoints is None:
+        return [n_cases] if sequential else []
+    if not sequential:
+        raise ValueError("checkpoints are for sequential runs; pass sequential=True")
+    if isinstance(checkpoints, (str, bytes)) or not isinstance(checkpoints, Iterable):
+        raise TypeError(f"checkpoints must be a list of edit counts, got {checkpoints!r}")
+    marks = sorted(set(checkpoints))
+    for mark in marks:
+        if isinstance(mark, bool) or not isinstance(mark, int) or mark < 1:
+            raise ValueError(f"checkpoints must be positive edit counts, got {mark!r}")
+        if mark % batch_size and mark != n_cases:
+            raise ValueError(f"checkpoint {mark} is not a whole number of batches of "
+                             f"{batch_size}; use multiples of the batch size")
+    beyond = [m for m in marks if m > n_cases]
+    if beyond:
+        log.warning("checkpoints %s lie beyond the %d cases; measuring at %d instead",
+                    beyond, n_cases, n_cases)
+    return sorted({m for m in marks if m <= n_cases} | {n_cases})
+
+
+def checkpoint_samples(n_cases: int, marks: Sequence[int], size: int | None, seed: int = 0
+                       ) -> dict[int, list[int]]:
+    """For each checkpoint, the indices of the cases it measures (increasing).
+
+    All cases edited so far when ``size`` is None; else the first ``size`` of
+    them in one order of the cases seeded by ``seed`` (independent of ``n_cases``, so a
+    run extended to more cases keeps the samples of its earlier checkpoints).
+    """
+    if size is None:
+        return {n: list(range(n)) for n in marks}
+    # one random key per index, whatever n_cases is: a longer run keeps the shorter one's samples
+    order = sorted(range(n_cases), key=lambda i: random.Random(f"{seed}/{i}").random())
+    return {n: sorted([i for i in order if i < n][:size]) for n in marks}
+
+
+def _evaluate_batch(model, batch, editor, measures, index) -> list[dict]:
+    """Edit a batch on the unedited model, measure its cases, revert."""
+    start = time.perf_counter()
+    before = w_out_snapshot(model)
+    changes = baselines.apply_batch(editor, model, [c.request for c in batch])
+    edit_seconds = time.perf_counter() - start
+    try:
+        norm = change_norm(model, before)
+        del before
+        records = measure_cases(model, batch, **measures)
+    finally:
+        for change in reversed(changes):
+            change.revert()
+    seconds = time.perf_counter() - start
+    return [{**r, "method": editor.name, "batch": index, "update_norm": norm,
+             "edit_seconds": edit_seconds, "seconds": seconds} for r in records]
+
+
+def _evaluate_sequential(model, cases, editor, out: Path, batch_size: int,
+                         samples: dict[int, list[int]], measures: dict, original_dir: Path,
+                         fmt: str, progress: bool) -> dict:
+    """Batches in order without reverting; measures at the checkpoints (``samples``: the case
+    indices each measures); reverts at the end."""
+    marks = sorted(samples)
+    measured = sorted({i for indices in samples.values() for i in indices})
+    _check_run(original_dir, {
+        "format": fmt, "model": adapter_for(model).name, "fingerprint": model_fingerprint(model),
+        **{k: v for k, v in measures.items() if k != "consistency"},
+        "consistency": measures["consistency"] is not None})
+    missing = [cases[i] for i in measured
+               if _read_record(case_path(original_dir, cases[i].case_id)) is None]
+    if missing:
+        log.info("measuring the unedited model on %d cases", len(missing))
+        for record in measure_cases(model, missing, progress=progress, **measures):
+            _write_json(case_path(original_dir, record["case_id"]), record)
+    original = {i: _read_record(case_path(original_dir, cases[i].case_id)) for i in measured}
+
+    paths = {n: out / CHECKPOINTS / f"{n:06d}.json" for n in marks}
+    metas = [_read_record(out / EDITS / f"{i:06d}.json")
+             for i in range(-(-len(cases) // batch_size))]
+    if all(_read_record(path) is not None for path in paths.values()) and all(metas):
+        return _sequential_summary(out, cases, batch_size, marks, paths, metas, original)
+
+    batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
+    applied: list = []
+    bar = tqdm(total=len(cases), desc=f"sequential {editor.name}", unit="edit",
+               disable=not progress)
+    try:
+        for index, batch in enumerate(batches):
+            changes, _ = _batch_changes(model, editor, out, index, batch)
+            applied += changes
+            bar.update(len(batch))
+            n_edits = index * batch_size + len(batch)
+            if n_edits not in marks or _read_record(paths[n_edits]) is not None:
+                continue
+            indices = samples[n_edits]
+            records = measure_cases(model, [cases[i] for i in indices], **measures)
+            for i, record in zip(indices, records):
+                record.update(method=editor.name, batch=i // batch_size, n_edits=n_edits)
+            stored = {"n_edits": n_edits, "measured": len(records),
+                      "summary": summarize(records),
+                      "original": summarize([original[i] for i in indices]),
+                      "records": records}
+            _write_json(paths[n_edits], stored)
+            log.info("%s after %d edits: %s", editor.name, n_edits, stored["summary"])
+    finally:
+        bar.close()
+        for change in reversed(applied):
+            change.revert()
+    metas = [_read_record(out / EDITS / f"{i:06d}.json") for i in range(len(batches))]
+    return _sequential_summary(out, cases, batch_size, marks, paths, metas, original)
+
+
+def _sequential_summary(out: Path, cases, batch_size: int, marks: list[int],
+                        paths: dict[int, Path], metas: list[dict], original: dict[int, dict]
+                        ) -> dict:
+    """``summary.json`` (and the final case files) of a finished sequential run."""
+    checkpoints = []
+    for n_edits in marks:
+        stored = _read_record(paths[n_edits])
+        checkpoints.append({"n_edits": n_edits,
+                            "measured": stored.get("measured", len(stored["records"])),
+                            "edited": stored["summary"], "original": stored["original"]})
+    records = stored["records"]  # the last checkpoint: after every edit
+    for record in records:
+        _write_json(case_path(out, record["case_id"]), record)
+    summary = {**summarize(records), "n_edits": len(cases), "batch_size": batch_size,
+               "sequential": True, "update_norms": [m["update_norm"] for m in metas],
+               "checkpoints": checkpoints, "original": summarize(list(original.values()))}
+    _write_json(out / SUMMARY, summary)
+    return summary
+
+
+def _batch_changes(model, editor, out: Path, index: int, batch) -> tuple[list, dict]:
+    """Apply batch ``index``: from the files a previous run saved, or computed and saved."""
+    from lens_rome.memit import load_edit  # noqa: PLC0415
+
+    meta_path = out / EDITS / f"{index:06d}.json"
+    meta = _read_record(meta_path)
+    ids = [c.case_id for c in batch]
+    if meta is not None:
+        if meta.get("case_ids") != ids:
+            raise ValueError(f"{meta_path} is for cases {meta.get('case_ids')}, not {ids}; "
+                             f"choose another out_dir")
+        if not meta.get("saved"):
+            raise ValueError(f"{out} holds an interrupted sequential run of {editor.name!r}, "
+                             f"whose edits cannot be saved, so it cannot resume; delete {out} "
+                             f"or choose another out_dir")
+        changes = []
+        try:
+            for j in range(meta["changes"]):
+                changes.append(load_edit(out / EDITS / f"{index:06d}-{j:03d}.safetensors")
+                               .apply(model))
+        except BaseException:
+            for change in reversed(changes):
+                change.revert()
+            raise
+        return changes, meta
+    start = time.perf_counter()
+    before = w_out_snapshot(model)
+    changes = baselines.apply_batch(editor, model, [c.request for c in batch])
+    seconds = time.perf_counter() - start
+    norm = change_norm(model, before)
+    del before
+    saved = all(hasattr(c, "save") for c in changes)
+    if saved:
+        for j, change in enumerate(changes):
+            change.save(out / EDITS / f"{index:06d}-{j:03d}.safetensors", overwrite=True)
+    meta = {"case_ids": ids, "changes": len(changes), "saved": saved, "update_norm": norm,
+            "edit_seconds": seconds}
+    _write_json(meta_path, meta)
+    return changes, meta
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with replacing(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
 def _check_run(out: Path, settings: dict) -> None:
-    """Write ``run.json``, or check that an earlier run in ``out`` used the same settings."""
+    """Write ``run.json``, or check that an earlier run in ``out`` used the same settings.
+
+    A sequential run may be extended: the same settings with more checkpoints (all the
+    earlier ones among them) continue where the earlier run stopped.
+    """
     path = out / RUN
     stored = _read_record(path)
     if stored is not None:
-        if stored != json.loads(json.dumps(settings)):
+        now = json.loads(json.dumps(settings))
+        if stored != now and stored.get("sequential") and \
+                {**stored, "checkpoints": None} == {**now, "checkpoints": None} and \
+                set(stored.get("checkpoints") or ()) <= set(now.get("checkpoints") or ()):
+            log.info("%s: extending the run to the checkpoints %s", out, now["checkpoints"])
+            stored = None  # rewritten below
+        elif stored != now:
             differ = sorted(k for k in {*stored, *settings} if stored.get(k) != settings.get(k))
             raise ValueError(
                 f"{out} holds results of another run (different {differ}: {stored} here, "
                 f"{settings} now); resume with the same settings or choose another out_dir")
-        return
+        else:
+            return
     with replacing(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")

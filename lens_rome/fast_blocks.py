@@ -132,6 +132,7 @@ class FastBlocks:
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         mlp_first: tuple[slice, torch.Tensor] | None = None,
+        kv_out: list | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         """Block ``layer`` on ``resid``, whose first position is ``prefix_len`` into the prompt.
 
@@ -146,7 +147,9 @@ class FastBlocks:
         into one batch; by default every row's positions follow the prefix and
         attention is causal.  ``mlp_first = (rows, value)``: the MLP output
         of those rows at the first position is ``value`` ``[d_model]`` (a
-        restored state), so it is not computed.
+        restored state), so it is not computed.  ``kv_out``: a list to which
+        the block appends the rotated keys and the values of ``resid``'s positions
+        (``[batch, pos, kv_head, d_head]`` each), as ``prefix`` takes them.
         """
         weights = self.layers[layer]
         z_hooks, attn_hooks, mlp_hooks = self._split_hooks(layer, hooks)
@@ -172,6 +175,8 @@ class FastBlocks:
                    sin[..., -n_query:, :, :])
         k = rotate(k.view(batch, n_pos, kv_heads, d_head), cos, sin)
         v = v.view(batch, n_pos, kv_heads, d_head)
+        if kv_out is not None:
+            kv_out.append((k, v))
         if prefix is not None:
             k, v = torch.cat([prefix[0], k], dim=1), torch.cat([prefix[1], v], dim=1)
         z = _attention(q, k, v, offset + n_pos - n_query, weights["scale"],
@@ -201,10 +206,20 @@ class FastBlocks:
         """The second half of block ``layer``: ``resid`` plus its MLP's output."""
         return resid + self._mlp(self.layers[layer], resid)
 
+    def mlp_key(self, layer: int, resid_mid: Float[torch.Tensor, "*batch d_model"]
+                ) -> Float[torch.Tensor, "*batch d_mlp"]:
+        """The MLP's hidden activation (``mlp.hook_post``, ROME's key) at the residual
+        stream ``resid_mid`` between block ``layer``'s attention and its MLP."""
+        return self._post(self.layers[layer], resid_mid)
+
     @staticmethod
-    def _mlp(weights: dict, resid: torch.Tensor) -> torch.Tensor:
+    def _post(weights: dict, resid: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(_rms_norm(resid, *weights["ln2"]), weights["gate_up"]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, weights["out"])
+        return F.silu(gate) * up
+
+    @classmethod
+    def _mlp(cls, weights: dict, resid: torch.Tensor) -> torch.Tensor:
+        return F.linear(cls._post(weights, resid), weights["out"])
 
     @staticmethod
     def _split_hooks(layer: int, hooks: Sequence[Hook]) -> tuple[list[Hook], ...]:

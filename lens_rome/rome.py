@@ -27,6 +27,10 @@ model, or use :func:`edited` for a temporary edit::
     with rome.edited(model, {"prompt": "{} is located in the city of",
                              "subject": "The Eiffel Tower", "target_new": " Rome"}):
         model.generate("The Eiffel Tower is", max_new_tokens=10)
+
+For edits that pile up on one model: ``update_key="average"`` is r-ROME's update
+(``k*`` in numerator and denominator), and ``null_space=True`` AlphaEdit's
+(:mod:`lens_rome.null_space`); :mod:`lens_rome.memit` edits batches.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from lens_rome.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 from lens_rome.models import ModelAdapter, adapter_for
+from lens_rome.null_space import NULL_SPACE_L2, NULL_SPACE_THRESHOLD
 from lens_rome.precision import precision_name, resolve_bf16
 from lens_rome.storage import replacing
 from lens_rome.statistics import (
@@ -62,6 +67,7 @@ from lens_rome.statistics import (
 log = logging.getLogger(__name__)
 
 LOOKUPS = ("subject_last", "subject_first", "last")
+UPDATE_KEYS = ("bare", "average")
 KL_PROMPT = "{} is a"
 PREFIX_STARTERS = ("The", "Therefore", "Because", "I", "You")
 SAVE_FORMAT = 1
@@ -197,6 +203,20 @@ class RomeHyperParams:
             supports it and has no hooks attached.
         stats_samples, stats_token_length: the corpus sample behind ``C``.
         seed: seeds the prefix generation.
+        update_key: the key the update is solved for.  ``"bare"`` (the paper's
+            code): ``Lambda = (v* - W k0) / ((C^-1 k*)^T k0)`` with ``k0`` the bare
+            prompt's key, so the prompt itself gets exactly ``v*``.  ``"average"``
+            (r-ROME, Gupta et al. 2024): ``k*`` in numerator and denominator,
+            ``Lambda = (v* - W k*) / ((C^-1 k*)^T k*)``, the fix for the edits that
+            break a model during sequential editing.
+        null_space: AlphaEdit's update (Fang et al. 2025) instead of ``C^-1 k*``:
+            the change is projected onto the null space of the corpus keys (the
+            eigenvectors of ``C`` whose eigenvalues are below
+            ``null_space_threshold`` times their mean), so that it leaves their
+            outputs alone, and it also keeps the outputs of the keys of the edits
+            already applied to the model (:mod:`lens_rome.null_space`).
+        null_space_threshold, null_space_l2: the eigenvalue cut (relative to the
+            mean eigenvalue of ``C``) and AlphaEdit's ridge weight on ``|change|^2``.
     """
 
     layer: int
@@ -215,6 +235,10 @@ class RomeHyperParams:
     stats_samples: int = DEFAULT_SAMPLES
     stats_token_length: int = DEFAULT_TOKEN_LENGTH
     seed: int = 0
+    update_key: str = "bare"
+    null_space: bool = False
+    null_space_threshold: float = NULL_SPACE_THRESHOLD
+    null_space_l2: float = NULL_SPACE_L2
 
     def __post_init__(self):
         check_lookup(self.lookup)
@@ -234,6 +258,8 @@ class RomeHyperParams:
                      "early_stop_nll"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        check_update_options(self.update_key, self.null_space, self.null_space_threshold,
+                             self.null_space_l2)
 
     @classmethod
     def for_model(cls, model: HookedTransformer | str, **overrides) -> "RomeHyperParams":
@@ -270,13 +296,28 @@ MODEL_DEFAULTS: dict[str, dict] = {
     # Layer 5: the peak of SmolLM2's MLP trace at the last subject token.  The NLL
     # early stop ends easy edits early; hard targets (NLL ~16 at the start) still get
     # all 20 steps.  Precision: bfloat16 where the hardware has it (RomeHyperParams.bf16).
-    "smollm2-135m": {"layer": 5, "v_steps": 20, "early_stop_nll": 0.2},
+    "smollm2-135m": {"layer": 5, "v_steps": 20, "v_lr": 1.0, "early_stop_nll": 0.2},
     # Layer 7: the peak of Gemma-3-270M's MLP trace at the last subject token (its edit
     # quality is not yet measured; the other settings are the paper's).
     "gemma-3-270m": {"layer": 7},
     "gpt2-xl": {"layer": 17, "v_steps": 20, "v_lr": 0.5, "kl_weight": 0.0625,
                 "weight_decay": 0.5, "clamp_norm": 4.0},
 }
+
+
+def check_update_options(update_key: str, null_space: bool, threshold: float,
+                         l2: float) -> None:
+    """Raise ``ValueError`` for an unknown ``update_key`` or a bad null-space setting."""
+    if update_key not in UPDATE_KEYS:
+        raise ValueError(f"update_key must be one of {list(UPDATE_KEYS)} ('average' is "
+                         f"r-ROME), got {update_key!r}")
+    if not isinstance(null_space, bool):
+        raise TypeError(f"null_space must be True or False, got {null_space!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise ValueError(f"null_space_threshold must be a number > 0 (a fraction of the mean "
+                         f"eigenvalue of C), got {threshold!r}")
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
+        raise ValueError(f"null_space_l2 must be a number > 0, got {l2!r}")
 
 
 def check_lookup(lookup: str | int) -> str | int:
@@ -413,7 +454,8 @@ class _Group:
     """
 
     def __init__(self, adapter: ModelAdapter, layer: int, rows: list[list[int]], lookup: int,
-                 loss_positions: list[int], loss_targets: list[int] | None):
+                 loss_positions: list[int], loss_targets: list[int] | None,
+                 fast: FastBlocks | None = None):
         model = adapter.model
         self.adapter, self.layer, self.lookup = adapter, layer, lookup
         bos = [model.tokenizer.bos_token_id] if adapter.prepend_bos else []
@@ -421,10 +463,25 @@ class _Group:
         tokens = torch.tensor([bos + r for r in rows], device=model.cfg.device)
         p = lookup + self.offset
         self.p = p
+        self.loss_positions = [q + self.offset - p for q in loss_positions]
+        if min(self.loss_positions) < 0:
+            raise ValueError("the lookup token lies after the predicted tokens")
+        self.loss_targets = loss_targets
+        self.rotated = fast is not None
+        if fast is not None:
+            logits = self._run_lean(fast, tokens, loss_targets is None)
+        else:
+            logits = self._run_transformer_lens(tokens, loss_targets is None)
+        self.original = None if logits is None else torch.log_softmax(
+            logits[:, self.loss_positions].float(), -1)
+
+    def _run_transformer_lens(self, tokens: torch.Tensor, kl: bool) -> torch.Tensor | None:
+        """The states the loop needs, from TransformerLens' blocks; the KL rows' logits."""
+        adapter, layer, p, model = self.adapter, self.layer, self.p, self.adapter.model
         names = {adapter.hook_name("key", layer), adapter.hook_name("mlp", layer),
                  adapter.hook_name("hidden", layer)}
-        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rows))
-        if loss_targets is None:  # the KL rows compare with the unedited model's outputs
+        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(tokens))
+        if kl:  # the KL rows compare with the unedited model's outputs
             logits, cache = model.run_with_cache(tokens, names_filter=names.__contains__,
                                                  past_kv_cache=kv)
             logits, start = logits[:, p:], p
@@ -440,12 +497,38 @@ class _Group:
         self.prefix = {b: (kv.entries[b].past_keys[:, :p].clone(),
                            kv.entries[b].past_values[:, :p].clone())
                        for b in range(layer + 1, adapter.n_layers)}
-        self.loss_positions = [q + self.offset - p for q in loss_positions]
-        if min(self.loss_positions) < 0:
-            raise ValueError("the lookup token lies after the predicted tokens")
-        self.loss_targets = loss_targets
-        self.original = None if logits is None else torch.log_softmax(
-            logits[:, self.loss_positions].float(), -1)
+        return logits
+
+    def _run_lean(self, fast: FastBlocks, tokens: torch.Tensor, kl: bool) -> torch.Tensor | None:
+        """The same states from the lean blocks (one pass per group, no hook machinery)."""
+        adapter, layer, p, model = self.adapter, self.layer, self.p, self.adapter.model
+        resid = model(tokens, stop_at_layer=0)  # the embedded tokens, as block 0 sees them
+        for b in range(layer):
+            resid = fast(b, resid)
+        seen = {}
+
+        def keep(name):
+            def hook(activation, _):
+                seen[name] = activation
+            return hook
+
+        hooks = [(f"blocks.{layer}.hook_attn_out", keep("attn")),
+                 (f"blocks.{layer}.hook_mlp_out", keep("mlp"))]
+        before = resid  # block `layer` adds its attention output to this
+        resid = fast(layer, resid, hooks=hooks)
+        self.keys = fast.mlp_key(layer, before[:, p] + seen["attn"][:, p]).double()
+        self.mlp_out = seen["mlp"][:, p]
+        self.resid = resid[:, p:]
+        upper = resid if kl else resid[:, :p]
+        self.prefix = {}
+        for b in range(layer + 1, adapter.n_layers):
+            if upper.shape[1] == 0:
+                self.prefix[b] = (upper.new_zeros(len(upper), 0, fast.n_kv_heads, fast.d_head),) * 2
+                continue
+            kv = []
+            upper = fast(b, upper, kv_out=kv)
+            self.prefix[b] = (kv[0][0][:, :p], kv[0][1][:, :p])
+        return _final_logits(model, upper[:, p:]) if kl else None
 
     def cast(self, dtype: torch.dtype, fast: FastBlocks | None = None) -> "_Group":
         """Keep the precomputed states in ``dtype`` (that of the blocks they enter), and run
@@ -453,7 +536,7 @@ class _Group:
         self.resid = self.resid.to(dtype)
         self.prefix = {b: (k.to(dtype), v.to(dtype)) for b, (k, v) in self.prefix.items()}
         self.fast = fast
-        if fast is not None:  # TransformerLens caches keys unrotated
+        if fast is not None and not self.rotated:  # TransformerLens caches keys unrotated
             self.prefix = {b: (fast.rotated_keys(b, k), v) for b, (k, v) in self.prefix.items()}
         return self
 
@@ -479,15 +562,20 @@ class _Group:
         return -picked[..., 0].mean(1).sum()
 
 
-def _final_log_probs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities ``[..., d_vocab]`` from residual states after the last block."""
+def _final_logits(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+    """Logits ``[..., d_vocab]`` from residual states after the last block."""
     if hasattr(model, "ln_final"):
         resid = model.ln_final(resid)
     logits = model.unembed(resid)
     cap = getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)
-    return torch.log_softmax(logits.float(), -1)
+    return logits
+
+
+def _final_log_probs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities ``[..., d_vocab]`` from residual states after the last block."""
+    return torch.log_softmax(_final_logits(model, resid).float(), -1)
 
 
 class _OneBatch:
@@ -614,10 +702,13 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
     model = adapter.model
     started = time.perf_counter()
     specs, (kl_ids, kl_lookup), bare = _layout(adapter, request, hp)
+    lean = hp.lean_blocks and unsupported_reason(model) is None and not has_user_hooks(model)
     with torch.no_grad():
-        groups = [_Group(adapter, hp.layer, rows, lookup, positions, target)
+        setup = FastBlocks(model) if lean else None  # in the model's own dtype
+        groups = [_Group(adapter, hp.layer, rows, lookup, positions, target, setup)
                   for rows, lookup, positions, target in specs]
-        kl_group = _Group(adapter, hp.layer, [kl_ids], kl_lookup, [len(kl_ids) - 1], None)
+        kl_group = _Group(adapter, hp.layer, [kl_ids], kl_lookup, [len(kl_ids) - 1], None,
+                          setup)
     n_rows = sum(len(g.keys) for g in groups)
     key = torch.cat([g.keys for g in groups]).mean(0)
     reference = groups[0].mlp_out[0]  # the bare prompt's MLP output at the lookup token
@@ -629,8 +720,7 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
     bf16 = resolve_bf16(hp.bf16, model.cfg.device, what="ROME's v* optimisation")
     dtype = torch.bfloat16 if bf16 else model.cfg.dtype
     with _frozen_parameters(model), adapter.cast(dtype):
-        lean = hp.lean_blocks and unsupported_reason(model) is None and not has_user_hooks(model)
-        fast = FastBlocks(model) if lean else None
+        fast = (setup if dtype == model.cfg.dtype else FastBlocks(model)) if lean else None
         for group in [*groups, kl_group]:
             group.cast(dtype, fast)
         batch = _OneBatch(groups, kl_group, fast) if fast is not None else None
@@ -683,15 +773,19 @@ class Edit:
     def __init__(self, layer: int, left: torch.Tensor, right: torch.Tensor, *,
                  model_name: str, fingerprint: str, d_mlp: int, d_model: int,
                  request: EditRequest | None = None, hparams: dict | None = None,
-                 info: dict | None = None):
+                 info: dict | None = None, keys: torch.Tensor | None = None):
         if left.shape != (d_mlp,) or right.shape != (d_model,):
             raise ValueError(
                 f"an edit of a [{d_mlp}, {d_model}] W_out needs left [{d_mlp}] and right "
                 f"[{d_model}], got {tuple(left.shape)} and {tuple(right.shape)}"
             )
+        if keys is not None and (keys.ndim != 2 or keys.shape[1] != d_mlp):
+            raise ValueError(f"keys must be [n, {d_mlp}], got {tuple(keys.shape)}")
         self.layer = layer
         self.left = left.detach().float().cpu()
         self.right = right.detach().float().cpu()
+        # the key(s) written, [n, d_mlp]: what later null-space edits keep in place
+        self.keys = None if keys is None else keys.detach().float().cpu()
         self.model_name = model_name
         self.fingerprint = fingerprint
         self.d_mlp, self.d_model = d_mlp, d_model
@@ -715,9 +809,22 @@ class Edit:
         """The model the edit is applied to, if any."""
         return self._model
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layers whose ``W_out`` the edit changes (one)."""
+        return (self.layer,)
+
+    def keys_at(self, layer: int) -> torch.Tensor | None:
+        """The keys ``[n, d_mlp]`` this edit wrote at ``layer`` (None if none are known)."""
+        return self.keys if layer == self.layer else None
+
     def weight_delta(self) -> Float[torch.Tensor, "d_mlp d_model"]:
         """The change to ``W_out``: ``outer(left, right)``."""
         return torch.outer(self.left, self.right)
+
+    def update_norm(self) -> float:
+        """Frobenius norm of the change to ``W_out``."""
+        return float(self.left.double().norm() * self.right.double().norm())
 
     def check_model(self, model: HookedTransformer) -> None:
         """Raise ``ValueError`` unless ``model`` is the model this edit was made for."""
@@ -750,7 +857,7 @@ class Edit:
         if not self.applied:
             raise RuntimeError(f"{self!r} is not applied: nothing to revert")
         stack = _stack(self._model)
-        later = [e for e in stack[stack.index(self) + 1:] if e.layer == self.layer]
+        later = [e for e in stack[stack.index(self) + 1:] if self.layer in e.layers]
         if later:
             raise RuntimeError(
                 f"{len(later)} later edit(s) of layer {self.layer} are still applied "
@@ -783,9 +890,11 @@ class Edit:
             "hparams": self.hparams,
             "info": {k: v for k, v in self.info.items() if k != "v_history"},
         }
+        tensors = {"left": self.left.contiguous(), "right": self.right.contiguous()}
+        if self.keys is not None:
+            tensors["keys"] = self.keys.contiguous()
         with replacing(path, overwrite=overwrite) as tmp:
-            save_file({"left": self.left.contiguous(), "right": self.right.contiguous()},
-                      str(tmp), metadata={"lens_rome_edit": json.dumps(meta)})
+            save_file(tensors, str(tmp), metadata={"lens_rome_edit": json.dumps(meta)})
         return path
 
     @classmethod
@@ -798,13 +907,14 @@ class Edit:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["lens_rome_edit"])
                 left, right = f.get_tensor("left"), f.get_tensor("right")
+                keys = f.get_tensor("keys") if "keys" in f.keys() else None
             if meta.get("format") != SAVE_FORMAT:
                 raise ValueError(f"unknown format {meta.get('format')!r}")
             request = EditRequest(**meta["request"]) if meta.get("request") else None
             return cls(int(meta["layer"]), left, right, model_name=meta["model"],
                        fingerprint=meta["fingerprint"], d_mlp=int(meta["d_mlp"]),
                        d_model=int(meta["d_model"]), request=request,
-                       hparams=meta.get("hparams"), info=meta.get("info"))
+                       hparams=meta.get("hparams"), info=meta.get("info"), keys=keys)
         except FileNotFoundError:
             raise
         except Exception as error:
@@ -819,8 +929,14 @@ def _stack(model: HookedTransformer) -> list[Edit]:
 
 
 def applied_edits(model: HookedTransformer) -> list[Edit]:
-    """The edits currently applied to ``model``, oldest first."""
+    """The edits currently applied to ``model`` (ROME's and MEMIT's), oldest first."""
     return list(_stack(model))
+
+
+def edited_keys(model: HookedTransformer, layer: int) -> list[torch.Tensor]:
+    """The keys ``[n, d_mlp]`` written at ``layer`` by the edits applied to ``model``."""
+    keys = [e.keys_at(layer) for e in _stack(model)]
+    return [k for k in keys if k is not None]
 
 
 def edit(
@@ -865,17 +981,37 @@ def edit(
     start = time.perf_counter()
     fingerprint = model_fingerprint(model)
     kv = _key_and_value(adapter, request, hp, progress)
-    u = torch.linalg.solve(second_moment.to(kv.key.device), kv.key)  # C^-1 k*
-    scale = u.norm()
-    left = u / scale
-    # Lambda = (v* - W k0) / (u . k0) with k0 the bare prompt's key and v* = W k0 + delta,
-    # as the paper's code does: the edited MLP gives the prompt itself exactly v*.
-    right = kv.delta.double() * scale / (u @ kv.bare_key)  # rescaled with the unit left
+    left, right = _rank_one_update(model, hp, second_moment, kv)
     info = {**kv.info, "seconds": time.perf_counter() - start}
     result = Edit(hp.layer, left, right, model_name=adapter.name, fingerprint=fingerprint,
                   d_mlp=model.cfg.d_mlp, d_model=model.cfg.d_model, request=request,
-                  hparams=hp.to_dict(), info=info)
+                  hparams=hp.to_dict(), info=info, keys=kv.key[None])
     return result.apply(model)
+
+
+def _rank_one_update(model: HookedTransformer, hp: RomeHyperParams,
+                     second_moment: torch.Tensor, kv: "_KeyValue"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left [d_mlp], right [d_model])`` with ``|left| = 1``; the change is their outer product."""
+    key, delta = kv.key, kv.delta.double().to(kv.key.device)
+    if hp.null_space:  # AlphaEdit for one key: make k* add delta, inside the null space
+        from lens_rome import null_space  # noqa: PLC0415
+
+        projection = null_space.projector(second_moment, hp.null_space_threshold)
+        earlier = null_space.key_gram(edited_keys(model, hp.layer), model.cfg.d_mlp,
+                                      key.device)
+        u = null_space.update_left(projection, key[None], earlier, hp.null_space_l2)[:, 0]
+        return u / u.norm(), delta * u.norm()
+    u = torch.linalg.solve(second_moment.to(key.device), key)  # C^-1 k*
+    scale = u.norm()
+    if hp.update_key == "average":
+        # r-ROME: W' k* = v* = W k0 + delta, i.e. Lambda = (v* - W k*) / (u . k*)
+        weight = adapter_for(model).w_out(hp.layer).detach().to(torch.float64)
+        residual = delta + (kv.bare_key - key).to(weight.device) @ weight
+        return u / scale, residual.to(key.device) * scale / (u @ key)
+    # Lambda = (v* - W k0) / (u . k0) with k0 the bare prompt's key and v* = W k0 + delta,
+    # as the paper's code does: the edited MLP gives the prompt itself exactly v*.
+    return u / scale, delta * scale / (u @ kv.bare_key)  # rescaled with the unit left
 
 
 def _second_moment(model, hp, stats, corpus, cache_dir, progress) -> torch.Tensor:

@@ -20,17 +20,19 @@ TRAINING_TEXT = [
 ] * 5
 
 
+# torch's own choice for this machine, before any test changes it
+DEFAULT_THREADS = torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
 def threads_for_the_model_size(request):
     """Tiny models: one thread (their tensors are too small to split, and spinning threads
-    lose badly on a shared CPU); embedded-model tests keep torch's default."""
-    if request.node.get_closest_marker("embedded"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    lose badly on a shared CPU); embedded-model tests: torch's default, whatever an earlier
+    test set."""
+    embedded = request.node.get_closest_marker("embedded") is not None
+    torch.set_num_threads(DEFAULT_THREADS if embedded else 1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(DEFAULT_THREADS)
 
 
 @pytest.fixture(scope="session")

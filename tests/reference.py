@@ -69,10 +69,10 @@ def trace_with_patch(model, tokens, states_to_patch, answer, subject_range, nois
 
 @torch.no_grad()
 def reference_trace(model, tokens, subject_range, answer, noise, kind="hidden", window=10,
-                    sever=None, replace=False, metric="prob", positions=None):
+                    sever=None, replace=False, metric="prob", positions=None, layers=None):
     """Scores [n_tokens, n_layers], one forward pass (two when severed) per state.
 
-    ``positions`` limits the restored tokens (other rows stay NaN).
+    ``positions`` and ``layers`` limit the restored tokens and layers (other cells stay NaN).
     """
     n_tokens, n_layers = tokens.shape[1], model.cfg.n_layers
     scores = torch.full((n_tokens, n_layers), float("nan"))
@@ -80,9 +80,9 @@ def reference_trace(model, tokens, subject_range, answer, noise, kind="hidden", 
         unpatch = []
         if sever is not None:
             unpatch = [(t, HOOK[sever].format(layer)) for layer in range(n_layers)]
-        for layer in range(n_layers):
-            layers = [layer] if kind == "hidden" else window_layers(layer, window, n_layers)
-            patch = [(t, HOOK[kind].format(l)) for l in layers]
+        for layer in range(n_layers) if layers is None else layers:
+            restored = [layer] if kind == "hidden" else window_layers(layer, window, n_layers)
+            patch = [(t, HOOK[kind].format(l)) for l in restored]
             scores[t, layer] = trace_with_patch(model, tokens, patch, answer, subject_range,
                                                 noise, replace, unpatch, metric)
     low = trace_with_patch(model, tokens, [], answer, subject_range, noise, replace, (), metric)

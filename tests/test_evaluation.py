@@ -14,6 +14,7 @@ from lens_rome.baselines import METHODS, FineTune, make_method
 from lens_rome.datasets import CounterFactCase, build_counterfact, load_zsre
 from lens_rome.evaluation import (
     COUNTERFACT_KEYS,
+    RUN_KEYS,
     ZSRE_KEYS,
     Consistency,
     TfIdf,
@@ -136,7 +137,7 @@ def test_fine_tuning_reverts_bit_for_bit(tiny_llama, name):
 
 
 def test_method_errors(tiny_gpt2):
-    assert METHODS == ("rome", "ft", "ft-l", "none")
+    assert METHODS == ("rome", "r-rome", "memit", "alphaedit", "ft", "ft-l", "none")
     with pytest.raises(ValueError, match="unknown method 'mend'"):
         make_method("mend", tiny_gpt2)
     with pytest.raises(TypeError, match="unknown fine-tuning options"):
@@ -162,9 +163,11 @@ def test_generation_is_seeded_and_batched(tiny_gpt2):
 def test_evaluate_writes_cases_and_exact_summary(tiny_gpt2, tmp_path):
     summary = evaluate(tiny_gpt2, CASES, "ft", tmp_path,
                        method_options={"layer": 1, "lr": 1e-2}, **FAST)
-    assert tuple(summary) == COUNTERFACT_KEYS
-    assert set(json.loads((tmp_path / "summary.json").read_text())) == set(COUNTERFACT_KEYS)
-    assert summary["n"] == len(CASES)
+    assert tuple(summary) == COUNTERFACT_KEYS + RUN_KEYS
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["n"] == summary["n_edits"] == len(CASES)
+    assert summary["batch_size"] == 1 and summary["sequential"] is False
+    assert len(summary["update_norms"]) == len(CASES) and min(summary["update_norms"]) > 0
     assert summary["efficacy_score"] == 100  # fine-tuning on the prompt itself
     records = evaluation.load_records(tmp_path, CASES)
     assert [r["case_id"] for r in records] == [c.case_id for c in CASES]
@@ -239,7 +242,7 @@ def test_zsre_through_the_harness(tiny_gpt2, tmp_path):
                         "loc_ans": "trumpet", "pred": ""}])
     summary = evaluate(tiny_gpt2, cases, "ft", tmp_path, method_options={"layer": 1, "lr": 1e-2},
                        progress=False)
-    assert tuple(summary) == ZSRE_KEYS and summary["n"] == 1
+    assert tuple(summary) == ZSRE_KEYS + RUN_KEYS and summary["n"] == 1
     assert summary["efficacy"] == 100
     assert all(0 <= summary[k] <= 100 for k in ZSRE_KEYS[1:])
 
@@ -254,7 +257,7 @@ def test_cli(tiny_gpt2, tmp_path, monkeypatch, capsys):
     args = ["evaluate", "--dataset", str(data), "--format", "counterfact", "--method", "none",
             "--limit", "3", "--out", str(out), "--max-new-tokens", "4"]
     assert cli.main(args) == 0
-    assert set(json.loads((out / "summary.json").read_text())) == set(COUNTERFACT_KEYS)
+    assert set(json.loads((out / "summary.json").read_text())) == {*COUNTERFACT_KEYS, *RUN_KEYS}
     assert len(list((out / "cases").iterdir())) == 3
     assert "efficacy_score" in capsys.readouterr().out
 

@@ -7,17 +7,25 @@ import json
 import pytest
 import torch
 
-from lens_rome import adapter_for, load_model
+from lens_rome import adapter_for, load_model, models
 from lens_rome.models import EMBEDDED_MODELS, EmbeddedModel, _build_from_gguf, _write_cache
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
 
+@pytest.fixture(scope="session")
+def smollm_gguf_build(tmp_path_factory):
+    """One build of SmolLM2 from its GGUF file (tens of seconds), shared by the tests below:
+    ``(model, tokenizer, hf_model)``."""
+    return _build_from_gguf(EMBEDDED_MODELS["smollm2-135m"], tmp_path_factory.mktemp("gguf"))
+
+
 @pytest.mark.embedded
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma-3-270m"])
-def test_logits_match_hugging_face(name, tmp_path):
+def test_logits_match_hugging_face(name, tmp_path, request):
     spec = EMBEDDED_MODELS[name]
-    model, tokenizer, hf_model = _build_from_gguf(spec, tmp_path)
+    model, tokenizer, hf_model = (request.getfixturevalue("smollm_gguf_build")
+                                  if name == "smollm2-135m" else _build_from_gguf(spec, tmp_path))
     tokens, _ = adapter_for(model).tokenize(PROMPT)
     with torch.no_grad():
         ours, theirs = model(tokens), hf_model(tokens).logits
@@ -26,9 +34,19 @@ def test_logits_match_hugging_face(name, tmp_path):
 
 
 @pytest.mark.embedded
-def test_cache_round_trip_and_corrupt_cache_is_rebuilt(tmp_path, caplog, smollm):
+def test_cache_round_trip_and_corrupt_cache_is_rebuilt(tmp_path, caplog, smollm_gguf_build,
+                                                      monkeypatch):
     cache = tmp_path / "models" / "smollm2-135m"
+    model, tokenizer, _ = smollm_gguf_build
+    builds = []
+
+    def build(spec, where):  # the conversion itself is checked against Hugging Face above
+        builds.append(spec.name)
+        return smollm_gguf_build
+
+    monkeypatch.setattr(models, "_build_from_gguf", build)
     first = load_model("smollm2-135m", cache_dir=tmp_path)  # builds and caches
+    assert builds == ["smollm2-135m"]
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["weights_bytes"] == (cache / "weights.safetensors").stat().st_size
     tokens, _ = adapter_for(first).tokenize(PROMPT)
@@ -40,17 +58,22 @@ def test_cache_round_trip_and_corrupt_cache_is_rebuilt(tmp_path, caplog, smollm)
     with caplog.at_level("WARNING", logger="lens_rome.models"):
         rebuilt = load_model("smollm2-135m", cache_dir=tmp_path)
     assert "unusable" in caplog.text and "rebuilding" in caplog.text
+    assert builds == ["smollm2-135m"] * 2
     assert weights.stat().st_size == manifest["weights_bytes"]
     with torch.no_grad():
         assert torch.equal(rebuilt(tokens), expected)
+    again = load_model("smollm2-135m", cache_dir=tmp_path)  # the rewritten cache reads back
+    assert builds == ["smollm2-135m"] * 2 and again is not rebuilt
+    with torch.no_grad():
+        assert torch.equal(again(tokens), expected)
 
 
 @pytest.mark.embedded
-def test_flipped_bytes_in_cache_are_detected(tmp_path, caplog):
+def test_flipped_bytes_in_cache_are_detected(tmp_path, caplog, smollm_gguf_build):
     from lens_rome.models import _read_cache
 
     spec = EMBEDDED_MODELS["smollm2-135m"]
-    model, tokenizer, _ = _build_from_gguf(spec, tmp_path)
+    model, tokenizer, _ = smollm_gguf_build
     cache = tmp_path / "cache"
     _write_cache(spec, cache, model, tokenizer)
     assert _read_cache(spec, cache) is not None

@@ -331,3 +331,34 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
     assert cli("--prompt", "{} is in", "--subject", "X", "--target", " Rome",
                "--save", str(path)) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kl", [False, True])
+def test_lean_setup_states_equal_transformer_lens(tiny_llama, kl):
+    """k*, the MLP output, the residual stream and the cached keys/values of the v* loop's
+    setup are the same from the lean blocks as from TransformerLens' blocks."""
+    from lens_rome.fast_blocks import FastBlocks
+    from lens_rome.models import adapter_for
+
+    adapter = adapter_for(tiny_llama)
+    hp = rome.RomeHyperParams.for_model(tiny_llama, layer=2, n_prefixes=4)
+    specs, (kl_ids, kl_lookup), _ = rome._layout(adapter, rome.EditRequest.parse(REQUEST), hp)
+    rows, lookup, positions, target = specs[-1]
+    args = ([kl_ids], kl_lookup, [len(kl_ids) - 1], None) if kl else (rows, lookup, positions,
+                                                                     target)
+    with torch.no_grad():
+        fast = FastBlocks(tiny_llama)
+        lean = rome._Group(adapter, 2, *args, fast).cast(torch.float32, fast)
+        reference = rome._Group(adapter, 2, *args).cast(torch.float32, fast)
+    scale = float(reference.resid.abs().max())
+    for name in ("keys", "mlp_out", "resid"):
+        got, expected = getattr(lean, name), getattr(reference, name)
+        assert got.shape == expected.shape
+        assert float((got - expected).abs().max()) < 1e-5 * scale, name
+    assert lean.prefix.keys() == reference.prefix.keys()
+    for b in reference.prefix:
+        for got, expected in zip(lean.prefix[b], reference.prefix[b]):
+            assert got.shape == expected.shape and got.shape[1] == reference.p
+            assert float((got - expected).abs().max()) < 1e-5 * scale
+    if kl:
+        assert float((lean.original - reference.original).abs().max()) < 1e-4
