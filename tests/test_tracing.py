@@ -158,7 +158,7 @@ def test_smollm_recalls_facts_at_the_subject_then_at_the_last_token(smollm, know
     assert len(facts) == 3
     n_layers = smollm.cfg.n_layers
     for fact in facts:
-        result = trace(smollm, fact["prompt"], fact["subject"], "hidden", samples=3)
+        result = trace(smollm, fact["prompt"], fact["subject"], "hidden", samples=5)
         start, end = result.subject_range
         early = result.scores[start:end, : 2 * n_layers // 3].max().item()
         # The last layer itself is excluded: restoring it there gives the clean run back.
