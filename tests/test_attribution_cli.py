@@ -13,18 +13,10 @@ from lens_rome import cli, hooks
 from lens_rome.attribution import Verification, attribute_many
 from lens_rome.dataset_trace import trace_dataset
 from lens_rome.tracing import TraceResult
+from test_cli import run
 
 PROMPT = "The Space Needle is in downtown"
 SUBJECT = "The Space Needle"
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        status = cli.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def args(out, *extra):
