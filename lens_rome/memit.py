@@ -397,7 +397,7 @@ def _layer_change(left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor)
     return (left.to(weight.device) @ right.to(weight.device)).to(weight.dtype)
 
 
-class MemitEdit:
+class MemitEdit(rome.WeightEdit):
     """A change ``W_out += left_l @ right_l`` to each of several layers of one model.
 
     ``left_l`` is ``[d_mlp, n]``, ``right_l`` ``[n, d_model]`` (``n`` requests).
@@ -413,6 +413,8 @@ class MemitEdit:
                  = None, hparams: dict | None = None, info: dict | None = None):
         if not factors:
             raise ValueError("a MEMIT edit needs at least one layer")
+        super().__init__(model_name=model_name, fingerprint=fingerprint, d_mlp=d_mlp,
+                         d_model=d_model, hparams=hparams, info=info)
         self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in sorted(factors):
             left, right = factors[layer]
@@ -425,13 +427,7 @@ class MemitEdit:
             self.factors[int(layer)] = (left.detach().float().cpu().contiguous(),
                                         right.detach().float().cpu().contiguous())
         self.keys = {int(l): k.detach().float().cpu() for l, k in (keys or {}).items()}
-        self.model_name, self.fingerprint = model_name, fingerprint
-        self.d_mlp, self.d_model = d_mlp, d_model
         self.requests = list(requests)
-        self.hparams = hparams or {}
-        self.info = info or {}
-        self._model: HookedTransformer | None = None
-        self._originals: dict[int, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         state = "applied" if self.applied else "not applied"
@@ -441,14 +437,6 @@ class MemitEdit:
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(self.factors)
-
-    @property
-    def applied(self) -> bool:
-        return self._model is not None
-
-    @property
-    def model(self) -> HookedTransformer | None:
-        return self._model
 
     def keys_at(self, layer: int) -> torch.Tensor | None:
         """The keys ``[n, d_mlp]`` this edit wrote at ``layer`` (None if it did not edit it)."""
@@ -466,61 +454,8 @@ class MemitEdit:
         return float(sum(float(self.weight_delta(l).double().norm()) ** 2
                          for l in self.layers) ** 0.5)
 
-    def check_model(self, model: HookedTransformer) -> None:
-        """Raise ``ValueError`` unless ``model`` is the model this edit was made for."""
-        adapter = adapter_for(model)
-        theirs = (adapter.name, model_fingerprint(model))
-        if theirs != (self.model_name, self.fingerprint) or (
-                model.cfg.d_mlp, model.cfg.d_model) != (self.d_mlp, self.d_model):
-            raise ValueError(
-                f"this edit was made for model {self.model_name!r} (fingerprint "
-                f"{self.fingerprint}), not for {theirs[0]!r} (fingerprint {theirs[1]}); "
-                f"refusing to apply it")
-        for layer in self.layers:
-            adapter.check_layer(layer)
-
-    def apply(self, model: HookedTransformer) -> "MemitEdit":
-        """Add the change to ``model``'s ``W_out`` in place (after checking the model)."""
-        if self.applied:
-            raise RuntimeError(f"{self!r} is already applied; revert() it first")
-        self.check_model(model)
-        adapter = adapter_for(model)
-        originals = {}
-        with torch.no_grad():
-            for layer, (left, right) in self.factors.items():
-                weight = adapter.w_out(layer)
-                originals[layer] = weight.detach().clone()
-                weight.add_(_layer_change(left, right, weight))
-        self._attach(model, originals)
-        return self
-
-    def _attach(self, model: HookedTransformer, originals: dict[int, torch.Tensor]) -> None:
-        self._model, self._originals = model, originals
-        rome._stack(model).append(self)
-
-    def revert(self) -> None:
-        """Restore every touched ``W_out`` to the exact bits it had before :meth:`apply`."""
-        if not self.applied:
-            raise RuntimeError(f"{self!r} is not applied: nothing to revert")
-        stack = rome._stack(self._model)
-        later = [e for e in stack[stack.index(self) + 1:] if set(e.layers) & set(self.layers)]
-        if later:
-            raise RuntimeError(
-                f"{len(later)} later edit(s) of layers {list(self.layers)} are still applied "
-                f"({later[-1]!r}); revert edits in reverse order")
-        adapter = adapter_for(self._model)
-        with torch.no_grad():
-            for layer, original in self._originals.items():
-                adapter.w_out(layer).copy_(original)
-        stack.remove(self)
-        self._model, self._originals = None, {}
-
-    def __enter__(self) -> "MemitEdit":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.applied:
-            self.revert()
+    def layer_change(self, layer: int, weight: torch.Tensor) -> torch.Tensor:
+        return _layer_change(*self.factors[layer], weight)
 
     # ----------------------------------------------------------------- files
 
