@@ -427,10 +427,11 @@ def _build_from_gguf(spec: EmbeddedModel, cache: Path):
 
     gguf = spec.locate_gguf(cache)
     log.info("building %s from %s (first load; cached afterwards)", spec.name, gguf)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    with _one_gguf_parse():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
     hf_model.config.quantization_config = None
     del hf_model.config.quantization_config
     hf_model.config.architectures = [spec.architecture]
@@ -460,6 +461,46 @@ def _build_from_gguf(spec: EmbeddedModel, cache: Path):
     )
     model.lens_rome_config = _constructor_config(config)
     return model, tokenizer, hf_model
+
+
+@contextlib.contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """Parse each GGUF file once while transformers reads it three times.
+
+    ``from_pretrained`` of a tokenizer and a model reads the file's config
+    (twice) and its tensors, and each read parses every metadata field anew: for
+    Gemma's 262k-token vocabulary a parse takes about half a minute.  Within
+    this block the reader of a path and its metadata are kept and reused (the
+    metadata as a fresh copy per call, as callers may change it).
+    """
+    import copy  # noqa: PLC0415
+
+    import gguf  # noqa: PLC0415
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf  # noqa: PLC0415
+
+    reader_class, load_checkpoint = gguf.GGUFReader, hf_gguf.load_gguf_checkpoint
+    readers: dict[str, object] = {}
+    metadata: dict[str, dict] = {}
+
+    def reader(path, mode="r"):
+        key = f"{os.fspath(path)}:{mode}"
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    def load(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs.get("model_to_load") is not None:
+            return load_checkpoint(path, return_tensors=return_tensors, **kwargs)
+        key = os.fspath(path)
+        if key not in metadata:
+            metadata[key] = load_checkpoint(path, return_tensors=False, **kwargs)
+        return copy.deepcopy(metadata[key])
+
+    gguf.GGUFReader, hf_gguf.load_gguf_checkpoint = reader, load
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, hf_gguf.load_gguf_checkpoint = reader_class, load_checkpoint
 
 
 def _convert_llama(hf_model, cfg):
