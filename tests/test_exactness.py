@@ -22,7 +22,7 @@ def _compare(model, prompt, subject, kind, sever, *, samples=3, window=4, metric
     generator = torch.Generator().manual_seed(7)
     noise = torch.randn(samples, n_subject, model.cfg.d_model, generator=generator) * scale
     result = trace(model, prompt, subject, kind, samples=samples, window=window, noise=noise,
-                   sever=sever, metric=metric)
+                   sever=sever, metric=metric, positions=positions)
     expected, low = reference_trace(model, tokens, subject_range, result.answer_token, noise,
                                     kind, window, sever, metric=metric, positions=positions,
                                     layers=layers)

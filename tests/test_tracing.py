@@ -158,8 +158,12 @@ def test_smollm_recalls_facts_at_the_subject_then_at_the_last_token(smollm, know
     assert len(facts) == 3
     n_layers = smollm.cfg.n_layers
     for fact in facts:
-        result = trace(smollm, fact["prompt"], fact["subject"], "hidden", samples=5)
-        start, end = result.subject_range
+        tokens, (start, end) = locate_subject(smollm, fact["prompt"], fact["subject"])
+        n_tokens = tokens.shape[-1]
+        # only the rows asserted on are restored (the others would be NaN)
+        result = trace(smollm, fact["prompt"], fact["subject"], "hidden", samples=5,
+                       positions=[*range(start, end), n_tokens - 1])
+        assert result.subject_range == (start, end)
         early = result.scores[start:end, : 2 * n_layers // 3].max().item()
         # The last layer itself is excluded: restoring it there gives the clean run back.
         late = result.scores[-1, n_layers // 2 : n_layers - 2].max().item()
