@@ -28,7 +28,7 @@ Each fact's figures are appended to ``OUT/facts.jsonl`` as soon as they are
 measured; rerunning resumes.  The table is printed at the end (``--report``
 prints it from the file without computing).
 
-    flock /work/cpu.lock .venv/bin/python benchmarks/attribution_quality.py --n 30 --threads 2
+    .venv/bin/python benchmarks/attribution_quality.py --n 30 --threads 1 --samples 3 --swap-kinds hidden
 """
 
 from __future__ import annotations
