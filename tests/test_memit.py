@@ -25,15 +25,6 @@ REQUESTS = [
 LAYERS = (1, 2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and two wait on each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def stats_for(model, layers, cache_dir):
     return {l: key_statistics(model, l, CORPUS, samples=20, token_length=16,
                               cache_dir=cache_dir, progress=False) for l in layers}

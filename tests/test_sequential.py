@@ -26,14 +26,6 @@ CORPUS = ["The Eiffel Tower is located in the city of Paris, France.",
           "The Colosseum is in Rome. Miles Davis plays the trumpet."] * 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def stats(tiny_llama, tmp_path):
     return {l: key_statistics(tiny_llama, l, CORPUS, samples=12, token_length=16,
