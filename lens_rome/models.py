@@ -471,21 +471,36 @@ def _one_gguf_parse() -> Iterator[None]:
     (twice) and its tensors, and each read parses every metadata field anew: for
     Gemma's 262k-token vocabulary a parse takes about half a minute.  Within
     this block the reader of a path and its metadata are kept and reused (the
-    metadata as a fresh copy per call, as callers may change it).
+    metadata as a fresh copy per call, as callers may change it), and the
+    reader slices the mapped file as a plain array: a slice of ``np.memmap``
+    builds another memmap object, and the parse takes millions of slices.
     """
     import copy  # noqa: PLC0415
 
     import gguf  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
     from transformers import modeling_gguf_pytorch_utils as hf_gguf  # noqa: PLC0415
 
     reader_class, load_checkpoint = gguf.GGUFReader, hf_gguf.load_gguf_checkpoint
+
+    class PlainArrayReader(reader_class):
+        """``GGUFReader`` whose ``data`` is the read-only mapping as an ``np.ndarray`` view."""
+
+        @property
+        def data(self):
+            return self._plain_data
+
+        @data.setter
+        def data(self, value):
+            self._plain_data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
     readers: dict[str, object] = {}
     metadata: dict[str, dict] = {}
 
     def reader(path, mode="r"):
         key = f"{os.fspath(path)}:{mode}"
         if key not in readers:
-            readers[key] = reader_class(path, mode)
+            readers[key] = PlainArrayReader(path, mode)
         return readers[key]
 
     def load(path, return_tensors=False, **kwargs):
