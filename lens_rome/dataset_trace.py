@@ -38,7 +38,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
