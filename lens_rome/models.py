@@ -356,14 +356,47 @@ def _sha256(path: Path) -> str:
 
 
 def _load_embedded(spec: EmbeddedModel, cache: Path, *, rebuild: bool) -> HookedTransformer:
+    """Read the cache, or build it once: a process that finds another one building waits
+    for it (``.lock``) and reads what it wrote, rather than building a second copy."""
     _require_package(spec)
+    seen = _manifest_stamp(cache)
     if not rebuild:
         model = _read_cache(spec, cache)
         if model is not None:
             return model
-    model, tokenizer, _ = _build_from_gguf(spec, cache)
-    _write_cache(spec, cache, model, tokenizer)
+    with _build_lock(cache):
+        if not rebuild and _manifest_stamp(cache) != seen:  # another process wrote it meanwhile
+            model = _read_cache(spec, cache)
+            if model is not None:
+                return model
+        model, tokenizer, _ = _build_from_gguf(spec, cache)
+        _write_cache(spec, cache, model, tokenizer)
     return model
+
+
+def _manifest_stamp(cache: Path) -> int | None:
+    """When the cache's manifest was last replaced (ns), or None without one."""
+    try:
+        return (cache / _MANIFEST).stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _build_lock(cache: Path) -> Iterator[None]:
+    """Hold the exclusive lock of one model's cache folder (where ``fcntl`` exists)."""
+    try:
+        import fcntl  # noqa: PLC0415
+    except ImportError:  # Windows: no lock; concurrent first loads each build a copy
+        yield
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_cache(spec: EmbeddedModel, cache: Path) -> HookedTransformer | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,9 @@ TRAINING_TEXT = [
 ] * 5
 
 
-# torch's own choice for this machine, before any test changes it
-DEFAULT_THREADS = torch.get_num_threads()
+# torch's own choice for this machine, before any test changes it, shared among the
+# pytest-xdist workers (each worker is a process: threads beyond the cores only contend)
+DEFAULT_THREADS = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,12 @@ def smollm_gguf_build(tmp_path_factory):
     return _build_from_gguf(EMBEDDED_MODELS["smollm2-135m"], tmp_path_factory.mktemp("gguf"))
 
 
+# The tests that share one SmolLM2 build run in one pytest-xdist worker (``--dist loadgroup``).
+SHARES_THE_BUILD = pytest.mark.xdist_group("smollm_gguf_build")
+
+
 @pytest.mark.embedded
+@SHARES_THE_BUILD
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma-3-270m"])
 def test_logits_match_hugging_face(name, tmp_path, request):
     spec = EMBEDDED_MODELS[name]
@@ -34,6 +39,7 @@ def test_logits_match_hugging_face(name, tmp_path, request):
 
 
 @pytest.mark.embedded
+@SHARES_THE_BUILD
 def test_cache_round_trip_and_corrupt_cache_is_rebuilt(tmp_path, caplog, smollm_gguf_build,
                                                       monkeypatch):
     cache = tmp_path / "models" / "smollm2-135m"
@@ -69,6 +75,7 @@ def test_cache_round_trip_and_corrupt_cache_is_rebuilt(tmp_path, caplog, smollm_
 
 
 @pytest.mark.embedded
+@SHARES_THE_BUILD
 def test_flipped_bytes_in_cache_are_detected(tmp_path, caplog, smollm_gguf_build):
     from lens_rome.models import _read_cache
 
@@ -84,6 +91,40 @@ def test_flipped_bytes_in_cache_are_detected(tmp_path, caplog, smollm_gguf_build
     with caplog.at_level("WARNING", logger="lens_rome.models"):
         assert _read_cache(spec, cache) is None
     assert "checksum" in caplog.text
+
+
+def test_concurrent_first_loads_build_once(tmp_path, monkeypatch):
+    # Two processes (here: threads, each with its own lock handle) load into an empty cache:
+    # one builds and writes, the other waits for the lock and reads what was written.
+    import threading
+    import time
+
+    cache = tmp_path / "models" / "smollm2-135m"
+    builds, written = [], {}
+
+    def build(spec, where):
+        builds.append(spec.name)
+        time.sleep(0.5)  # long enough for the other loader to reach the lock
+        return f"model {len(builds)}", None, None
+
+    def write(spec, where, model, tokenizer):
+        written["model"] = model
+        (where / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_build_from_gguf", build)
+    monkeypatch.setattr(models, "_write_cache", write)
+    monkeypatch.setattr(models, "_read_cache", lambda spec, where: written.get("model"))
+    spec = EMBEDDED_MODELS["smollm2-135m"]
+    loaded = []
+    threads = [threading.Thread(target=lambda: loaded.append(
+        models._load_embedded(spec, cache, rebuild=False))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert builds == ["smollm2-135m"]
+    assert loaded == ["model 1", "model 1"]
+    assert (cache / ".lock").exists()
 
 
 def test_unknown_model_name_names_the_choices():
