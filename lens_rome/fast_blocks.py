@@ -6,9 +6,8 @@ hookable; its small element-wise steps (zero biases added, einops copies,
 keys re-rotated on every call, each query head expanded to its own copy of
 the shared key head) cost as much as the matrix products in bfloat16, and a
 tenth of the time in float32.  :class:`FastBlocks` computes the same function
-with fused weights (one matmul for Q/K/V, one for gate/up),
-``F.scaled_dot_product_attention`` on the grouped heads, and cached keys
-rotated once.  In the last block it can compute the last position only
+with fused weights (one matmul for Q/K/V, one for gate/up), causal attention
+as two batched products over the grouped heads, and cached keys rotated once.  In the last block it can compute the last position only
 (``last_only``): that is all the logits need.
 
 Only the hook points the tracing engine patches exist here,
@@ -249,13 +248,25 @@ def _attention(
 
     ``mask`` (``[batch, 1, pos, kv_pos]``, True: may attend) replaces the causal rule.
     """
-    n_pos, kv_pos = q.shape[1], k.shape[1]
-    causal = torch.ones(n_pos, kv_pos, dtype=torch.bool).tril(offset) if mask is None else mask
-    z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=causal, scale=scale, enable_gqa=k.shape[2] != q.shape[2],
-    )
-    return z.transpose(1, 2)
+    batch, n_pos, heads, d_head = q.shape
+    kv_pos, kv_heads = k.shape[1], k.shape[2]
+    if mask is not None:
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads,
+        )
+        return z.transpose(1, 2)
+    # Causal: the query heads of one key head as one matrix of rows, two batched products.
+    # The trace's few positions leave torch's CPU flash kernel mostly overhead (~2x slower).
+    group = heads // kv_heads
+    grouped = q.view(batch, n_pos, kv_heads, group, d_head).permute(0, 2, 3, 1, 4)
+    scores = grouped.reshape(batch, kv_heads, group * n_pos, d_head) @ k.permute(0, 2, 3, 1)
+    causal = torch.ones(n_pos, kv_pos, dtype=torch.bool).tril(offset)
+    scores = scores.view(batch, kv_heads, group, n_pos, kv_pos).mul_(scale)
+    weights = scores.masked_fill_(~causal, float("-inf")).softmax(-1)
+    z = weights.view(batch, kv_heads, group * n_pos, kv_pos) @ v.transpose(1, 2)
+    return z.view(batch, kv_heads, group, n_pos, d_head).permute(0, 3, 1, 2, 4).reshape(
+        batch, n_pos, heads, d_head)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
