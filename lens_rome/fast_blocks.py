@@ -7,8 +7,9 @@ keys re-rotated on every call, each query head expanded to its own copy of
 the shared key head) cost as much as the matrix products in bfloat16, and a
 tenth of the time in float32.  :class:`FastBlocks` computes the same function
 with fused weights (one matmul for Q/K/V, one for gate/up), causal attention
-as two batched products over the grouped heads, and cached keys rotated once.  In the last block it can compute the last position only
-(``last_only``): that is all the logits need.
+as two batched products over the grouped heads, and cached keys rotated once.
+In the last block it can compute the last position only (``last_only``): that
+is all the logits need.
 
 Only the hook points the tracing engine patches exist here,
 ``blocks.{i}.attn.hook_z``, ``blocks.{i}.hook_attn_out`` and

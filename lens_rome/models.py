@@ -9,6 +9,8 @@ The two embedded models ship as GGUF files inside pip packages, so they load
 with no network.  The first load dequantises them to float32 and converts the
 weights to TransformerLens' layout; the result is cached on disk
 (safetensors plus a manifest with checksums) so later loads take seconds.
+Processes that load a model for the first time together (two notebooks, test
+workers) build it once: the others wait on the cache folder's ``.lock``.
 """
 
 from __future__ import annotations
