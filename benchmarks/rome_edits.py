@@ -17,9 +17,10 @@ reverted before the next.  For each case, as in CounterFact:
 of a case's prompts that pass, averaged over cases.  The unedited model is
 scored the same way.
 
-Run: ``.venv/bin/python benchmarks/rome_edits.py`` (about 6 minutes on a
-2-core CPU once the layer's key statistics are cached; the first run computes
-them, about 2 minutes).  ``--choose-layer`` instead runs the MLP causal trace
+Run: ``.venv/bin/python benchmarks/rome_edits.py`` (about 15 minutes on a
+2-core CPU with the paper's defaults once the layer's key statistics are cached;
+the first run computes them, about 4 minutes).  ``--variants paper speed ...``
+edits the same cases with several hyper-parameter sets side by side.  ``--choose-layer`` instead runs the MLP causal trace
 behind the default edit layer and writes docs/figures/editing_layer_*.
 """
 
@@ -118,6 +119,20 @@ def mean(rows: list[dict], key: str) -> float:
     return 100 * sum(r[key] for r in rows) / len(rows)
 
 
+# Named hyper-parameter changes that --variants compares with the paper's algorithm, on the
+# same cases in one run.  "objective-0.1" is lens_rome 0.1's v* objective (all four
+# departures and its learning rate); "speed" only its two speed-ups.
+VARIANTS = {
+    "paper": {},
+    "objective-0.1": {"kl_direction": "original_edited", "kl_position": "last",
+                      "weight_decay_form": "squared", "early_stop_nll": 0.2, "v_lr": 1.0},
+    "speed": {"early_stop_nll": 0.2, "v_lr": 1.0},
+    "kl-reversed": {"kl_direction": "original_edited"},
+    "kl-last": {"kl_position": "last"},
+    "decay-squared": {"weight_decay_form": "squared"},
+}
+
+
 def run_edits(args) -> None:
     from lens_rome import load_model, rome
     from lens_rome.precision import precision_name, probe_report, resolve_bf16
@@ -157,42 +172,54 @@ def run_edits(args) -> None:
 
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     rome.context_prefixes(model, hp.n_prefixes, hp.prefix_lengths, hp.seed)  # once per model
-    unedited, edited, seconds, steps = [], [], [], []
-    print(f"\n{'id':>4} {'subject':28} {'old -> new':34} {'lookup':>10} "
+    variants = {name: hp.replace(**VARIANTS[name]) for name in args.variants}
+    unedited = []
+    edited = {name: [] for name in variants}
+    seconds = {name: [] for name in variants}
+    steps = {name: [] for name in variants}
+    print(f"\n{'id':>4} {'subject':28} {'old -> new':34} {'variant':>14} {'lookup':>10} "
           f"{'eff':>4} {'para':>5} {'neigh':>5} {'steps':>5} {'s':>5}")
     for case in cases:
         unedited.append(score(model, case))
-        start = time.perf_counter()
-        change = rome.edit(model, case["request"], hparams=hp, stats=stats)
-        seconds.append(time.perf_counter() - start)
-        steps.append(len(change.info["v_history"]))
-        result = score(model, case)
-        change.revert()
-        edited.append(result)
-        req = case["request"]
-        print(f"{case['known_id']:>4} {req['subject'][:28]:28} "
-              f"{(req['target_true'] + ' ->' + req['target_new'])[:34]:34} "
-              f"{change.info['lookup_token'][:10]:>10} {result['efficacy']:4.0f} "
-              f"{result['paraphrase']:5.2f} {result['neighbourhood']:5.2f} {steps[-1]:5d} "
-              f"{seconds[-1]:5.1f}",
-              flush=True)
+        for name, variant in variants.items():  # each variant edits, is scored, reverts
+            start = time.perf_counter()
+            change = rome.edit(model, case["request"], hparams=variant, stats=stats)
+            seconds[name].append(time.perf_counter() - start)
+            steps[name].append(len(change.info["v_history"]))
+            result = score(model, case)
+            change.revert()
+            edited[name].append(result)
+            req = case["request"]
+            print(f"{case['known_id']:>4} {req['subject'][:28]:28} "
+                  f"{(req['target_true'] + ' ->' + req['target_new'])[:34]:34} {name:>14} "
+                  f"{change.info['lookup_token'][:10]:>10} {result['efficacy']:4.0f} "
+                  f"{result['paraphrase']:5.2f} {result['neighbourhood']:5.2f} "
+                  f"{steps[name][-1]:5d} {seconds[name][-1]:5.1f}", flush=True)
     exact = all(torch.equal(before[name], p) for name, p in model.named_parameters())
 
-    print(f"\n{'':22} {'efficacy':>9} {'paraphrase':>11} {'neighbourhood':>14}")
-    for label, rows in (("unedited model", unedited), (f"ROME, layer {hp.layer}", edited)):
-        print(f"{label:22} {mean(rows, 'efficacy'):8.1f}% {mean(rows, 'paraphrase'):10.1f}% "
-              f"{mean(rows, 'neighbourhood'):13.1f}%")
-    print(f"\ntime per edit (statistics excluded, {precision}): median "
-          f"{statistics.median(seconds):.1f} s, mean {statistics.mean(seconds):.1f} s, "
-          f"max {max(seconds):.1f} s; v* steps: median {statistics.median(steps):.0f}, "
-          f"max {max(steps)}")
+    print(f"\n{'':30} {'efficacy':>9} {'paraphrase':>11} {'neighbourhood':>14} "
+          f"{'median s/edit':>14} {'median steps':>13}")
+    print(f"{'unedited model':30} {mean(unedited, 'efficacy'):8.1f}% "
+          f"{mean(unedited, 'paraphrase'):10.1f}% {mean(unedited, 'neighbourhood'):13.1f}%")
+    for name, rows in edited.items():
+        label = f"ROME, layer {hp.layer}, {name}"
+        print(f"{label:30} {mean(rows, 'efficacy'):8.1f}% {mean(rows, 'paraphrase'):10.1f}% "
+              f"{mean(rows, 'neighbourhood'):13.1f}% {statistics.median(seconds[name]):14.1f} "
+              f"{statistics.median(steps[name]):13.0f}")
+    for name in variants:
+        print(f"\n{name}: time per edit (statistics excluded, {precision}): median "
+              f"{statistics.median(seconds[name]):.1f} s, mean {statistics.mean(seconds[name]):.1f}"
+              f" s, max {max(seconds[name]):.1f} s; v* steps: median "
+              f"{statistics.median(steps[name]):.0f}, max {max(steps[name])}")
     print(f"one-time key statistics for layer {hp.layer}: {computed:.1f} s; "
           f"cached load: {cached_load:.2f} s")
-    print(f"every parameter bit-exact after the {len(cases)} reverts: {exact}")
+    print(f"every parameter bit-exact after the {len(cases) * len(variants)} reverts: {exact}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "hparams": hp.to_dict(), "cases": cases, "edited": edited, "unedited": unedited,
-            "seconds": seconds, "steps": steps, "precision": precision, "stats_seconds": computed, "cached_load": cached_load}, indent=1))
+            "hparams": {name: v.to_dict() for name, v in variants.items()}, "cases": cases,
+            "edited": edited, "unedited": unedited, "seconds": seconds, "steps": steps,
+            "precision": precision, "stats_seconds": computed, "cached_load": cached_load},
+            indent=1))
 
 
 def choose_layer(args) -> None:
@@ -261,6 +288,9 @@ def main() -> None:
                        ("early-stop-loss", float), ("early-stop-nll", float)):
         parser.add_argument(f"--{name}", type=kind, default=None)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--variants", nargs="+", default=["paper"], choices=sorted(VARIANTS),
+                        help="hyper-parameter variants edited side by side on the same cases "
+                             "('paper': the defaults; see VARIANTS)")
     parser.add_argument("--lookup", default=None,
                         help="subject_last, subject_first, last, or a token index")
     parser.add_argument("--choose-layer", action="store_true",

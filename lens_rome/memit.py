@@ -9,9 +9,11 @@ path found by causal tracing:
    hidden state after block ``L`` at the subject's lookup token, moved by the
    ``delta_i`` that makes ``o*_i`` likely.  Adding ``delta_i`` to the residual
    stream after block ``L`` is adding it to that block's MLP output, so
-   ``delta_i`` is exactly ROME's ``v* - W_out k`` at layer ``L`` (the ``v*``
-   optimisation of :mod:`lens_rome.rome`, with its KL term, weight decay and
-   clamp; see :func:`target_deltas`).
+   ``delta_i`` is exactly ROME's ``v* - W_out k`` at layer ``L``: the loss of
+   :mod:`lens_rome.rome`'s ``v*`` optimisation, as the paper's ``compute_z``
+   writes it, measures ``delta`` against ``h`` instead of the MLP output (weight
+   decay ``|delta| / |h|^2``, clamp ``0.75 |h|``) and uses 5 context prefixes of
+   10 tokens (``VALUE_DEFAULTS``; see :func:`target_deltas`).
 2. **For each layer** ``l`` in order: the keys ``K`` (``[n, d_mlp]``, each the
    request's key at ``l`` averaged over the prompt and ROME's self-generated
    prefixes, computed with the layers below already edited), the residual
@@ -85,6 +87,12 @@ MODEL_DEFAULTS: dict[str, dict] = {
     "gpt2-xl": {"layers": (13, 14, 15, 16, 17), "mom2_weight": 20000.0},
 }
 CRITICAL_FRACTION = 0.85
+# Where MEMIT's target optimisation (the paper's ``compute_z``) differs from ROME's v*: the
+# delta is measured against the residual stream after the last edited block, clamped to 0.75
+# of its norm (the paper's GPT-2 XL and GPT-J settings), and the contexts are the bare prompt
+# and 5 generated prefixes of 10 tokens (MEMIT's ``get_context_templates``).
+VALUE_DEFAULTS = {"norm_reference": "hidden", "clamp_norm": 0.75, "n_prefixes": 5,
+                  "prefix_lengths": (10,)}
 
 
 def critical_layers(effects: Sequence[float], fraction: float = CRITICAL_FRACTION
@@ -125,7 +133,8 @@ class MemitHyperParams:
             (:mod:`lens_rome.null_space`) instead of MEMIT's.
         value: the ``v*`` optimisation and key settings (lookup token, prefixes,
             steps, KL weight, ...) as :class:`lens_rome.rome.RomeHyperParams`;
-            its ``layer`` is always ``layers[-1]``.
+            its ``layer`` is always ``layers[-1]``; default: the model's ROME
+            settings with MEMIT's ``VALUE_DEFAULTS``.
     """
 
     layers: tuple[int, ...]
@@ -155,7 +164,8 @@ class MemitHyperParams:
                              f"solvable), got {self.mom2_weight!r}")
         rome.check_update_options("bare", self.null_space, self.null_space_threshold,
                                   self.null_space_l2)
-        value = self.value if self.value is not None else RomeHyperParams(layer=layers[-1])
+        value = self.value if self.value is not None else RomeHyperParams(
+            layer=layers[-1], **VALUE_DEFAULTS)
         if not isinstance(value, RomeHyperParams):
             raise TypeError(f"value must be RomeHyperParams, got {type(value).__name__}")
         if value.layer != layers[-1]:
@@ -190,7 +200,7 @@ class MemitHyperParams:
         layers = mine["layers"]
         last = (layers,) if isinstance(layers, int) else tuple(layers)
         value = RomeHyperParams.for_model(
-            model, **{k: v for k, v in overrides.items() if k in theirs},
+            model, **{**VALUE_DEFAULTS, **{k: v for k, v in overrides.items() if k in theirs}},
             layer=last[-1] if last else 0)
         return cls(**mine, value=value)
 
@@ -222,9 +232,7 @@ class MemitHyperParams:
         data = dict(data)
         value = data.pop("value", None)
         if isinstance(value, Mapping):
-            value = dict(value)
-            value["prefix_lengths"] = tuple(value.get("prefix_lengths", (5, 10)))
-            value = RomeHyperParams(**value)
+            value = RomeHyperParams.from_dict(value)
         return cls(**data, value=value)
 
 
@@ -270,28 +278,17 @@ def check_requests(requests: Sequence[EditRequest | Mapping[str, Any]] | EditReq
 
 def _request_rows(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams
                   ) -> tuple[list[list[int]], list[int]]:
-    """The bare prompt and the prompt after each of ROME's prefixes (token ids, cut after the
-    lookup token, BOS included where the model needs it) and the lookup index in each.
-
-    The same rows as ROME's ``k*``: the bare prompt, then ``prefix + "." + " " + prompt``.
-    """
-    model = adapter.model
-    bare = rome._subject_prompt(adapter, request.prompt, request.subject)
-    reference = (bare.subject_range, len(bare.ids))
-    spaced = rome._subject_prompt(adapter, request.prompt, request.subject, lead=" ")
-    dot = model.tokenizer(".", add_special_tokens=False)["input_ids"]
-    bos = [model.tokenizer.bos_token_id] if adapter.prepend_bos else []
+    """The bare prompt and the prompt after each context prefix (token ids, cut after the
+    lookup token, BOS included where the model needs it) and the lookup index in each:
+    the same rows as ROME's ``k*`` (:func:`lens_rome.rome.context_prompts`)."""
+    bos = [adapter.model.tokenizer.bos_token_id] if adapter.prepend_bos else []
+    prompts = rome.context_prompts(adapter, request, hp)
+    reference = (prompts[0].subject_range, len(prompts[0].ids))
     rows, lookups = [], []
-    lookup = rome.lookup_position(hp.lookup, bare.subject_range, len(bare.ids), reference)
-    rows.append(bos + bare.ids[:lookup + 1])
-    lookups.append(len(bos) + lookup)
-    prefixes = rome.context_prefixes(model, hp.n_prefixes, hp.prefix_lengths, hp.seed)
-    for prefix in prefixes:
-        lead = bos + prefix + dot
-        lookup = rome.lookup_position(hp.lookup, spaced.subject_range, len(spaced.ids),
-                                      reference)
-        rows.append(lead + spaced.ids[:lookup + 1])
-        lookups.append(len(lead) + lookup)
+    for prompt in prompts:
+        lookup = prompt.lookup(hp.lookup, reference)
+        rows.append(bos + prompt.ids[:lookup + 1])
+        lookups.append(len(bos) + lookup)
     return rows, lookups
 
 

@@ -9,10 +9,16 @@ the subject up (``blocks.{l}.mlp.hook_post``), the value is what
 1. computes the key ``k*``: the activation at the subject's lookup token,
    averaged over the prompt preceded by ~20 short texts the model generates
    itself, so that the edit does not depend on the context;
-2. optimises a value ``v* = W_out k* + delta``: the MLP output at the lookup
-   token that makes ``o*`` likely after every prefixed prompt, while the
-   model's next-token distribution after ``"{s} is a"`` stays close to the
-   original (KL term), with weight decay and a norm clamp on ``delta``;
+2. optimises a value ``v* = m + delta`` (``m``: the MLP output at the bare
+   prompt's lookup token) as the paper's code (``rome/compute_v.py``) does::
+
+       L(delta) = mean_j -log P(o* | x_j + p, m_j + delta)         # j: prefixes
+                  + kl_weight * KL(P_edited || P_original)          # "{s} is a", at s's last token
+                  + weight_decay * |delta| / |m|^2
+
+   with ``|delta| <= clamp_norm * |m|`` after each Adam step, stopping when
+   ``L < early_stop_loss`` (:class:`RomeHyperParams`; departures from it are
+   named options there);
 3. inserts the pair with the least change to every other key, given
    ``C = E[k k^T]`` over a corpus (:mod:`lens_rome.statistics`)::
 
@@ -68,6 +74,13 @@ log = logging.getLogger(__name__)
 
 LOOKUPS = ("subject_last", "subject_first", "last")
 UPDATE_KEYS = ("bare", "average")
+# The accepted values of the v* objective's switches; the first of each is the paper's.
+CHOICES = {
+    "norm_reference": ("mlp_out", "hidden"),
+    "kl_direction": ("edited_original", "original_edited"),
+    "kl_position": ("lookup", "last"),
+    "weight_decay_form": ("norm", "squared"),
+}
 KL_PROMPT = "{} is a"
 PREFIX_STARTERS = ("The", "Therefore", "Because", "I", "You")
 SAVE_FORMAT = 1
@@ -183,16 +196,29 @@ class RomeHyperParams:
         n_prefixes, prefix_lengths: the self-generated texts (in tokens, split
             evenly among the lengths) that precede the prompt when ``k*`` and
             ``v*`` are computed; the bare prompt is always used too.
+        prefixes: the context prefixes as texts instead (each joined to the
+            prompt as the paper's code does, ``prefix + ". " + prompt``), to
+            reproduce a run or compare with another implementation; None
+            (default): the generated ones.  The bare prompt is always used too.
         v_steps, v_lr: Adam steps and learning rate of the ``v*`` optimisation.
-        kl_weight: weight of KL(original || edited) after ``"{subject} is a"``.
-        weight_decay: weight of ``|delta|^2 / |m|^2`` (``m``: the MLP output
-            being changed).
+        kl_weight: weight of the KL term on ``"{subject} is a"``.
+        weight_decay: weight of ``|delta| / |m|^2`` (the paper's code;
+            ``m``: the value being changed, see ``norm_reference``).
         clamp_norm: ``|delta|`` is clamped to ``clamp_norm * |m|`` after each step.
         early_stop_loss: stop when the total loss falls below this (the paper's rule).
-        early_stop_nll: also stop when the target NLL alone falls below this
-            (0: never); the weight decay keeps the total loss of a small model
-            above ``early_stop_loss``, so steps past this point mostly trade
-            the KL term against the norm of ``delta``.
+        norm_reference: the ``m`` of the weight decay and the clamp, at the bare
+            prompt's lookup token: ``"mlp_out"`` (ROME's ``compute_v``: the
+            edited MLP's output) or ``"hidden"`` (MEMIT's ``compute_z``: the
+            residual stream after the edited block).
+        kl_direction, kl_position, weight_decay_form, early_stop_nll: departures
+            from the paper's objective, off by default (docs/editing.md measures
+            each): ``kl_direction="original_edited"`` takes KL(original ||
+            edited) instead of the paper's KL(edited || original);
+            ``kl_position="last"`` takes it at the last token of ``"{s} is a"``
+            instead of at the lookup token (the paper's code); ``weight_decay_form
+            ="squared"`` decays ``|delta|^2 / |m|^2`` instead of ``|delta| / |m|^2``;
+            ``early_stop_nll > 0`` also stops when the target NLL alone falls
+            below it.
         bf16: run the upper blocks in bfloat16 during the ``v*`` optimisation
             (about 1.5x faster on CPUs with bf16 units; ``k*``, ``C`` and the
             update stay in float32/float64).  None (default): bfloat16 where
@@ -223,12 +249,17 @@ class RomeHyperParams:
     lookup: str | int = "subject_last"
     n_prefixes: int = 20
     prefix_lengths: tuple[int, ...] = (5, 10)
+    prefixes: tuple[str, ...] | None = None
     v_steps: int = 20
     v_lr: float = 0.5
     kl_weight: float = 0.0625
     weight_decay: float = 0.5
     clamp_norm: float = 4.0
     early_stop_loss: float = 0.05
+    norm_reference: str = "mlp_out"
+    kl_direction: str = "edited_original"
+    kl_position: str = "lookup"
+    weight_decay_form: str = "norm"
     early_stop_nll: float = 0.0
     bf16: bool | None = None
     lean_blocks: bool = True
@@ -254,6 +285,15 @@ class RomeHyperParams:
         if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
             raise ValueError(f"prefix_lengths must be positive token counts, got {lengths!r}")
         object.__setattr__(self, "prefix_lengths", lengths)
+        if self.prefixes is not None:
+            texts = (self.prefixes,) if isinstance(self.prefixes, str) else tuple(self.prefixes)
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError(f"prefixes must be texts (strings), got {self.prefixes!r}")
+            object.__setattr__(self, "prefixes", texts)
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got "
+                                 f"{getattr(self, name)!r}")
         for name in ("v_lr", "kl_weight", "weight_decay", "clamp_norm", "early_stop_loss",
                      "early_stop_nll"):
             if getattr(self, name) < 0:
@@ -287,16 +327,26 @@ class RomeHyperParams:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["prefix_lengths"] = list(self.prefix_lengths)
+        if self.prefixes is not None:
+            data["prefixes"] = list(self.prefixes)
         return data
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RomeHyperParams":
+        """The inverse of :meth:`to_dict` (lists back to tuples)."""
+        data = dict(data)
+        data["prefix_lengths"] = tuple(data.get("prefix_lengths", (5, 10)))
+        if data.get("prefixes") is not None:
+            data["prefixes"] = tuple(data["prefixes"])
+        return cls(**data)
 
-# Per-model defaults.  Layers come from each model's own MLP causal trace
-# (benchmarks/rome_edits.py --choose-layer; docs/editing.md); GPT-2 XL's are the paper's.
+
+# Per-model defaults: only the layer differs from the paper's settings.  Layers come from
+# each model's own MLP causal trace (benchmarks/rome_edits.py --choose-layer;
+# docs/editing.md); GPT-2 XL's are the paper's.
 MODEL_DEFAULTS: dict[str, dict] = {
-    # Layer 5: the peak of SmolLM2's MLP trace at the last subject token.  The NLL
-    # early stop ends easy edits early; hard targets (NLL ~16 at the start) still get
-    # all 20 steps.  Precision: bfloat16 where the hardware has it (RomeHyperParams.bf16).
-    "smollm2-135m": {"layer": 5, "v_steps": 20, "v_lr": 1.0, "early_stop_nll": 0.2},
+    # Layer 5: the peak of SmolLM2's MLP trace at the last subject token.
+    "smollm2-135m": {"layer": 5},
     # Layer 7: the peak of Gemma-3-270M's MLP trace at the last subject token (its edit
     # quality is not yet measured; the other settings are the paper's).
     "gemma-3-270m": {"layer": 7},
@@ -334,27 +384,63 @@ def check_lookup(lookup: str | int) -> str | int:
 
 
 @dataclass
-class _Prompt:
-    """Token ids (no BOS) of a prompt text and the subject's token range in them."""
+class PromptTokens:
+    """Token ids (no BOS) of a prompt text, the subject's token range in them, and where the
+    prompt itself begins (after a context prefix; 0 for the bare prompt)."""
 
     ids: list[int]
     subject_range: tuple[int, int]
+    start: int = 0
+
+    def lookup(self, lookup: str | int, reference: tuple[tuple[int, int], int]) -> int:
+        """The lookup token's index in :attr:`ids` (see :func:`lookup_position`)."""
+        first, last = self.subject_range
+        return self.start + lookup_position(lookup, (first - self.start, last - self.start),
+                                            len(self.ids) - self.start, reference)
 
 
-def _prompt_tokens(adapter: ModelAdapter, text: str, char_start: int, char_end: int) -> _Prompt:
+def _prompt_tokens(adapter: ModelAdapter, text: str, char_start: int, char_end: int,
+                   prompt_char: int = 0) -> PromptTokens:
     tokens, spans = adapter.tokenize(text)
     skip = int(adapter.prepend_bos)
     ids, spans = tokens[0, skip:].tolist(), spans[skip:]
     touched = [i for i, (a, b) in enumerate(spans) if a < char_end and b > char_start and b > a]
     if not touched:
         raise ValueError(f"subject at characters {char_start}:{char_end} of {text!r} has no tokens")
-    return _Prompt(ids, (touched[0], touched[-1] + 1))
+    start = next((i for i, (_, b) in enumerate(spans) if b > prompt_char), 0)
+    return PromptTokens(ids, (touched[0], touched[-1] + 1), start)
 
 
-def _subject_prompt(adapter: ModelAdapter, prompt: str, subject: str, lead: str = "") -> _Prompt:
+def subject_prompt(adapter: ModelAdapter, prompt: str, subject: str, lead: str = ""
+                   ) -> PromptTokens:
     """Tokens of ``lead + fill(prompt, subject)`` and where the subject lies in them."""
     start = len(lead) + prompt.index("{}")
-    return _prompt_tokens(adapter, lead + fill(prompt, subject), start, start + len(subject))
+    return _prompt_tokens(adapter, lead + fill(prompt, subject), start, start + len(subject),
+                          len(lead.rstrip()))
+
+
+def context_prompts(adapter: ModelAdapter, request: EditRequest, hp: "RomeHyperParams"
+                    ) -> list[PromptTokens]:
+    """The bare prompt, then the prompt after each context prefix, joined as the paper's
+    code joins them (``prefix + ". " + prompt``): the rows ``k*`` averages over.
+
+    With ``hp.prefixes`` (texts) each joined text is tokenized whole; the generated
+    prefixes (token ids, :func:`context_prefixes`) are followed by the tokens of
+    ``"."`` and of ``" " + prompt``.
+    """
+    bare = subject_prompt(adapter, request.prompt, request.subject)
+    if hp.prefixes is not None:
+        return [bare] + [subject_prompt(adapter, request.prompt, request.subject, text + ". ")
+                         for text in hp.prefixes]
+    tokenizer = adapter.model.tokenizer
+    spaced = subject_prompt(adapter, request.prompt, request.subject, lead=" ")
+    dot = tokenizer(".", add_special_tokens=False)["input_ids"]
+    rows = [bare]
+    for prefix in context_prefixes(adapter.model, hp.n_prefixes, hp.prefix_lengths, hp.seed):
+        shift = len(prefix) + len(dot)
+        first, last = spaced.subject_range
+        rows.append(PromptTokens(prefix + dot + spaced.ids, (first + shift, last + shift), shift))
+    return rows
 
 
 def lookup_position(
@@ -624,7 +710,8 @@ class _OneBatch:
         self.n_rows = sum(len(g.resid) for g in groups)
 
     def losses(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target NLL (mean over prompts) and the KL term, as :func:`_key_and_value` sums them."""
+        """The target NLL (mean over prompts) and the KL prompt's log-probabilities
+        ``[1, d_vocab]`` with ``delta`` added."""
         model = self.adapter.model
         resid = torch.cat([self.resid[:, :1] + delta.to(self.resid.dtype), self.resid[:, 1:]], 1)
         for b in range(self.layer + 1, self.adapter.n_layers):
@@ -636,10 +723,18 @@ class _OneBatch:
             picked = log_probs.gather(2, targets[None, :, None].expand(len(log_probs), -1, 1))
             nll = nll - picked[..., 0].mean(1).sum()
         kl_rows, kl = self.rows[-1], self.kl_group
-        kl_log_probs = _final_log_probs(model, resid[kl_rows, kl.loss_positions[-1:]])
-        divergence = torch.nn.functional.kl_div(kl_log_probs[:, -1], kl.original[:, -1],
-                                                log_target=True, reduction="batchmean")
-        return nll / self.n_rows, divergence
+        kl_log_probs = _final_log_probs(model, resid[kl_rows, kl.loss_positions[-1]])
+        return nll / self.n_rows, kl_log_probs
+
+
+def _divergence(edited: torch.Tensor, original: torch.Tensor, direction: str) -> torch.Tensor:
+    """KL between two rows of log-probabilities ``[rows, d_vocab]``, batch mean:
+    KL(edited || original) as the paper's code computes it (``"edited_original"``), or
+    KL(original || edited)."""
+    if direction == "edited_original":  # kl_div(input, target) is KL(target || input)
+        return torch.nn.functional.kl_div(original, edited, log_target=True,
+                                          reduction="batchmean")
+    return torch.nn.functional.kl_div(edited, original, log_target=True, reduction="batchmean")
 
 
 @contextlib.contextmanager
@@ -656,37 +751,34 @@ def _frozen_parameters(model: HookedTransformer) -> Iterator[None]:
 
 
 def _layout(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams):
-    """Token rows for the bare and prefixed prompts, grouped by layout, and the KL prompt."""
+    """The target rows (each context prompt followed by the target's tokens but its last),
+    grouped by layout with the bare prompt first and alone, and the KL prompt: its tokens,
+    its lookup token and the position its KL term is read at."""
     tokenizer = adapter.model.tokenizer
     target = tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
     if not target:
         raise ValueError(f"target_new {request.target_new!r} has no tokens")
-    bare = _subject_prompt(adapter, request.prompt, request.subject)
+    bare, *prefixed = context_prompts(adapter, request, hp)
     reference = (bare.subject_range, len(bare.ids))
-    spaced = _subject_prompt(adapter, request.prompt, request.subject, lead=" ")
-    dot = tokenizer(".", add_special_tokens=False)["input_ids"]
-    prefixes = context_prefixes(adapter.model, hp.n_prefixes, hp.prefix_lengths, hp.seed)
 
-    layouts: dict[int, list[list[int]]] = {}
-    for prefix in prefixes:
-        layouts.setdefault(len(prefix), []).append(prefix + dot)
-    groups = [([[]], bare)] + [(rows, spaced) for _, rows in sorted(layouts.items())]
+    def spec(rows: list[list[int]], n_ids: int, lookup: int):
+        positions = [n_ids - 1 + j for j in range(len(target))]
+        return [r + target[:-1] for r in rows], lookup, positions, target
 
-    specs = []
-    for rows, prompt in groups:
-        shift = len(rows[0])
-        lookup = shift + lookup_position(hp.lookup, prompt.subject_range, len(prompt.ids),
-                                         reference)
-        body = prompt.ids + target[:-1]
-        positions = [shift + len(prompt.ids) - 1 + j for j in range(len(target))]
-        specs.append(([r + body for r in rows], lookup, positions, target))
+    layouts: dict[tuple[int, int], list[list[int]]] = {}
+    for prompt in prefixed:  # rows of one length and lookup token run as one group
+        layouts.setdefault((len(prompt.ids), prompt.lookup(hp.lookup, reference)),
+                           []).append(prompt.ids)
+    specs = [spec([bare.ids], len(bare.ids), bare.lookup(hp.lookup, reference))]
+    specs += [spec(rows, n_ids, lookup) for (n_ids, lookup), rows in sorted(layouts.items())]
     longest = max(len(r) for rows, *_ in specs for r in rows) + int(adapter.prepend_bos)
     adapter.check_length(longest, f"the edit prompt {request.text[:60]!r} with the target "
                                   f"{request.target_new[:30]!r} after its longest context prefix")
-    kl = _subject_prompt(adapter, KL_PROMPT, request.subject)
+    kl = subject_prompt(adapter, KL_PROMPT, request.subject)
     kl_lookup = lookup_position(hp.lookup, kl.subject_range, len(kl.ids),
                                 reference if not isinstance(hp.lookup, str) else None)
-    return specs, (kl.ids, kl_lookup), bare
+    kl_read = kl_lookup if hp.kl_position == "lookup" else len(kl.ids) - 1
+    return specs, (kl.ids, kl_lookup, kl_read), bare
 
 
 @dataclass
@@ -701,18 +793,20 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
                    progress: bool = False) -> _KeyValue:
     model = adapter.model
     started = time.perf_counter()
-    specs, (kl_ids, kl_lookup), bare = _layout(adapter, request, hp)
+    specs, (kl_ids, kl_lookup, kl_read), bare = _layout(adapter, request, hp)
     lean = hp.lean_blocks and unsupported_reason(model) is None and not has_user_hooks(model)
     with torch.no_grad():
         setup = FastBlocks(model) if lean else None  # in the model's own dtype
         groups = [_Group(adapter, hp.layer, rows, lookup, positions, target, setup)
                   for rows, lookup, positions, target in specs]
-        kl_group = _Group(adapter, hp.layer, [kl_ids], kl_lookup, [len(kl_ids) - 1], None,
-                          setup)
+        kl_group = _Group(adapter, hp.layer, [kl_ids], kl_lookup, [kl_read], None, setup)
     n_rows = sum(len(g.keys) for g in groups)
     key = torch.cat([g.keys for g in groups]).mean(0)
-    reference = groups[0].mlp_out[0]  # the bare prompt's MLP output at the lookup token
-    max_norm = hp.clamp_norm * reference.float().norm()
+    # m, the paper's target_init: at the bare prompt's lookup token, the MLP output (ROME)
+    # or the residual stream after the edited block (MEMIT)
+    reference = (groups[0].mlp_out[0] if hp.norm_reference == "mlp_out"
+                 else groups[0].resid[0, 0]).float().norm()
+    max_norm = hp.clamp_norm * reference
 
     delta = torch.zeros(model.cfg.d_model, device=model.cfg.device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -728,13 +822,13 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
         for step in range(hp.v_steps):
             optimiser.zero_grad()
             if batch is not None:
-                nll, kl = batch.losses(delta)
+                nll, kl_log_probs = batch.losses(delta)
             else:
                 nll = sum(g.nll(delta) for g in groups) / n_rows
-                kl = torch.nn.functional.kl_div(kl_group.log_probs(delta)[:, -1],
-                                                kl_group.original[:, -1], log_target=True,
-                                                reduction="batchmean")
-            decay = hp.weight_decay * delta.norm() ** 2 / reference.float().norm() ** 2
+                kl_log_probs = kl_group.log_probs(delta)[:, -1]
+            kl = _divergence(kl_log_probs, kl_group.original[:, -1], hp.kl_direction)
+            size = delta.norm() if hp.weight_decay_form == "norm" else delta.norm() ** 2
+            decay = hp.weight_decay * size / reference ** 2
             loss = nll + hp.kl_weight * kl + decay
             history.append({"step": step, "loss": float(loss.detach()),
                             "nll": float(nll.detach()), "kl": float(kl.detach()),

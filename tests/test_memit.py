@@ -67,6 +67,15 @@ def test_keys_are_romes_k_star(tiny_llama):
     torch.testing.assert_close(keys[0], kv.key, rtol=1e-5, atol=1e-6)
 
 
+def test_keys_with_text_prefixes_are_romes_k_star(tiny_llama):
+    hp = RomeHyperParams(layer=2, v_steps=3, prefixes=("The city was quiet", "I think"))
+    request = rome.EditRequest.parse(REQUESTS[0])
+    kv = rome._key_and_value(rome.adapter_for(tiny_llama), request, hp)
+    assert kv.info["rows"] == 3  # the bare prompt and the two texts
+    keys = memit.request_keys(tiny_llama, [request], 2, hp)
+    torch.testing.assert_close(keys[0], kv.key, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("weight", [15000.0, 1e-3])
 def test_one_request_one_layer_is_romes_direction(tiny_llama, tmp_path, weight):
     """MEMIT = ROME's rank-one change C^-1 k* delta^T, scaled by (u.k0) / (lambda + u.k*)."""
@@ -190,6 +199,13 @@ def test_hyperparameters():
     assert MemitHyperParams.from_dict(hp.to_dict()) == hp
     assert hp.replace(layers=(1, 2), kl_weight=0.5).value.layer == 2
     assert hp.replace(null_space=True).null_space and not hp.replace(null_space=True).value.null_space
+    # the targets follow MEMIT's compute_z: delta against the hidden state, its clamp and contexts
+    for value in (hp.value, MemitHyperParams(layers=(1, 2)).value):
+        assert (value.norm_reference, value.clamp_norm) == ("hidden", 0.75)
+        assert (value.n_prefixes, value.prefix_lengths) == (5, (10,))
+    texts = MemitHyperParams.for_model("smollm2-135m", prefixes=["I think"])
+    assert texts.value.prefixes == ("I think",)
+    assert MemitHyperParams.from_dict(texts.to_dict()) == texts
 
 
 # --------------------------------------------------------------------------- r-ROME and AlphaEdit

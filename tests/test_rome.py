@@ -79,6 +79,25 @@ def test_hyperparameters(tiny_llama):
         rome.RomeHyperParams(layer=1, lookup="middle")
     with pytest.raises(ValueError, match="no default edit layer"):
         rome.RomeHyperParams.for_model("no-such-model")
+    with pytest.raises(ValueError, match="kl_direction must be one of"):
+        rome.RomeHyperParams(layer=1, kl_direction="both")
+    with pytest.raises(ValueError, match="prefixes must be texts"):
+        rome.RomeHyperParams(layer=1, prefixes=[3])
+    texts = rome.RomeHyperParams(layer=1, prefixes=["I think", "You know"])
+    assert texts.prefixes == ("I think", "You know")
+    assert rome.RomeHyperParams.from_dict(texts.to_dict()) == texts
+
+
+def test_defaults_are_the_papers():
+    """Every model's defaults are the paper's v* settings; only the layer differs."""
+    paper = {"v_steps": 20, "v_lr": 0.5, "kl_weight": 0.0625, "weight_decay": 0.5,
+             "clamp_norm": 4.0, "early_stop_loss": 0.05, "early_stop_nll": 0.0,
+             "n_prefixes": 20, "prefix_lengths": (5, 10), "norm_reference": "mlp_out",
+             "kl_direction": "edited_original", "kl_position": "lookup",
+             "weight_decay_form": "norm", "update_key": "bare"}
+    for name in rome.MODEL_DEFAULTS:
+        hp = rome.RomeHyperParams.for_model(name)
+        assert {k: getattr(hp, k) for k in paper} == paper, name
 
 
 def test_lookup_positions():
@@ -342,10 +361,10 @@ def test_lean_setup_states_equal_transformer_lens(tiny_llama, kl):
 
     adapter = adapter_for(tiny_llama)
     hp = rome.RomeHyperParams.for_model(tiny_llama, layer=2, n_prefixes=4)
-    specs, (kl_ids, kl_lookup), _ = rome._layout(adapter, rome.EditRequest.parse(REQUEST), hp)
+    specs, (kl_ids, kl_lookup, kl_read), _ = rome._layout(adapter, rome.EditRequest.parse(REQUEST),
+                                                          hp)
     rows, lookup, positions, target = specs[-1]
-    args = ([kl_ids], kl_lookup, [len(kl_ids) - 1], None) if kl else (rows, lookup, positions,
-                                                                     target)
+    args = ([kl_ids], kl_lookup, [kl_read], None) if kl else (rows, lookup, positions, target)
     with torch.no_grad():
         fast = FastBlocks(tiny_llama)
         lean = rome._Group(adapter, 2, *args, fast).cast(torch.float32, fast)
