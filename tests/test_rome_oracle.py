@@ -36,16 +36,20 @@ def relative_difference(model, layer, second_moment, **options):
     return float((ours - theirs).norm() / theirs.norm()), steps, len(history)
 
 
+def assert_equals_the_paper(model, layer, second_moment, label):
+    difference, steps, paper_steps = relative_difference(model, layer, second_moment)
+    print(f"{label} layer {layer}: relative Frobenius difference {difference:.2e}, {steps} v* "
+          f"steps (paper's code: {paper_steps})")
+    assert steps == paper_steps
+    assert difference < TOLERANCE
+
+
 @pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
 def test_default_edit_equals_the_papers_code_on_tiny_models(name, request, tmp_path):
     model = request.getfixturevalue(name)
     stats = key_statistics(model, 2, CORPUS, samples=20, token_length=16, cache_dir=tmp_path,
                            progress=False)
-    difference, steps, paper_steps = relative_difference(model, 2, stats.second_moment)
-    print(f"{name} layer 2: relative Frobenius difference {difference:.2e}, {steps} v* steps "
-          f"(paper's code: {paper_steps})")
-    assert steps == paper_steps
-    assert difference < TOLERANCE
+    assert_equals_the_paper(model, 2, stats.second_moment, name)
 
 
 def test_departures_are_not_the_papers_algorithm(tiny_llama, tmp_path):
@@ -62,8 +66,4 @@ def test_departures_are_not_the_papers_algorithm(tiny_llama, tmp_path):
 def test_default_edit_equals_the_papers_code_on_smollm2(smollm, tmp_path):
     stats = key_statistics(smollm, 5, samples=48, token_length=64, cache_dir=tmp_path,
                            progress=False)
-    difference, steps, paper_steps = relative_difference(smollm, 5, stats.second_moment)
-    print(f"SmolLM2 layer 5: relative Frobenius difference {difference:.2e}, "
-          f"{steps} v* steps (paper's code: {paper_steps})")
-    assert steps == paper_steps
-    assert difference < TOLERANCE
+    assert_equals_the_paper(smollm, 5, stats.second_moment, "SmolLM2")
