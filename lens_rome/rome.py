@@ -333,11 +333,7 @@ class RomeHyperParams:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RomeHyperParams":
-        """The inverse of :meth:`to_dict` (lists back to tuples)."""
-        data = dict(data)
-        data["prefix_lengths"] = tuple(data.get("prefix_lengths", (5, 10)))
-        if data.get("prefixes") is not None:
-            data["prefixes"] = tuple(data["prefixes"])
+        """The inverse of :meth:`to_dict` (``__post_init__`` turns its lists back to tuples)."""
         return cls(**data)
 
 
