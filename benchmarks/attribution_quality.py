@@ -33,6 +33,10 @@ prints it from the file without computing).
 
 from __future__ import annotations
 
+
+from lens_rome.tracing.engine import trace, trace_many
+from lens_rome.tracing.noise_rules import Gaussian, SubjectSwap, embedding_std
+
 import argparse
 import json
 import platform
@@ -57,7 +61,7 @@ def top_sites(scores: torch.Tensor, start: int, n: int) -> set[tuple[int, ...]]:
 
 
 def compare(exact, estimate) -> dict:
-    from lens_rome.attribution import spearman
+    from lens_rome.tracing.verify import spearman
 
     start = exact.subject_range[0]
     a = (estimate.scores - estimate.low_score)[start:].flatten()
@@ -70,8 +74,8 @@ def compare(exact, estimate) -> dict:
 def swap_alternatives(model, fact, facts, limit=10) -> list[str]:
     """Other subjects of the file with as many tokens as this fact's subject (as it sits in
     the prompt) and another answer, taken in file order after this fact."""
-    from lens_rome import locate_subject
-    from lens_rome.models import adapter_for
+    from lens_rome.tracing.subject import locate_subject
+    from lens_rome.model.adapter import adapter_for
 
     adapter = adapter_for(model)
     _, (start, end) = locate_subject(model, fact["prompt"], fact["subject"])
@@ -93,25 +97,24 @@ def measure(model, fact, noise, samples, window, kinds, heads: bool, variants,
             single: bool = True) -> dict:
     """Exact traces and estimates of one fact with one corruption: the row of figures, and
     the exact results (``kinds`` in order)."""
-    from lens_rome import tracing
-    from lens_rome.attribution import attribute_many
+    from lens_rome.tracing.attribution import attribute_many
 
     seed = int(fact["known_id"])
     common = dict(samples=samples, seed=seed, metric="logprob")
     prompt, subject = fact["prompt"], fact["subject"]
     start = time.perf_counter()
-    exact = tracing.trace_many(model, prompt, subject, [(k, None, None) for k in kinds],
+    exact = trace_many(model, prompt, subject, [(k, None, None) for k in kinds],
                                noise=noise, window=window, **common)
     row = {"exact_seconds": time.perf_counter() - start, "clean": exact[0].high_score,
            "corrupted": exact[0].low_score, "answer": exact[0].answer}
     if single:  # single MLP layers: no window
         start = time.perf_counter()
-        exact_single = tracing.trace(model, prompt, subject, "mlp", noise=noise, window=1,
+        exact_single = trace(model, prompt, subject, "mlp", noise=noise, window=1,
                                      **common)
         row["exact_mlp@1_seconds"] = time.perf_counter() - start
     if heads:
         start = time.perf_counter()
-        exact_heads = tracing.trace(model, prompt, subject, "head", noise=noise, **common)
+        exact_heads = trace(model, prompt, subject, "head", noise=noise, **common)
         row["exact_head_seconds"] = time.perf_counter() - start
     target = exact[0].answer_token
     for variant in variants:
@@ -155,8 +158,9 @@ def window_rules(model, prompt, subject, noise, samples, seed, window, target, s
     """
     from types import SimpleNamespace
 
-    from lens_rome.attribution import _prepare, _run
-    from lens_rome.tracing import window_layers
+    from lens_rome.tracing.attribution import _prepare
+    from lens_rome.tracing.attribution import _run
+    from lens_rome.tracing.engine import window_layers
 
     n_layers = model.cfg.n_layers
     prepared = _prepare(model, prompt, subject, noise, samples, seed, target)
@@ -195,8 +199,8 @@ def subject_peak(result) -> list[int]:
 
 
 def run(args) -> None:
-    from lens_rome import hooks, load_model
-    from lens_rome.datasets import answered_correctly, load_known_facts
+    from lens_rome.model.loading import load_model
+    from lens_rome.data.known_facts import answered_correctly, load_known_facts
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -216,7 +220,7 @@ def run(args) -> None:
     began = time.perf_counter()
     settings = {"samples": args.samples, "window": args.window, "swap_kinds": args.swap_kinds,
                 "threads": torch.get_num_threads()}
-    level = 3.0 * hooks.embedding_std(model, [f["subject"] for f in facts])
+    level = 3.0 * embedding_std(model, [f["subject"] for f in facts])
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; {len(kept)} facts; noise level {level:.4f}; "
           f"{len(done)} already measured in {store}", flush=True)
@@ -229,7 +233,7 @@ def run(args) -> None:
         heads = number < args.heads
         record = {"known_id": fact["known_id"], "subject": fact["subject"],
                   "prompt": fact["prompt"], "settings": settings}
-        record["gaussian"], gaussian = measure(model, fact, hooks.Gaussian(level=level),
+        record["gaussian"], gaussian = measure(model, fact, Gaussian(level=level),
                                                args.samples, args.window, KINDS, heads,
                                                list(VARIANTS))
         if not args.no_swap:
@@ -237,10 +241,10 @@ def run(args) -> None:
             record["swap_alternatives"] = alternatives
             if alternatives:
                 swap_kinds = tuple(args.swap_kinds.split(","))
-                record["swap"], swapped = measure(model, fact, hooks.SubjectSwap(alternatives),
+                record["swap"], swapped = measure(model, fact, SubjectSwap(alternatives),
                                                   len(alternatives), args.window, swap_kinds,
                                                   heads, ["plain", "qk_fix"], single=False)
-                from lens_rome.attribution import spearman
+                from lens_rome.tracing.verify import spearman
 
                 start = gaussian[0].subject_range[0]
                 record["gaussian_vs_swap"] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from lens_rome.dataset_trace import FactStore
+from lens_rome.tracing.dataset import FactStore
 
 KEYS = ["known_id", "kind", "sever", "token", "layer"]
 

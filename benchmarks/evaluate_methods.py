@@ -66,9 +66,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
 
-    from lens_rome import load_model
-    from lens_rome.datasets import build_counterfact, load_counterfact, save_cases
-    from lens_rome.evaluation import evaluate, load_records
+    from lens_rome.model.loading import load_model
+    from lens_rome.data.known_facts import build_counterfact
+    from lens_rome.data.cases import load_counterfact, save_cases
+    from lens_rome.evaluation.runner import evaluate, load_records
 
     with contextlib.redirect_stdout(io.StringIO()):
         model = load_model(args.model)

@@ -42,8 +42,8 @@ def main() -> None:
 
     import numpy as np
 
-    from lens_rome.dataset_trace import trace_dataset
-    from lens_rome.precision import precision_name, probe_report, resolve_bf16
+    from lens_rome.tracing.dataset import trace_dataset
+    from lens_rome.model.precision import precision_name, probe_report, resolve_bf16
 
     bf16 = resolve_bf16(args.bf16, what="benchmarks/ray_speedup.py")
     probe = probe_report()

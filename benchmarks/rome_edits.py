@@ -26,6 +26,12 @@ behind the default edit layer and writes docs/figures/editing_layer_*.
 
 from __future__ import annotations
 
+from lens_rome.editing.hparams import RomeHyperParams
+from lens_rome.editing.prefixes import context_prefixes
+from lens_rome.evaluation.measures import target_log_probs
+
+from lens_rome.editing import rome
+
 import argparse
 import json
 import random
@@ -50,7 +56,7 @@ def load_facts(path: Path) -> list[dict]:
 
 def answered_correctly(model, facts: list[dict], batch_size: int = 32) -> list[dict]:
     """Facts whose object's first token is the model's most likely next token."""
-    from lens_rome import adapter_for
+    from lens_rome.model.adapter import adapter_for
 
     tokenizer, adapter = model.tokenizer, adapter_for(model)
     good = []
@@ -99,12 +105,11 @@ def build_cases(model, facts: list[dict], n: int, seed: int, max_prompts: int) -
 
 
 def score(model, case: dict) -> dict:
-    from lens_rome import rome
 
     request = case["request"]
     prompts = [request["prompt"].replace("{}", request["subject"])]
     prompts += case["paraphrases"] + case["neighbours"]
-    lp = rome.target_log_probs(model, prompts, [request["target_new"], request["target_true"]])
+    lp = target_log_probs(model, prompts, [request["target_new"], request["target_true"]])
     new_wins = (lp[:, 0] > lp[:, 1]).float()
     n_para = len(case["paraphrases"])
     return {
@@ -134,12 +139,12 @@ VARIANTS = {
 
 
 def run_edits(args) -> None:
-    from lens_rome import load_model, rome
-    from lens_rome.precision import precision_name, probe_report, resolve_bf16
-    from lens_rome.statistics import key_statistics
+    from lens_rome.model.loading import load_model
+    from lens_rome.model.precision import precision_name, probe_report, resolve_bf16
+    from lens_rome.editing.statistics import key_statistics
 
     model = load_model(args.model)
-    hp = rome.RomeHyperParams.for_model(model, **{
+    hp = RomeHyperParams.for_model(model, **{
         k: v for k, v in {
             "layer": args.layer, "lookup": args.lookup, "v_steps": args.v_steps,
             "v_lr": args.v_lr, "kl_weight": args.kl_weight, "weight_decay": args.weight_decay,
@@ -171,7 +176,7 @@ def run_edits(args) -> None:
           f"computed once in {computed:.1f} s; loaded from the cache in {cached_load:.2f} s")
 
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    rome.context_prefixes(model, hp.n_prefixes, hp.prefix_lengths, hp.seed)  # once per model
+    context_prefixes(model, hp.n_prefixes, hp.prefix_lengths, hp.seed)  # once per model
     variants = {name: hp.replace(**VARIANTS[name]) for name in args.variants}
     unedited = []
     edited = {name: [] for name in variants}
@@ -229,7 +234,8 @@ def choose_layer(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lens_rome import load_model, trace
+    from lens_rome.model.loading import load_model
+    from lens_rome.tracing.engine import trace
 
     model = load_model(args.model)
     facts = answered_correctly(model, load_facts(Path(args.facts)))

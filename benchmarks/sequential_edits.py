@@ -35,6 +35,10 @@ and AlphaEdit's null-space threshold, on other cases (``--dev-start`` on).
 
 from __future__ import annotations
 
+from lens_rome.editing.memit import MemitHyperParams, TargetDeltas, target_deltas
+
+from lens_rome.editing import memit
+
 import argparse
 import contextlib
 import io
@@ -58,8 +62,8 @@ OPTIONS = {"bf16": False}
 
 def load(args, n: int | None = None):
     """The model and the first ``n`` cases (all if None) the unedited model gets right."""
-    from lens_rome import load_model
-    from lens_rome.datasets import build_counterfact
+    from lens_rome.model.loading import load_model
+    from lens_rome.data.known_facts import build_counterfact
 
     with contextlib.redirect_stdout(io.StringIO()):
         model = load_model(args.model)
@@ -71,7 +75,7 @@ def load(args, n: int | None = None):
 def prefer_true(model, cases, n: int | None, path: Path):
     """The first ``n`` cases whose rewrite prompt the unedited model continues with o rather
     than o*; the verdicts are kept in ``path`` so that later runs only look at new cases."""
-    from lens_rome.rome import target_log_probs
+    from lens_rome.evaluation.measures import target_log_probs
 
     verdicts = json.loads(path.read_text()) if path.exists() else {}
     kept, looked = [], 0
@@ -99,7 +103,7 @@ def cell(value, digits=1) -> str:
 
 
 def run(args) -> None:
-    from lens_rome.evaluation import evaluate
+    from lens_rome.evaluation.runner import evaluate
 
     out = Path(args.out)
     if args.methods or args.batch:
@@ -243,16 +247,15 @@ def dev_targets(model, dev, hp, path: Path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from lens_rome import memit
 
     ids = json.dumps([c.case_id for c in dev] + [hp.value.to_dict()], sort_keys=True)
     if path.exists():
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("cases") == ids:
                 print(f"targets for {len(dev)} requests read from {path}", flush=True)
-                return memit.TargetDeltas(f.get_tensor("deltas"), hp.layers[-1], [])
+                return TargetDeltas(f.get_tensor("deltas"), hp.layers[-1], [])
     start = time.perf_counter()
-    deltas = memit.target_deltas(model, [c.request for c in dev], hp)
+    deltas = target_deltas(model, [c.request for c in dev], hp)
     print(f"targets at layer {hp.layers[-1]} for {len(dev)} requests: "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,16 +265,15 @@ def dev_targets(model, dev, hp, path: Path):
 
 def choose(args) -> None:
     """Batch edits of the development cases under several mom2 weights and null-space cuts."""
-    from lens_rome import memit
-    from lens_rome.evaluation import measure_cases, summarize
-    from lens_rome.statistics import key_statistics
+    from lens_rome.evaluation.runner import measure_cases, summarize
+    from lens_rome.editing.statistics import key_statistics
 
     model, cases = load(args, args.dev_start + args.dev_n)
     dev = cases[args.dev_start:args.dev_start + args.dev_n]
     print(f"{len(dev)} development cases (positions {args.dev_start}.."
           f"{args.dev_start + len(dev) - 1} of the seeded list; the benchmark uses the first "
           f"{args.n})", flush=True)
-    hp = memit.MemitHyperParams.for_model(model, **OPTIONS)
+    hp = MemitHyperParams.for_model(model, **OPTIONS)
     stats = {l: key_statistics(model, l, progress=False) for l in hp.layers}
     requests = [c.request for c in dev]
     deltas = dev_targets(model, dev, hp, Path(args.out) / "dev_targets.safetensors")

@@ -30,9 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from lens_rome import load_model, locate_subject, trace  # noqa: E402
-from lens_rome.hooks import Gaussian  # noqa: E402
-from lens_rome.precision import probe_report  # noqa: E402
+from lens_rome.model.loading import load_model  # noqa: E402
+from lens_rome.tracing.subject import locate_subject  # noqa: E402
+from lens_rome.tracing.engine import trace  # noqa: E402
+from lens_rome.tracing.noise_rules import Gaussian  # noqa: E402
+from lens_rome.model.precision import probe_report  # noqa: E402
 from reference import reference_trace  # noqa: E402
 
 PROMPT = "The Eiffel Tower is located in the city of"

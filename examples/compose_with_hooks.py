@@ -4,7 +4,7 @@
 
 (a) Per-head restoration.  ``trace(kind="attn")`` restores whole attention
     outputs.  To ask which *head* carries the fact, corrupt the subject with
-    ``hooks.corrupt`` and restore one head's clean ``hook_z`` with a five-line
+    ``tracing.corrupt`` and restore one head's clean ``hook_z`` with a five-line
     hook of our own, in the same ``model.run_with_hooks`` call.  All heads of a
     layer go in one batch: rows ``h*SAMPLES .. (h+1)*SAMPLES`` restore head ``h``.
     (``trace(..., kind="head")`` does this for every head at every token, and
@@ -19,7 +19,7 @@
 
 import torch
 
-from lens_rome import hooks, load_model, locate_subject, trace
+from lens_rome import load_model, locate_subject, trace, tracing
 
 PROMPT, SUBJECT, ANSWER = "The Eiffel Tower is located in the city of", "The Eiffel Tower", " Paris"
 SAMPLES = 5  # noise draws (the paper uses 10)
@@ -41,8 +41,8 @@ def p_answer(logits):
 
 # The paper's noise rule (3 x embedding std), drawn once and reused by every run.
 generator = torch.Generator().manual_seed(0)
-noise = hooks.Gaussian().draw(model, tokens[0, start:end], SAMPLES, generator)
-corrupt = hooks.corrupt(noise.values.repeat(n_heads, 1, 1), (start, end))  # same draws per head
+noise = tracing.Gaussian().draw(model, tokens[0, start:end], SAMPLES, generator)
+corrupt = tracing.corrupt(noise.values.repeat(n_heads, 1, 1), (start, end))  # same draws per head
 batch = tokens.expand(n_heads * SAMPLES, -1)
 
 _, clean = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("attn.hook_z"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+
+
 import json
 import os
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from lens_rome.models import use_linear_layout
+from lens_rome.model.layout import use_linear_layout
 
 KNOWN_FACTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "known_facts.json"
 
@@ -85,7 +87,7 @@ def tiny_llama(tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def smollm():
-    from lens_rome import load_model
+    from lens_rome.model.loading import load_model
 
     return load_model("smollm2-135m")
 

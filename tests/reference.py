@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lens_rome.tracing import window_layers
+from lens_rome.tracing.engine import window_layers
 
 HOOK = {
     "hidden": "blocks.{}.hook_resid_post",

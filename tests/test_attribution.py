@@ -4,22 +4,24 @@ hook, and verify()."""
 
 from __future__ import annotations
 
+from lens_rome.tracing import noise_rules
+
+from lens_rome.tracing import interventions
+
+from lens_rome.tracing.engine import trace
+from lens_rome.tracing.interventions import restore
+from lens_rome.tracing.noise_rules import Gaussian, SubjectSwap, Uniform, corrupt, draw_corruption
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from lens_rome import hooks, locate_subject
-from lens_rome.attribution import (
-    Verification,
-    attribute,
-    attribute_many,
-    ranked_sites,
-    recompute_qkv,
-    restore_sites,
-    spearman,
-    verify,
-)
-from lens_rome.tracing import TraceResult, answer_token, window_layers
+from lens_rome.tracing.subject import locate_subject
+from lens_rome.tracing.verify import Verification, ranked_sites, restore_sites, spearman, verify
+from lens_rome.tracing.attribution import attribute, attribute_many, recompute_qkv
+from lens_rome.tracing.result import TraceResult
+from lens_rome.tracing.subject import answer_token
+from lens_rome.tracing.engine import window_layers
 
 PROMPT = "Where is The Eiffel Tower? It is in the city of"
 SUBJECT = "The Eiffel Tower"
@@ -62,7 +64,7 @@ def linear_model(tiny_tokenizer):
     return model.eval()
 
 
-LINEAR = dict(samples=3, corruption=hooks.Gaussian(level=5.0), metric="logit_diff",
+LINEAR = dict(samples=3, corruption=Gaussian(level=5.0), metric="logit_diff",
               target=" Paris", contrast=" Rome")
 
 
@@ -70,7 +72,7 @@ def test_the_linear_model_is_linear(linear_model):
     """The premise of the exactness test: ReLU never clips, in clean or corrupted runs."""
     tokens, subject_range = locate_subject(linear_model, PROMPT, SUBJECT)
     noise = torch.randn(3, subject_range[1] - subject_range[0], 32) * 10.0  # twice LINEAR's
-    with linear_model.hooks(fwd_hooks=[hooks.corrupt(noise, subject_range)]):
+    with linear_model.hooks(fwd_hooks=[corrupt(noise, subject_range)]):
         _, cache = linear_model.run_with_cache(tokens.expand(3, -1))
     assert min(cache[f"blocks.{l}.mlp.hook_pre"].min().item() for l in range(4)) > 0
 
@@ -94,9 +96,9 @@ def test_attribution_is_exact_for_a_linear_metric_on_a_linear_model(linear_model
 def additive_patch_effects(model, kind, sites, window, samples=3):
     """Exact effect of *adding* clean - corrupted at every layer of each site's window."""
     tokens, subject_range = locate_subject(model, PROMPT, SUBJECT)
-    drawn, _ = hooks.draw_corruption(LINEAR["corruption"], model,
+    drawn, _ = draw_corruption(LINEAR["corruption"], model,
                                      tokens[0, subject_range[0]:subject_range[1]], samples, 0)
-    corrupt = hooks.corrupt(drawn.values, subject_range)
+    corrupt = noise_rules.corrupt(drawn.values, subject_range)
     paris, rome = (answer_token(model, t) for t in (" Paris", " Rome"))
     _, clean = model.run_with_cache(tokens)
     with model.hooks(fwd_hooks=[corrupt]):
@@ -133,9 +135,9 @@ def finite_difference(model, kind, site, *, samples=2, eps=1e-2, metric="logprob
     """d metric / d epsilon of adding epsilon * (clean - corrupted) at one node (central
     difference), with the attribution's default noise and the model's clean answer."""
     tokens, subject_range = locate_subject(model, PROMPT, SUBJECT)
-    drawn, _ = hooks.draw_corruption(hooks.Gaussian(level=0.3), model,
+    drawn, _ = draw_corruption(Gaussian(level=0.3), model,
                                      tokens[0, subject_range[0]:subject_range[1]], samples, 0)
-    corrupt = hooks.corrupt(drawn.values, subject_range)
+    corrupt = noise_rules.corrupt(drawn.values, subject_range)
     with torch.no_grad():
         clean_logits, clean = model.run_with_cache(tokens)
         answer = int(clean_logits[0, -1].argmax())
@@ -163,7 +165,7 @@ def test_estimate_is_the_derivative_on_a_nonlinear_model(architecture, kind, req
     (checked by central differences at a few sites)."""
     model = request.getfixturevalue(architecture)
     estimate = attribute(model, PROMPT, SUBJECT, kind, samples=2, window=1,
-                         corruption=hooks.Gaussian(level=0.3))
+                         corruption=Gaussian(level=0.3))
     start, end = estimate.subject_range
     sites = [(start + 1, 1), (end - 1, 3), (len(estimate.tokens) - 1, 4)]
     if kind == "head":
@@ -204,11 +206,11 @@ def test_qk_fix_is_exact_through_the_next_attention_pattern(architecture, reques
     model = request.getfixturevalue(architecture)
     samples, layer = 2, 2
     estimate = attribute(model, PROMPT, SUBJECT, "hidden", samples=samples, qk_fix=True,
-                         corruption=hooks.Gaussian(level=0.3))
+                         corruption=Gaussian(level=0.3))
     tokens, subject_range = locate_subject(model, PROMPT, SUBJECT)
-    drawn, _ = hooks.draw_corruption(hooks.Gaussian(level=0.3), model,
+    drawn, _ = draw_corruption(Gaussian(level=0.3), model,
                                      tokens[0, subject_range[0]:subject_range[1]], samples, 0)
-    corrupt = hooks.corrupt(drawn.values, subject_range)
+    corrupt = noise_rules.corrupt(drawn.values, subject_range)
     block = f"blocks.{layer + 1}"
     names = [f"{block}.attn.hook_pattern", f"{block}.attn.hook_v"]
     with torch.no_grad():
@@ -217,7 +219,7 @@ def test_qk_fix_is_exact_through_the_next_attention_pattern(architecture, reques
             _, corrupted = model.run_with_cache(tokens.expand(samples, -1))
     for token in (subject_range[1] - 1, len(estimate.tokens) - 1):
         node = f"blocks.{layer}.hook_resid_post"
-        restore = hooks.restore(node, clean, token)
+        restore = interventions.restore(node, clean, token)
         with torch.no_grad(), model.hooks(fwd_hooks=[corrupt, restore]):
             _, restored = model.run_with_cache(tokens.expand(samples, -1))
         changes = {name: restored[name] - corrupted[name] for name in names}
@@ -245,7 +247,7 @@ def test_grad_drop_follows_its_definition(tiny_gpt2):
     plain = attribute_many(model, PROMPT, SUBJECT, ["hidden", "mlp"], samples=samples,
                            window=1)
     tokens, subject_range = locate_subject(model, PROMPT, SUBJECT)
-    drawn, _ = hooks.draw_corruption(hooks.Gaussian(), model,
+    drawn, _ = draw_corruption(Gaussian(), model,
                                      tokens[0, subject_range[0]:subject_range[1]], samples, 0)
     _, clean = model.run_with_cache(tokens)
     names = [NODE[k].format(l) for k in ("hidden", "mlp") for l in range(model.cfg.n_layers)]
@@ -254,7 +256,7 @@ def test_grad_drop_follows_its_definition(tiny_gpt2):
         kept = {}
         handles = [norm.register_forward_hook(lambda m, i, out: out.detach())
                    for norm in (model.blocks[cut].ln1, model.blocks[cut].ln2)]
-        fwd = [hooks.corrupt(drawn.values, subject_range)] + [
+        fwd = [corrupt(drawn.values, subject_range)] + [
             (name, lambda x, hook: kept.__setitem__(hook.name, x)) for name in names]
         try:
             with model.hooks(fwd_hooks=fwd):
@@ -320,9 +322,8 @@ def test_per_head_restoration_equals_a_hand_written_hook_on_hook_z(architecture,
 
 def test_exact_head_trace_equals_a_hand_written_hook_on_hook_z(tiny_llama):
     """``trace(kind="head")``: the exact per-head kind of the tracing engine."""
-    from lens_rome import tracing
 
-    result = tracing.trace(tiny_llama, PROMPT, SUBJECT, "head", samples=2, noise=0.3,
+    result = trace(tiny_llama, PROMPT, SUBJECT, "head", samples=2, noise=0.3,
                            metric="logprob")
     start, end = result.subject_range
     sites = [(t, l, h) for t in (start, end - 1, len(result.tokens) - 1) for l in (0, 5)
@@ -337,12 +338,12 @@ def test_exact_head_trace_equals_a_hand_written_hook_on_hook_z(tiny_llama):
 
 def test_subject_swap_logit_difference_uses_each_samples_corrupted_answer(tiny_llama):
     prompt = "The Eiffel Tower is in the city of"  # the subject tokenizes as on its own
-    swap = hooks.SubjectSwap(["The Seattle Tower", "Miles Davis Tower"])
+    swap = SubjectSwap(["The Seattle Tower", "Miles Davis Tower"])
     result = attribute(tiny_llama, prompt, SUBJECT, "hidden", samples=2, corruption=swap,
                        metric="logit_diff")
     tokens, subject_range = locate_subject(tiny_llama, prompt, SUBJECT)
     drawn = swap.draw(tiny_llama, tokens[0, subject_range[0]:subject_range[1]], 2, None)
-    with tiny_llama.hooks(fwd_hooks=[hooks.corrupt(drawn.values, subject_range, replace=True)]):
+    with tiny_llama.hooks(fwd_hooks=[corrupt(drawn.values, subject_range, replace=True)]):
         logits = tiny_llama(tokens.expand(2, -1))[:, -1]
     contrast = logits.clone()
     contrast[:, result.answer_token] = -torch.inf
@@ -389,7 +390,7 @@ def test_verify_heads_and_round_trip(tiny_llama, tmp_path):
 def test_verify_refuses_another_noise_rule(tiny_gpt2):
     estimate = attribute(tiny_gpt2, PROMPT, SUBJECT, samples=2)
     with pytest.raises(ValueError, match="pass the same corruption"):
-        verify(tiny_gpt2, estimate, k=2, corruption=hooks.Uniform())
+        verify(tiny_gpt2, estimate, k=2, corruption=Uniform())
 
 
 def test_spearman_with_ties():

@@ -3,16 +3,22 @@ attribution``, on tiny models."""
 
 from __future__ import annotations
 
+from lens_rome.cli import arguments
+from lens_rome.tracing import kinds
+
+
+from lens_rome.tracing.noise_rules import Gaussian
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from lens_rome import cli, hooks
-from lens_rome.attribution import Verification, attribute_many
-from lens_rome.dataset_trace import trace_dataset
-from lens_rome.tracing import TraceResult
+from lens_rome.tracing.verify import Verification
+from lens_rome.tracing.attribution import attribute_many
+from lens_rome.tracing.dataset import trace_dataset
+from lens_rome.tracing.result import TraceResult
 from test_cli import run
 
 PROMPT = "The Space Needle is in downtown"
@@ -26,7 +32,7 @@ def args(out, *extra):
 
 @pytest.fixture
 def tiny_cli(monkeypatch, tiny_gpt2):
-    monkeypatch.setattr(cli, "load", lambda name: tiny_gpt2)
+    monkeypatch.setattr(arguments, "load", lambda name: tiny_gpt2)
     return tiny_gpt2
 
 
@@ -35,7 +41,7 @@ def no_model(monkeypatch):
     def refuse(name):
         raise AssertionError("the command loaded a model before checking its input")
 
-    monkeypatch.setattr(cli, "load", refuse)
+    monkeypatch.setattr(arguments, "load", refuse)
 
 
 def test_attribution_writes_its_own_files_and_verifies(tiny_cli, tmp_path, capsys):
@@ -73,9 +79,8 @@ def test_attribution_of_heads_with_swap_and_logit_difference(tiny_cli, tmp_path,
 
 
 def test_exact_head_trace_from_the_command_line(tiny_cli, tmp_path, capsys):
-    from lens_rome import tracing
 
-    if getattr(tracing, "HEAD", None) != "head":
+    if getattr(kinds, "HEAD", None) != "head":
         pytest.skip("this checkout's tracing engine has no per-head kind yet")
     status, out, err = run(args(tmp_path, "--kind", "head"), capsys)
     assert status == 0, err
@@ -120,7 +125,7 @@ def test_dataset_attribution_rows_are_the_estimates(tiny_llama, tmp_path):
     for fact in FACTS:
         estimates = attribute_many(tiny_llama, fact["prompt"], fact["subject"], samples=2,
                                    window=3, metric="prob", seed=fact["known_id"],
-                                   corruption=hooks.Gaussian(level=level))
+                                   corruption=Gaussian(level=level))
         rows = result.frame[result.frame["known_id"] == fact["known_id"]]
         for estimate in estimates:
             got = rows[rows["kind"] == estimate.kind]
@@ -158,7 +163,7 @@ def test_runs_from_before_the_method_setting_still_resume(tiny_llama, tmp_path):
 def test_dataset_command_with_attribution(monkeypatch, tiny_llama, tmp_path, capsys):
     facts = tmp_path / "facts.json"
     facts.write_text(json.dumps(FACTS))
-    monkeypatch.setattr(cli, "load", lambda name: tiny_llama)
+    monkeypatch.setattr(arguments, "load", lambda name: tiny_llama)
     status, out, err = run(["trace-dataset", "--facts", facts, "--out", tmp_path / "run",
                             "--all-facts", "--samples", "2", "--window", "3", "--method",
                             "attribution", "--boot", "20"], capsys)

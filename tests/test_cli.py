@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from lens_rome.cli import arguments, demo, main
+
+
+from lens_rome.cli.demo import prepare_folder
+from lens_rome.cli.output import report, trace_paths, write_trace
+
 import pytest
 import torch
 
-from lens_rome import cli
-from lens_rome.tracing import TraceResult
+from lens_rome.tracing.result import TraceResult
 
 # Subject late in the prompt: only 4 of 8 tokens need restoring, so the trace is quick.
 PROMPT = "The mother tongue of Vladimir Putin is"
@@ -17,7 +22,7 @@ FILES = ["trace_hidden.png", "trace_hidden.html", "trace_hidden.json"]
 def run(argv, capsys) -> tuple[int, str, str]:
     """``main(argv)``: exit status, stdout, stderr."""
     try:
-        status = cli.main([str(a) for a in argv])
+        status = main([str(a) for a in argv])
     except SystemExit as exit_:
         status = exit_.code
     out, err = capsys.readouterr()
@@ -47,7 +52,7 @@ def no_model(monkeypatch):
     def refuse(name):
         raise AssertionError("the command loaded a model before checking its input")
 
-    monkeypatch.setattr(cli, "load", refuse)
+    monkeypatch.setattr(arguments, "load", refuse)
 
 
 # --------------------------------------------------------------------------- writing (no model)
@@ -55,7 +60,7 @@ def no_model(monkeypatch):
 
 def test_write_trace_writes_png_html_json_that_reload(tmp_path):
     result = fake_result()
-    paths = cli.write_trace(result, tmp_path / "out")
+    paths = write_trace(result, tmp_path / "out")
     assert sorted(p.name for p in paths.values()) == sorted(FILES)
     assert paths["png"].read_bytes().startswith(b"\x89PNG")
     assert "<html>" in paths["html"].read_text()
@@ -65,23 +70,23 @@ def test_write_trace_writes_png_html_json_that_reload(tmp_path):
 
 
 def test_write_trace_refuses_existing_files_unless_overwrite(tmp_path):
-    cli.write_trace(fake_result(), tmp_path)
+    write_trace(fake_result(), tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in FILES}
     with pytest.raises(FileExistsError, match="--overwrite"):
-        cli.write_trace(fake_result(high_score=0.7), tmp_path)
+        write_trace(fake_result(high_score=0.7), tmp_path)
     assert {name: (tmp_path / name).read_bytes() for name in FILES} == before
-    cli.write_trace(fake_result(high_score=0.7), tmp_path, overwrite=True)
+    write_trace(fake_result(high_score=0.7), tmp_path, overwrite=True)
     assert TraceResult.load(tmp_path / "trace_hidden.json").high_score == 0.7
 
 
 def test_severed_traces_get_their_own_files(tmp_path):
-    paths = cli.write_trace(fake_result(sever="mlp"), tmp_path)
+    paths = write_trace(fake_result(sever="mlp"), tmp_path)
     assert paths["json"].name == "trace_hidden_sever_mlp.json"
 
 
 def test_report_names_scores_sites_and_files(tmp_path):
     result = fake_result()
-    text = cli.report(result, cli.trace_paths(tmp_path, "hidden"))
+    text = report(result, trace_paths(tmp_path, "hidden"))
     assert "p(' Russian') clean 0.6000, corrupted 0.0100" in text
     site = result.top_sites(1)[0]
     assert f"{site[1]!r}" in text and f"layer {site[2]:>3}" in text
@@ -139,7 +144,6 @@ def test_unknown_model_exits_2(tmp_path, capsys):
 
 
 def test_demo_writes_only_into_its_own_folder(tmp_path, capsys):
-    from lens_rome import demo
 
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -152,9 +156,9 @@ def test_demo_writes_only_into_its_own_folder(tmp_path, capsys):
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
     fresh = tmp_path / "fresh"
-    demo.prepare_folder(fresh)  # new folder: marked as the demo's
+    prepare_folder(fresh)  # new folder: marked as the demo's
     (fresh / "eiffel_tower").mkdir()
-    demo.prepare_folder(fresh)  # the demo's own, non-empty folder: reused
+    prepare_folder(fresh)  # the demo's own, non-empty folder: reused
 
 
 # --------------------------------------------------------------------------- on the real model

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from lens_rome.tracing import dataset as dataset_trace
+
+
+from lens_rome.tracing.noise_rules import Gaussian
+
 import json
 
 import numpy as np
@@ -9,18 +14,9 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from lens_rome import dataset_trace, hooks
-from lens_rome.datasets import answered_correctly, load_known_facts
-from lens_rome.dataset_trace import (
-    CATEGORIES,
-    DatasetTrace,
-    FactStore,
-    TraceSettings,
-    token_categories,
-    trace_dataset,
-    trace_fact,
-)
-from lens_rome.tracing import trace
+from lens_rome.data.known_facts import answered_correctly, load_known_facts
+from lens_rome.tracing.dataset import CATEGORIES, DatasetTrace, FactStore, TraceSettings, token_categories, trace_dataset, trace_fact
+from lens_rome.tracing.engine import trace
 
 FACTS = [
     {"known_id": 3, "subject": "The Eiffel Tower", "attribute": "Paris",
@@ -88,7 +84,7 @@ def test_trace_fact_rows_are_the_traces(tiny_gpt2):
     rows = trace_fact(tiny_gpt2, fact, settings)
     for kind in ("hidden", "mlp", "attn"):
         expected = trace(tiny_gpt2, fact["prompt"], fact["subject"], kind, samples=3, window=3,
-                         noise=hooks.Gaussian(level=0.5), seed=7 + fact["known_id"])
+                         noise=Gaussian(level=0.5), seed=7 + fact["known_id"])
         got = rows[(rows["kind"] == kind) & (rows["sever"] == "none")]
         grid = np.full(tuple(expected.scores.shape), np.nan)
         grid[got["token"], got["layer"]] = got["score"]
@@ -99,14 +95,14 @@ def test_trace_fact_rows_are_the_traces(tiny_gpt2):
         severed = rows[rows["sever"] == part]
         assert set(severed["token"]) == {last} and len(severed) == tiny_gpt2.cfg.n_layers
         expected = trace(tiny_gpt2, fact["prompt"], fact["subject"], "hidden", sever=part,
-                         samples=3, noise=hooks.Gaussian(level=0.5), seed=7 + fact["known_id"])
+                         samples=3, noise=Gaussian(level=0.5), seed=7 + fact["known_id"])
         np.testing.assert_allclose(severed.sort_values("layer")["score"],
                                    expected.scores[last].numpy(), atol=1e-6)
 
 
 def test_stopped_run_resumes_tracing_each_fact_once(tiny_llama, tmp_path, monkeypatch):
     calls = []
-    real = dataset_trace.trace_fact
+    real = trace_fact
 
     def stopping(model, fact, settings):
         if len(calls) == 2:

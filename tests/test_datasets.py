@@ -7,15 +7,8 @@ import json
 
 import pytest
 
-from lens_rome.datasets import (
-    CounterFactCase,
-    ZsreCase,
-    build_counterfact,
-    load_counterfact,
-    load_dataset,
-    load_zsre,
-    save_cases,
-)
+from lens_rome.data.cases import CounterFactCase, ZsreCase, load_counterfact, load_dataset, load_zsre, save_cases
+from lens_rome.data.known_facts import build_counterfact
 
 RECORD = {
     "case_id": 17,

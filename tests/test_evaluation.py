@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from lens_rome.cli import main
+from lens_rome.evaluation import runner as evaluation
+from lens_rome.model import loading
+
+
+from lens_rome.evaluation.measures import generate, target_log_probs
+from lens_rome.evaluation.runner import evaluate_case, load_records
+from lens_rome.evaluation.text import fluency
+
 import json
 import math
 
@@ -9,21 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from lens_rome import evaluation, rome
-from lens_rome.baselines import METHODS, FineTune, make_method
-from lens_rome.datasets import CounterFactCase, build_counterfact, load_zsre
-from lens_rome.evaluation import (
-    COUNTERFACT_KEYS,
-    RUN_KEYS,
-    ZSRE_KEYS,
-    Consistency,
-    TfIdf,
-    evaluate,
-    harmonic_mean,
-    ngram_entropy,
-    summarize,
-)
-from lens_rome.statistics import key_statistics
+from lens_rome.editing.finetune import METHODS
+from lens_rome.editing.finetune import FineTune
+from lens_rome.editing.registry import make_method
+from lens_rome.data.cases import CounterFactCase, load_zsre
+from lens_rome.data.known_facts import build_counterfact
+from lens_rome.evaluation.runner import COUNTERFACT_KEYS, RUN_KEYS, ZSRE_KEYS, evaluate, summarize
+from lens_rome.evaluation.text import Consistency, TfIdf, harmonic_mean, ngram_entropy
+from lens_rome.editing.statistics import key_statistics
 
 # Made of the tiny tokenizer's training words, so every prompt tokenizes.
 CASES = [
@@ -63,7 +65,7 @@ def test_ngram_entropy_by_hand():
     assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
     assert ngram_entropy("a, b") == pytest.approx(((2 / 3) * 1 + (4 / 3) * 0) / 2)  # "," a word
     assert ngram_entropy("hello") == 0.0
-    assert evaluation.fluency(["a b a b", "hello"]) == pytest.approx(ngram_entropy("a b a b") / 2)
+    assert fluency(["a b a b", "hello"]) == pytest.approx(ngram_entropy("a b a b") / 2)
 
 
 def test_harmonic_mean_by_hand():
@@ -121,14 +123,14 @@ def test_fine_tuning_reverts_bit_for_bit(tiny_llama, name):
                          if name == "ft-l" else None)
     before = snapshot(tiny_llama)
     prompt, target = "The Eiffel Tower is located in the city of", " Rome"
-    old = rome.target_log_probs(tiny_llama, [prompt], [target])
+    old = target_log_probs(tiny_llama, [prompt], [target])
     change = method.apply(tiny_llama, {"prompt": "{} is located in the city of",
                                        "subject": "The Eiffel Tower", "target_new": target})
     delta = change.weight_delta()
     assert delta.abs().max() > 0
     if name == "ft-l":
         assert delta.abs().max() <= 1e-3 + 1e-7
-    assert rome.target_log_probs(tiny_llama, [prompt], [target]) > old
+    assert target_log_probs(tiny_llama, [prompt], [target]) > old
     changed = {n for n, p in tiny_llama.named_parameters() if not torch.equal(before[n], p)}
     assert changed == {"blocks.2.mlp.W_out"}
     assert not any(p.grad is not None for p in tiny_llama.parameters())
@@ -154,8 +156,8 @@ def test_method_errors(tiny_gpt2):
 def test_generation_is_seeded_and_batched(tiny_gpt2):
     prompts = ["The Eiffel Tower is", "Miles Davis plays the trumpet and"]
     state = torch.random.get_rng_state()
-    batch = evaluation.generate(tiny_gpt2, prompts, 8, seed=[3, 4])
-    assert batch == [evaluation.generate(tiny_gpt2, p, 8, seed=s) for p, s in zip(prompts, [3, 4])]
+    batch = generate(tiny_gpt2, prompts, 8, seed=[3, 4])
+    assert batch == [generate(tiny_gpt2, p, 8, seed=s) for p, s in zip(prompts, [3, 4])]
     assert all(text.startswith(p) for text, p in zip(batch, prompts))
     assert torch.equal(state, torch.random.get_rng_state())
 
@@ -169,7 +171,7 @@ def test_evaluate_writes_cases_and_exact_summary(tiny_gpt2, tmp_path):
     assert summary["batch_size"] == 1 and summary["sequential"] is False
     assert len(summary["update_norms"]) == len(CASES) and min(summary["update_norms"]) > 0
     assert summary["efficacy_score"] == 100  # fine-tuning on the prompt itself
-    records = evaluation.load_records(tmp_path, CASES)
+    records = load_records(tmp_path, CASES)
     assert [r["case_id"] for r in records] == [c.case_id for c in CASES]
     assert all(len(r["generations"]) == 2 and r["fluency"] is not None for r in records)
     assert records[0]["consistency"] is not None and records[2]["consistency"] is None
@@ -182,7 +184,7 @@ def test_interrupted_run_resumes_without_loss_or_repeats(tiny_gpt2, tmp_path, mo
     options = dict(method_options={"layer": 1, "steps": 3}, **FAST)
     reference = evaluate(tiny_gpt2, CASES, "ft", tmp_path / "whole", **options)
 
-    real, calls = evaluation.evaluate_case, []
+    real, calls = evaluate_case, []
 
     def dies_after_two(model, case, *args, **kwargs):
         if len(calls) == 2:
@@ -205,8 +207,8 @@ def test_interrupted_run_resumes_without_loss_or_repeats(tiny_gpt2, tmp_path, mo
     resumed = evaluate(tiny_gpt2, CASES, "ft", tmp_path / "cut", **options)
     assert calls == [0, 1, 2, 3]  # every case run exactly once over the two runs
     assert resumed == reference
-    assert without_times(evaluation.load_records(tmp_path / "cut")) == without_times(
-        evaluation.load_records(tmp_path / "whole"))
+    assert without_times(load_records(tmp_path / "cut")) == without_times(
+        load_records(tmp_path / "whole"))
     assert evaluate(tiny_gpt2, CASES, "ft", tmp_path / "cut", **options) == reference
     assert calls == [0, 1, 2, 3]  # a finished run redoes nothing
 
@@ -248,15 +250,14 @@ def test_zsre_through_the_harness(tiny_gpt2, tmp_path):
 
 
 def test_cli(tiny_gpt2, tmp_path, monkeypatch, capsys):
-    from lens_rome import cli, models
 
-    monkeypatch.setattr(models, "load_model", lambda name: tiny_gpt2)
+    monkeypatch.setattr(loading, "load_model", lambda name: tiny_gpt2)
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([c.to_dict() for c in CASES]))
     out = tmp_path / "out"
     args = ["evaluate", "--dataset", str(data), "--format", "counterfact", "--method", "none",
             "--limit", "3", "--out", str(out), "--max-new-tokens", "4"]
-    assert cli.main(args) == 0
+    assert main(args) == 0
     assert set(json.loads((out / "summary.json").read_text())) == {*COUNTERFACT_KEYS, *RUN_KEYS}
     assert len(list((out / "cases").iterdir())) == 3
     assert "efficacy_score" in capsys.readouterr().out
@@ -264,14 +265,14 @@ def test_cli(tiny_gpt2, tmp_path, monkeypatch, capsys):
     records = [c.to_dict() for c in CASES]
     records[2]["requested_rewrite"]["target_new"]["str"] = ""
     data.write_text(json.dumps(records))
-    assert cli.main(args) == 2
+    assert main(args) == 2
     assert "case 2: requested_rewrite.target_new.str must be a non-empty string" in \
         capsys.readouterr().err
     for flag, value in (("--format", "mend"), ("--method", "mend")):
         bad = list(args)
         bad[bad.index(flag) + 1] = value
         with pytest.raises(SystemExit):
-            cli.main(bad)
+            main(bad)
         assert "invalid choice: 'mend'" in capsys.readouterr().err
 
 
@@ -282,9 +283,9 @@ def test_smollm_fine_tuning_edits_and_reverts(smollm, known_facts):
     prompts = [case.rewrite_prompt]
     targets = [case.request.target_new, case.request.target_true]
     before = snapshot(smollm)
-    old = rome.target_log_probs(smollm, prompts, targets)[0]
+    old = target_log_probs(smollm, prompts, targets)[0]
     change = make_method("ft", smollm).apply(smollm, case.request)
-    new = rome.target_log_probs(smollm, prompts, targets)[0]
+    new = target_log_probs(smollm, prompts, targets)[0]
     change.revert()
     assert new[0] > new[1] and old[0] < new[0]
     assert_same(smollm, before)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from lens_rome.tracing import engine
+
+
+
 import pytest
 import torch
 
-from lens_rome import locate_subject, trace, tracing
-from lens_rome.hooks import Replacement
+from lens_rome.tracing.subject import locate_subject
+from lens_rome.tracing.engine import trace
+from lens_rome.tracing.noise_rules import Replacement
 from reference import reference_trace
 
 TOLERANCE = 1e-4
@@ -83,7 +88,7 @@ def test_trace_matches_paper_algorithm_on_smollm(smollm, kind, sever):
 @pytest.mark.parametrize("kind,sever", [("mlp", None), ("attn", None), ("hidden", "mlp")])
 def test_transformer_lens_blocks_match_paper_algorithm_too(tiny_llama, kind, sever, monkeypatch):
     # The path a model with hooks attached (or without a lean block) takes.
-    monkeypatch.setattr(tracing, "unsupported_reason", lambda model: "forced off")
+    monkeypatch.setattr(engine, "unsupported_reason", lambda model: "forced off")
     _compare(tiny_llama, "Where is The Eiffel Tower? It is in the city of", "The Eiffel Tower",
              kind, sever)
 

@@ -3,12 +3,21 @@
 
 from __future__ import annotations
 
+from lens_rome.tracing import interventions
+
+from lens_rome.tracing import engine
+
+
+from lens_rome.model.hooks import attached
+from lens_rome.tracing.engine import trace, trace_all
+from lens_rome.tracing.interventions import patch
+from lens_rome.tracing.kinds import KINDS
+
 import pytest
 import torch
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-from lens_rome import hooks, tracing
-from lens_rome.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
+from lens_rome.model.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 
 PROMPT, SUBJECT = "The Space Needle is in downtown", "The Space Needle"
 
@@ -35,12 +44,12 @@ def test_block_equals_transformer_lens_block_with_prefix_and_patches(tiny_llama)
     resid = torch.randn(batch, n_pos, tiny_llama.cfg.d_model)
     keys = torch.randn(batch, n_prefix, kv_heads, d_head)  # TransformerLens caches keys unrotated
     values = torch.randn(batch, n_prefix, kv_heads, d_head)
-    patch_attn = hooks.patch(f"blocks.{layer}.hook_attn_out", torch.ones(64), 0, rows=slice(1, 2))
-    patch_mlp = hooks.patch(f"blocks.{layer}.hook_mlp_out", -torch.ones(64), [0, 3])
+    patch_attn = patch(f"blocks.{layer}.hook_attn_out", torch.ones(64), 0, rows=slice(1, 2))
+    patch_mlp = patch(f"blocks.{layer}.hook_mlp_out", -torch.ones(64), [0, 3])
 
     with torch.no_grad():
         entry = TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
-        with hooks.attached(tiny_llama, [patch_attn, patch_mlp]):
+        with attached(tiny_llama, [patch_attn, patch_mlp]):
             expected = block(resid, past_kv_cache_entry=entry)
         got = fast(layer, resid, (fast.rotated_keys(layer, keys), values), [patch_attn, patch_mlp])
         plain = fast(layer, resid, (fast.rotated_keys(layer, keys), values))
@@ -86,13 +95,13 @@ def _spy_fast_calls(monkeypatch) -> list:
 def test_bf16_trace_takes_the_fast_path_and_agrees_with_transformer_lens(tiny_llama, monkeypatch):
     calls = _spy_fast_calls(monkeypatch)
     kwargs = dict(samples=3, window=3, bf16=True, seed=4)
-    fast = tracing.trace_all(tiny_llama, PROMPT, SUBJECT, **kwargs)
+    fast = trace_all(tiny_llama, PROMPT, SUBJECT, **kwargs)
     assert calls, "a bf16 trace of a Llama-style model should use FastBlocks"
-    monkeypatch.setattr(tracing, "unsupported_reason", lambda model: "forced off")
+    monkeypatch.setattr(engine, "unsupported_reason", lambda model: "forced off")
     calls.clear()
-    slow = tracing.trace_all(tiny_llama, PROMPT, SUBJECT, **kwargs)
+    slow = trace_all(tiny_llama, PROMPT, SUBJECT, **kwargs)
     assert not calls
-    for kind in tracing.KINDS:
+    for kind in KINDS:
         assert fast[kind].low_score == slow[kind].low_score  # clean and corrupted runs are float32
         assert (fast[kind].scores - slow[kind].scores).abs().max() < 0.02
 
@@ -100,19 +109,19 @@ def test_bf16_trace_takes_the_fast_path_and_agrees_with_transformer_lens(tiny_ll
 def test_float32_traces_take_the_fast_path_exactly_and_user_hooks_keep_transformer_lens(
         tiny_llama, monkeypatch):
     calls = _spy_fast_calls(monkeypatch)
-    fast = tracing.trace_all(tiny_llama, PROMPT, SUBJECT, samples=2, window=3)
+    fast = trace_all(tiny_llama, PROMPT, SUBJECT, samples=2, window=3)
     assert calls and all(r.meta["blocks"] == "lens_rome.fast_blocks" for r in fast.values())
     assert all(r.meta["precision"] == "float32" for r in fast.values())
-    monkeypatch.setattr(tracing, "unsupported_reason", lambda model: "forced off")
-    slow = tracing.trace_all(tiny_llama, PROMPT, SUBJECT, samples=2, window=3)
-    for kind in tracing.KINDS:
+    monkeypatch.setattr(engine, "unsupported_reason", lambda model: "forced off")
+    slow = trace_all(tiny_llama, PROMPT, SUBJECT, samples=2, window=3)
+    for kind in KINDS:
         assert slow[kind].meta["blocks"] == "transformer_lens"
         torch.testing.assert_close(fast[kind].scores, slow[kind].scores)
     monkeypatch.undo()
     calls = _spy_fast_calls(monkeypatch)
     ablate = ("blocks.1.hook_mlp_out", lambda activation, hook: activation * 0)
     with tiny_llama.hooks(fwd_hooks=[ablate]):
-        hooked = tracing.trace(tiny_llama, PROMPT, SUBJECT, "hidden", samples=2)
+        hooked = trace(tiny_llama, PROMPT, SUBJECT, "hidden", samples=2)
     assert not calls and hooked.meta["blocks"] == "transformer_lens"
     assert not torch.allclose(hooked.scores, fast["hidden"].scores)
 
@@ -161,7 +170,7 @@ def test_a_given_mlp_output_equals_patching_it(tiny_llama):
     fast, d_model = FastBlocks(tiny_llama), tiny_llama.cfg.d_model
     resid, value = torch.randn(6, 4, d_model), torch.randn(d_model)
     rows = slice(2, 4)
-    patch = hooks.patch("blocks.3.hook_mlp_out", value, 0, rows=rows)
+    patch = interventions.patch("blocks.3.hook_mlp_out", value, 0, rows=rows)
     with torch.no_grad():
         for n_pos in (4, 1):
             expected = fast(3, resid[:, :n_pos], hooks=[patch])

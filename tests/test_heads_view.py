@@ -7,8 +7,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from lens_rome.tracing import TraceResult
-from lens_rome.views import head_position, plot_trace, show_trace
+from lens_rome.tracing.result import TraceResult
+from lens_rome.views.trace import head_position, plot_trace, show_trace
 
 TOKENS = ["The", " E", "iffel", " Tower", " is"]
 N_LAYERS, N_HEADS = 6, 4

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from lens_rome.tracing import noise_rules
+
+from lens_rome.model.hooks import attached
+from lens_rome.tracing.interventions import record, restore, restore_window, sever
+from lens_rome.tracing.noise_rules import corrupt
+
 import torch
 
-from lens_rome import hooks, locate_subject, trace
+from lens_rome.tracing.subject import locate_subject
+from lens_rome.tracing.engine import trace
 
 PROMPT = "The Space Needle is in downtown"
 SUBJECT = "The Space Needle"
@@ -23,7 +30,7 @@ def test_corrupt_touches_only_subject_embeddings(tiny_llama):
     store = {}
     batch = tokens.expand(3, -1)
     tiny_llama.run_with_hooks(batch, fwd_hooks=[
-        hooks.corrupt(noise, subject_range), hooks.record("hook_embed", store)])
+        corrupt(noise, subject_range), record("hook_embed", store)])
     clean = tiny_llama.embed(tokens)
     start, end = subject_range
     assert torch.allclose(store["hook_embed"][:, start:end], clean[:, start:end] + noise)
@@ -34,16 +41,16 @@ def test_restoring_every_layer_at_every_position_gives_the_clean_run(tiny_gpt2):
     tokens, subject_range, noise = _setup(tiny_gpt2)
     clean_logits, clean = tiny_gpt2.run_with_cache(tokens)
     every = range(tokens.shape[1])
-    restore = hooks.restore_window(tiny_gpt2, "hidden", range(tiny_gpt2.cfg.n_layers), every,
+    restore = restore_window(tiny_gpt2, "hidden", range(tiny_gpt2.cfg.n_layers), every,
                                    clean)
     logits = tiny_gpt2.run_with_hooks(tokens.expand(3, -1),
-                                      fwd_hooks=[hooks.corrupt(noise, subject_range)] + restore)
+                                      fwd_hooks=[corrupt(noise, subject_range)] + restore)
     assert torch.allclose(logits, clean_logits.expand(3, -1, -1), atol=1e-5)
 
 
 def test_sever_freezes_outputs_at_corrupted_values(tiny_llama):
     tokens, subject_range, noise = _setup(tiny_llama)
-    batch, corrupt = tokens.expand(3, -1), hooks.corrupt(noise, subject_range)
+    batch, corrupt = tokens.expand(3, -1), noise_rules.corrupt(noise, subject_range)
     with tiny_llama.hooks(fwd_hooks=[corrupt]):
         _, corrupted = tiny_llama.run_with_cache(batch)
     _, clean = tiny_llama.run_with_cache(tokens)
@@ -51,9 +58,9 @@ def test_sever_freezes_outputs_at_corrupted_values(tiny_llama):
     store = {}
     tiny_llama.run_with_hooks(batch, fwd_hooks=[
         corrupt,
-        hooks.restore("blocks.1.hook_resid_post", clean, last_subject),
-        *hooks.sever(tiny_llama, "mlp", last_subject, corrupted),
-        hooks.record("blocks.3.hook_mlp_out", store),
+        restore("blocks.1.hook_resid_post", clean, last_subject),
+        *sever(tiny_llama, "mlp", last_subject, corrupted),
+        record("blocks.3.hook_mlp_out", store),
     ])
     assert torch.equal(store["blocks.3.hook_mlp_out"][:, last_subject],
                        corrupted["blocks.3.hook_mlp_out"][:, last_subject])
@@ -79,7 +86,7 @@ def test_attached_removes_only_its_own_hooks(tiny_gpt2):
     seen = []
     point = tiny_gpt2.hook_dict["blocks.0.hook_resid_post"]
     with tiny_gpt2.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda a, hook: seen.append(1))]):
-        with hooks.attached(tiny_gpt2, [("blocks.0.hook_resid_post",
+        with attached(tiny_gpt2, [("blocks.0.hook_resid_post",
                                          lambda a, hook: seen.append(2))]):
             tiny_gpt2(torch.tensor([[3, 4, 5]]))
         assert seen == [1, 2]

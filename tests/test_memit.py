@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from lens_rome.data.requests import EditRequest
+from lens_rome.editing.memit import check_requests, critical_layers, load_edit, request_keys
+from lens_rome.editing.null_space import key_gram, projector, update_left
+from lens_rome.editing.rome import Edit
+from lens_rome.editing.values import _key_and_value
+from lens_rome.editing.weights import applied_edits, edited_keys
+from lens_rome.evaluation.measures import target_log_probs
+from lens_rome.model.adapter import adapter_for
+
+from lens_rome.editing import memit
+from lens_rome.editing import rome
+
 import pytest
 import torch
 
-from lens_rome import memit, null_space, rome
-from lens_rome.memit import MemitEdit, MemitHyperParams
-from lens_rome.rome import RomeHyperParams
-from lens_rome.statistics import key_statistics
+from lens_rome.editing.memit import MemitEdit, MemitHyperParams
+from lens_rome.editing.hparams import RomeHyperParams
+from lens_rome.editing.statistics import key_statistics
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris, France.",
@@ -51,8 +62,8 @@ def assert_same(model, before):
 
 
 def target_scores(model, requests):
-    parsed = [rome.EditRequest.parse(r) for r in requests]
-    return torch.stack([rome.target_log_probs(model, [r.text], [r.target_new])[0, 0]
+    parsed = [EditRequest.parse(r) for r in requests]
+    return torch.stack([target_log_probs(model, [r.text], [r.target_new])[0, 0]
                         for r in parsed])
 
 
@@ -61,18 +72,18 @@ def target_scores(model, requests):
 
 def test_keys_are_romes_k_star(tiny_llama):
     hp = RomeHyperParams(layer=2, **FAST)
-    request = rome.EditRequest.parse(REQUESTS[0])
-    kv = rome._key_and_value(rome.adapter_for(tiny_llama), request, hp)
-    keys = memit.request_keys(tiny_llama, [request], 2, hp)
+    request = EditRequest.parse(REQUESTS[0])
+    kv = _key_and_value(adapter_for(tiny_llama), request, hp)
+    keys = request_keys(tiny_llama, [request], 2, hp)
     torch.testing.assert_close(keys[0], kv.key, rtol=1e-5, atol=1e-6)
 
 
 def test_keys_with_text_prefixes_are_romes_k_star(tiny_llama):
     hp = RomeHyperParams(layer=2, v_steps=3, prefixes=("The city was quiet", "I think"))
-    request = rome.EditRequest.parse(REQUESTS[0])
-    kv = rome._key_and_value(rome.adapter_for(tiny_llama), request, hp)
+    request = EditRequest.parse(REQUESTS[0])
+    kv = _key_and_value(adapter_for(tiny_llama), request, hp)
     assert kv.info["rows"] == 3  # the bare prompt and the two texts
-    keys = memit.request_keys(tiny_llama, [request], 2, hp)
+    keys = request_keys(tiny_llama, [request], 2, hp)
     torch.testing.assert_close(keys[0], kv.key, rtol=1e-5, atol=1e-6)
 
 
@@ -82,8 +93,8 @@ def test_one_request_one_layer_is_romes_direction(tiny_llama, tmp_path, weight):
     model = tiny_llama
     stats = stats_for(model, (2,), tmp_path)
     value = RomeHyperParams(layer=2, **FAST)
-    request = rome.EditRequest.parse(REQUESTS[0])
-    kv = rome._key_and_value(rome.adapter_for(model), request, value)
+    request = EditRequest.parse(REQUESTS[0])
+    kv = _key_and_value(adapter_for(model), request, value)
     with rome.edited(model, request, hparams=value, stats=stats[2]) as single:
         romes = single.weight_delta().double()
     with memit.edited(model, [request], hparams=MemitHyperParams(
@@ -127,7 +138,7 @@ def test_save_load_apply_is_bit_exact(tiny, tmp_path):
         change.save(path)
     change.revert()
     assert_same(model, before)
-    loaded = memit.load_edit(path)
+    loaded = load_edit(path)
     assert isinstance(loaded, MemitEdit) and not loaded.applied
     assert [r.subject for r in loaded.requests] == ["The Eiffel Tower", "The Space Needle"]
     assert loaded.hparams["layers"] == list(LAYERS)
@@ -150,7 +161,7 @@ def test_an_edit_refuses_another_model(tiny_llama, tiny_gpt2, tmp_path):
     assert_same(tiny_gpt2, before)
     with pytest.raises(ValueError, match="not a readable lens_rome MEMIT edit"):
         MemitEdit.load(tmp_path / "edit.safetensors").__class__.load(
-            rome.Edit(2, torch.ones(128), torch.ones(64), model_name="tiny", fingerprint="x",
+            Edit(2, torch.ones(128), torch.ones(64), model_name="tiny", fingerprint="x",
                       d_mlp=128, d_model=64).save(tmp_path / "rome.safetensors"))
 
 
@@ -162,7 +173,7 @@ def test_bad_batches(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match=r"requests 0 and 2 rewrite the same fact \('The Eiffel "
                                          r"Tower'.*' Rome' and ' Seattle'"):
         memit.edit(tiny_llama, conflict, hparams=hparams(), stats=stats)
-    assert len(memit.check_requests([REQUESTS[0], dict(REQUESTS[0])])) == 1  # repeat: once
+    assert len(check_requests([REQUESTS[0], dict(REQUESTS[0])])) == 1  # repeat: once
     with pytest.raises(ValueError, match="layer 6 is out of range: tiny has layers 0..5"):
         memit.edit(tiny_llama, REQUESTS, layers=[4, 6], stats=stats, **FAST)
     with pytest.raises(ValueError, match="increasing and distinct"):
@@ -175,7 +186,7 @@ def test_bad_batches(tiny_llama, tmp_path):
         MemitHyperParams.for_model(tiny_llama, layer=2)
     with pytest.raises(TypeError, match="unknown hyper-parameters \\['steps'\\]"):
         MemitHyperParams.for_model(tiny_llama, steps=3)
-    assert rome.applied_edits(tiny_llama) == []
+    assert applied_edits(tiny_llama) == []
 
 
 def test_default_layers_come_from_the_mlp_trace():
@@ -185,11 +196,11 @@ def test_default_layers_come_from_the_mlp_trace():
     figures = Path(__file__).resolve().parents[1] / "docs" / "figures"
     for model in ("smollm2-135m", "gemma-3-270m"):
         trace = json.loads((figures / f"editing_layer_{model}.json").read_text())
-        assert memit.critical_layers(trace["aie_last_subject_token"]) == \
+        assert critical_layers(trace["aie_last_subject_token"]) == \
             memit.MODEL_DEFAULTS[model]["layers"]
-    assert memit.critical_layers([0.1, 0.5, 0.9, 1.0, 0.2]) == (2, 3)
-    assert memit.critical_layers([0.1, 0.5, 0.9, 1.0, 0.2], fraction=0.5) == (1, 2, 3)
-    assert memit.critical_layers([1.0, 0.2]) == (0,)
+    assert critical_layers([0.1, 0.5, 0.9, 1.0, 0.2]) == (2, 3)
+    assert critical_layers([0.1, 0.5, 0.9, 1.0, 0.2], fraction=0.5) == (1, 2, 3)
+    assert critical_layers([1.0, 0.2]) == (0,)
 
 
 def test_hyperparameters():
@@ -215,7 +226,7 @@ def test_r_rome_maps_the_averaged_key_to_v_star(tiny_llama, tmp_path):
     model = tiny_llama
     stats = stats_for(model, (2,), tmp_path)[2]
     hp = RomeHyperParams(layer=2, update_key="average", **FAST)
-    kv = rome._key_and_value(rome.adapter_for(model), rome.EditRequest.parse(REQUESTS[0]), hp)
+    kv = _key_and_value(adapter_for(model), EditRequest.parse(REQUESTS[0]), hp)
     weight = model.blocks[2].mlp.W_out.detach().double()
     with rome.edited(model, REQUESTS[0], hparams=hp, stats=stats) as change:
         moved = kv.key @ change.weight_delta().double()
@@ -233,16 +244,16 @@ def test_null_space_solution_by_hand():
     basis = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
     c = basis @ torch.diag(torch.tensor([1e-4, 2e-4, 1.0, 2.0, 3.0, 4.0],
                                         dtype=torch.float64)) @ basis.T
-    p = null_space.projector(c, 0.1)
+    p = projector(c, 0.1)
     torch.testing.assert_close(p, basis[:, :2] @ basis[:, :2].T)
     keys, earlier = torch.randn(3, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
-    gram = null_space.key_gram([earlier], 6)
-    left = null_space.update_left(p, keys, gram, 0.5)
+    gram = key_gram([earlier], 6)
+    left = update_left(p, keys, gram, 0.5)
     torch.testing.assert_close((p @ (keys.T @ keys + gram) + 0.5 * torch.eye(6)) @ left, p @ keys.T)
     torch.testing.assert_close(p @ left, left)  # the change lies in the null space
     assert float((c @ left).norm()) < 1e-3 * float(left.norm())
     with pytest.raises(ValueError, match="null space is empty"):
-        null_space.projector(c, 1e-6)
+        projector(c, 1e-6)
 
 
 def test_alphaedit_changes_only_the_null_space_and_keeps_earlier_edits(tiny_llama, tmp_path):
@@ -253,7 +264,7 @@ def test_alphaedit_changes_only_the_null_space_and_keeps_earlier_edits(tiny_llam
     first = memit.edit(model, REQUESTS[:1], hparams=hp, stats=stats)
     second = memit.edit(model, REQUESTS[1:2], hparams=hp, stats=stats)
     for layer in LAYERS:
-        p = null_space.projector(stats[layer].second_moment, hp.null_space_threshold)
+        p = projector(stats[layer].second_moment, hp.null_space_threshold)
         delta = second.weight_delta(layer).double()
         torch.testing.assert_close(p @ delta, delta, rtol=1e-4, atol=1e-6)
         # the first edit's keys barely see the second edit (AlphaEdit's K_p term)
@@ -268,11 +279,11 @@ def test_rome_with_null_space_option(tiny_llama, tmp_path):
     stats = stats_for(tiny_llama, (2,), tmp_path)[2]
     with rome.edited(tiny_llama, REQUESTS[0], layer=2, stats=stats, null_space=True,
                      **FAST) as change:
-        p = null_space.projector(stats.second_moment, change.hparams["null_space_threshold"])
+        p = projector(stats.second_moment, change.hparams["null_space_threshold"])
         torch.testing.assert_close(p @ change.left.double(), change.left.double(),
                                    rtol=1e-4, atol=1e-6)
         assert change.keys_at(2).shape == (1, tiny_llama.cfg.d_mlp)
-        assert rome.edited_keys(tiny_llama, 2)[0] is change.keys
+        assert edited_keys(tiny_llama, 2)[0] is change.keys
 
 
 # --------------------------------------------------------------------------- stacks
@@ -302,14 +313,14 @@ def test_twenty_stacked_edits_of_mixed_methods_revert_bit_exactly(tiny_llama, tm
             stack.append(memit.edit(model, [request], hparams=hparams(fast=quick,
                                                                       null_space=True),
                                     stats=stats))
-    assert rome.applied_edits(model) == stack
+    assert applied_edits(model) == stack
     assert not all(torch.equal(before[n], p) for n, p in model.named_parameters())
     with pytest.raises(RuntimeError, match="reverse order"):
         stack[-3].revert()
     for change in reversed(stack):
         change.revert()
     assert_same(model, before)
-    assert rome.applied_edits(model) == []
+    assert applied_edits(model) == []
 
 
 # --------------------------------------------------------------------------- embedded model
@@ -330,7 +341,7 @@ def test_smollm_batch_rewrites_two_facts_and_reverts(smollm, tmp_path):
         layer=5, v_steps=10, n_prefixes=4, prefix_lengths=(5,), early_stop_nll=0.2))
     with memit.edited(smollm, requests, hparams=hp, stats=stats) as change:
         for prompt, request in zip(prompts, requests):
-            new, old = rome.target_log_probs(smollm, [prompt], [request["target_new"],
+            new, old = target_log_probs(smollm, [prompt], [request["target_new"],
                                                                 request["target_true"]])[0]
             assert new > old, (prompt, float(new), float(old))
         assert [t["lookup_token"] for t in change.info["targets"]] == [" Tower", "if"]

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from lens_rome.model import loading
+
+
+from lens_rome.model.loading import _load_embedded
+
 import json
 
 import pytest
 import torch
 
-from lens_rome import adapter_for, load_model, models
-from lens_rome.models import EMBEDDED_MODELS, EmbeddedModel, _build_from_gguf, _write_cache
+from lens_rome.model.adapter import adapter_for
+from lens_rome.model.loading import load_model
+from lens_rome.model.embedded import EMBEDDED_MODELS, EmbeddedModel
+from lens_rome.model.loading import _build_from_gguf, _write_cache
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -50,7 +57,7 @@ def test_cache_round_trip_and_corrupt_cache_is_rebuilt(tmp_path, caplog, smollm_
         builds.append(spec.name)
         return smollm_gguf_build
 
-    monkeypatch.setattr(models, "_build_from_gguf", build)
+    monkeypatch.setattr(loading, "_build_from_gguf", build)
     first = load_model("smollm2-135m", cache_dir=tmp_path)  # builds and caches
     assert builds == ["smollm2-135m"]
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -77,7 +84,7 @@ def test_cache_round_trip_and_corrupt_cache_is_rebuilt(tmp_path, caplog, smollm_
 @pytest.mark.embedded
 @SHARES_THE_BUILD
 def test_flipped_bytes_in_cache_are_detected(tmp_path, caplog, smollm_gguf_build):
-    from lens_rome.models import _read_cache
+    from lens_rome.model.loading import _read_cache
 
     spec = EMBEDDED_MODELS["smollm2-135m"]
     model, tokenizer, _ = smollm_gguf_build
@@ -111,13 +118,13 @@ def test_concurrent_first_loads_build_once(tmp_path, monkeypatch):
         written["model"] = model
         (where / "manifest.json").write_text("{}")
 
-    monkeypatch.setattr(models, "_build_from_gguf", build)
-    monkeypatch.setattr(models, "_write_cache", write)
-    monkeypatch.setattr(models, "_read_cache", lambda spec, where: written.get("model"))
+    monkeypatch.setattr(loading, "_build_from_gguf", build)
+    monkeypatch.setattr(loading, "_write_cache", write)
+    monkeypatch.setattr(loading, "_read_cache", lambda spec, where: written.get("model"))
     spec = EMBEDDED_MODELS["smollm2-135m"]
     loaded = []
     threads = [threading.Thread(target=lambda: loaded.append(
-        models._load_embedded(spec, cache, rebuild=False))) for _ in range(2)]
+        _load_embedded(spec, cache, rebuild=False))) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -158,7 +165,7 @@ def test_smollm_adapter(smollm):
 
 
 def test_linear_layout_keeps_values(tiny_llama):
-    from lens_rome.models import use_linear_layout
+    from lens_rome.model.layout import use_linear_layout
 
     assert tiny_llama.blocks[0].mlp.W_out.T.is_contiguous()  # no copy on each forward pass
     tokens = torch.tensor([[5, 6, 7, 8]])

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from lens_rome.model import precision
+
+
+from lens_rome.editing.hparams import RomeHyperParams
+from lens_rome.model.precision import _FAST, _PROBES, bf16_is_fast, probe_report, resolve_bf16
+
+from lens_rome.editing import rome
+
 import warnings
 
 import pytest
 import torch
 
-from lens_rome import precision, rome, trace
+from lens_rome.tracing.engine import trace
 
 PROMPT, SUBJECT = "The Space Needle is in downtown", "The Space Needle"
 
@@ -15,46 +23,46 @@ PROMPT, SUBJECT = "The Space Needle is in downtown", "The Space Needle"
 @pytest.fixture
 def bf16_slow(monkeypatch):
     """Pretend this CPU has no bf16 units (whatever it really has)."""
-    monkeypatch.setitem(precision._FAST, "cpu", False)
-    monkeypatch.setitem(precision._PROBES, "cpu", {"bf16_fast": False, "rule": "pretended"})
+    monkeypatch.setitem(_FAST, "cpu", False)
+    monkeypatch.setitem(_PROBES, "cpu", {"bf16_fast": False, "rule": "pretended"})
     monkeypatch.setattr(precision, "_WARNED", set())
 
 
 @pytest.fixture
 def bf16_fast(monkeypatch):
-    monkeypatch.setitem(precision._FAST, "cpu", True)
-    monkeypatch.setitem(precision._PROBES, "cpu", {"bf16_fast": True, "rule": "pretended"})
+    monkeypatch.setitem(_FAST, "cpu", True)
+    monkeypatch.setitem(_PROBES, "cpu", {"bf16_fast": True, "rule": "pretended"})
 
 
 def test_the_probe_measures_once_and_says_why():
-    first = precision.probe_report()
+    first = probe_report()
     assert isinstance(first["bf16_fast"], bool) and first["rule"]
     assert "cpu_capability" in first and "bf16_gflops_128" in first
-    assert precision.bf16_is_fast() is first["bf16_fast"]
-    assert precision.probe_report() == first  # cached for the process
+    assert bf16_is_fast() is first["bf16_fast"]
+    assert probe_report() == first  # cached for the process
 
 
 def test_auto_follows_the_probe(bf16_slow):
-    assert precision.resolve_bf16(None) is False
-    assert precision.resolve_bf16("auto") is False
-    assert precision.resolve_bf16(False) is False
+    assert resolve_bf16(None) is False
+    assert resolve_bf16("auto") is False
+    assert resolve_bf16(False) is False
 
 
 def test_auto_takes_bf16_where_it_is_fast(bf16_fast):
-    assert precision.resolve_bf16(None) is True
+    assert resolve_bf16(None) is True
 
 
 def test_explicit_bf16_on_a_slow_cpu_runs_but_warns_once(bf16_slow):
     with pytest.warns(RuntimeWarning, match="no fast bfloat16 .*pretended.*far slower"):
-        assert precision.resolve_bf16(True, what="a test") is True
+        assert resolve_bf16(True, what="a test") is True
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert precision.resolve_bf16(True) is True  # no second warning
+        assert resolve_bf16(True) is True  # no second warning
 
 
 def test_bad_setting_is_named():
     with pytest.raises(ValueError, match="bf16 must be True, False, None or 'auto', got 'yes'"):
-        precision.resolve_bf16("yes")
+        resolve_bf16("yes")
 
 
 def test_trace_reports_the_precision_that_ran(tiny_llama, bf16_fast):
@@ -64,7 +72,7 @@ def test_trace_reports_the_precision_that_ran(tiny_llama, bf16_fast):
 
 
 def test_rome_defaults_to_float32_where_bf16_is_slow(tiny_llama, bf16_slow):
-    hp = rome.RomeHyperParams.for_model("smollm2-135m")
+    hp = RomeHyperParams.for_model("smollm2-135m")
     assert hp.bf16 is None  # no default assumes the hardware
     request = {"prompt": "{} is in downtown", "subject": "The Space Needle",
                "target_new": " Paris"}
@@ -81,8 +89,8 @@ def test_rome_defaults_to_float32_where_bf16_is_slow(tiny_llama, bf16_slow):
 def test_the_precision_command_prints_the_probe_and_each_entry_point(fast, monkeypatch, capsys):
     from lens_rome.cli import main
 
-    monkeypatch.setitem(precision._FAST, "cpu", fast)
-    monkeypatch.setitem(precision._PROBES, "cpu", {"bf16_fast": fast, "rule": "pretended",
+    monkeypatch.setitem(_FAST, "cpu", fast)
+    monkeypatch.setitem(_PROBES, "cpu", {"bf16_fast": fast, "rule": "pretended",
                                                    "cpu": "Some CPU", "cpu_capability": "AVX2"})
     assert main(["precision"]) == 0
     out = capsys.readouterr().out

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from lens_rome.data.requests import EditRequest
+from lens_rome.editing.hparams import RomeHyperParams
+from lens_rome.editing.layout import lookup_position
+from lens_rome.editing.prefixes import _generate_prefixes
+from lens_rome.editing.rome import Edit
+from lens_rome.editing.values import _key_and_value, _layout
+from lens_rome.editing.weights import applied_edits
+from lens_rome.evaluation.measures import greedy_continuation, target_log_probs
+from lens_rome.model.adapter import adapter_for
+
+from lens_rome.editing import hparams, rome, values
+
 import pytest
 import torch
 
-from lens_rome import rome
-from lens_rome.statistics import key_statistics
+from lens_rome.editing.statistics import key_statistics
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris, France.",
@@ -39,13 +50,13 @@ def assert_same(model, before):
 
 
 def test_request_shapes():
-    plain = rome.EditRequest.parse(REQUEST)
+    plain = EditRequest.parse(REQUEST)
     assert plain.text == "The Eiffel Tower is located in the city of"
-    counterfact = rome.EditRequest.parse({"case_id": 0, "requested_rewrite": {
+    counterfact = EditRequest.parse({"case_id": 0, "requested_rewrite": {
         "prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
         "relation_id": "P131", "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}}})
     assert counterfact.target_new == " Rome" and counterfact.target_true == " Paris"
-    assert rome.EditRequest.parse(plain) is plain
+    assert EditRequest.parse(plain) is plain
 
 
 @pytest.mark.parametrize("change, message", [
@@ -58,34 +69,34 @@ def test_request_shapes():
 ])
 def test_request_errors(change, message):
     with pytest.raises(ValueError, match=message):
-        rome.EditRequest.parse({**REQUEST, **change})
+        EditRequest.parse({**REQUEST, **change})
 
 
 def test_request_type_errors():
     with pytest.raises(TypeError, match="dict"):
-        rome.EditRequest.parse("The Eiffel Tower")
+        EditRequest.parse("The Eiffel Tower")
     with pytest.raises(ValueError, match="lacks"):
-        rome.EditRequest.parse({"prompt": "{} is"})
+        EditRequest.parse({"prompt": "{} is"})
 
 
 def test_hyperparameters(tiny_llama):
-    hp = rome.RomeHyperParams.for_model("smollm2-135m")
-    assert hp.layer == rome.MODEL_DEFAULTS["smollm2-135m"]["layer"]
-    assert rome.RomeHyperParams.for_model("smollm2-135m", v_steps=3).v_steps == 3
-    assert rome.RomeHyperParams.for_model(tiny_llama).layer == 1  # a quarter of 6 layers
+    hp = RomeHyperParams.for_model("smollm2-135m")
+    assert hp.layer == hparams.MODEL_DEFAULTS["smollm2-135m"]["layer"]
+    assert RomeHyperParams.for_model("smollm2-135m", v_steps=3).v_steps == 3
+    assert RomeHyperParams.for_model(tiny_llama).layer == 1  # a quarter of 6 layers
     with pytest.raises(TypeError, match="unknown hyper-parameters"):
-        rome.RomeHyperParams.for_model(tiny_llama, steps=3)
+        RomeHyperParams.for_model(tiny_llama, steps=3)
     with pytest.raises(ValueError, match="lookup"):
-        rome.RomeHyperParams(layer=1, lookup="middle")
+        RomeHyperParams(layer=1, lookup="middle")
     with pytest.raises(ValueError, match="no default edit layer"):
-        rome.RomeHyperParams.for_model("no-such-model")
+        RomeHyperParams.for_model("no-such-model")
     with pytest.raises(ValueError, match="kl_direction must be one of"):
-        rome.RomeHyperParams(layer=1, kl_direction="both")
+        RomeHyperParams(layer=1, kl_direction="both")
     with pytest.raises(ValueError, match="prefixes must be texts"):
-        rome.RomeHyperParams(layer=1, prefixes=[3])
-    texts = rome.RomeHyperParams(layer=1, prefixes=["I think", "You know"])
+        RomeHyperParams(layer=1, prefixes=[3])
+    texts = RomeHyperParams(layer=1, prefixes=["I think", "You know"])
     assert texts.prefixes == ("I think", "You know")
-    assert rome.RomeHyperParams.from_dict(texts.to_dict()) == texts
+    assert RomeHyperParams.from_dict(texts.to_dict()) == texts
 
 
 def test_defaults_are_the_papers():
@@ -95,30 +106,30 @@ def test_defaults_are_the_papers():
              "n_prefixes": 20, "prefix_lengths": (5, 10), "norm_reference": "mlp_out",
              "kl_direction": "edited_original", "kl_position": "lookup",
              "weight_decay_form": "norm", "update_key": "bare"}
-    for name in rome.MODEL_DEFAULTS:
-        hp = rome.RomeHyperParams.for_model(name)
+    for name in hparams.MODEL_DEFAULTS:
+        hp = RomeHyperParams.for_model(name)
         assert {k: getattr(hp, k) for k in paper} == paper, name
 
 
 def test_lookup_positions():
     # prompt of 8 tokens, subject at tokens 1..3
-    assert rome.lookup_position("subject_last", (1, 4), 8) == 3
-    assert rome.lookup_position("subject_first", (1, 4), 8) == 1
-    assert rome.lookup_position("last", (1, 4), 8) == 7
-    assert rome.lookup_position(2, (1, 4), 8) == 2
-    assert rome.lookup_position(-1, (1, 4), 8) == 7
+    assert lookup_position("subject_last", (1, 4), 8) == 3
+    assert lookup_position("subject_first", (1, 4), 8) == 1
+    assert lookup_position("last", (1, 4), 8) == 7
+    assert lookup_position(2, (1, 4), 8) == 2
+    assert lookup_position(-1, (1, 4), 8) == 7
     # the same index in a tokenization with one more token before the subject
-    assert rome.lookup_position(2, (2, 5), 9, reference=((1, 4), 8)) == 3
-    assert rome.lookup_position(6, (2, 5), 9, reference=((1, 4), 8)) == 7
+    assert lookup_position(2, (2, 5), 9, reference=((1, 4), 8)) == 3
+    assert lookup_position(6, (2, 5), 9, reference=((1, 4), 8)) == 7
     with pytest.raises(ValueError, match="out of range"):
-        rome.lookup_position(8, (1, 4), 8)
+        lookup_position(8, (1, 4), 8)
 
 
 def test_prefixes_are_deterministic(tiny_llama):
-    a = rome._generate_prefixes(tiny_llama, 4, (3, 5), 0, 5)
-    b = rome._generate_prefixes(tiny_llama, 4, (3, 5), 0, 5)
+    a = _generate_prefixes(tiny_llama, 4, (3, 5), 0, 5)
+    b = _generate_prefixes(tiny_llama, 4, (3, 5), 0, 5)
     assert a == b and sorted(len(p) for p in a) == [3, 3, 5, 5]
-    assert rome._generate_prefixes(tiny_llama, 4, (3, 5), 1, 5) != a
+    assert _generate_prefixes(tiny_llama, 4, (3, 5), 1, 5) != a
 
 
 # --------------------------------------------------------------------------- the update
@@ -146,8 +157,8 @@ def test_edit_follows_the_paper_formula(tiny_llama, tmp_path):
     model = tiny_llama
     stats = key_statistics(model, 2, CORPUS, samples=20, token_length=16,
                            cache_dir=tmp_path, progress=False)
-    hp = rome.RomeHyperParams(layer=2, **FAST)
-    kv = rome._key_and_value(rome.adapter_for(model), rome.EditRequest.parse(REQUEST), hp)
+    hp = RomeHyperParams(layer=2, **FAST)
+    kv = _key_and_value(adapter_for(model), EditRequest.parse(REQUEST), hp)
     change = rome.edit(model, REQUEST, hparams=hp, stats=stats)
     try:
         u = torch.linalg.solve(stats.second_moment, kv.key)
@@ -164,13 +175,13 @@ def test_revert_is_bit_exact_for_stacked_edits(tiny):
     first = rome.edit(model, REQUEST, layer=2, stats=stats, **FAST)
     second = rome.edit(model, {**REQUEST, "subject": "The Colosseum", "target_new": " Paris"},
                        layer=2, stats=stats, **FAST)
-    assert rome.applied_edits(model) == [first, second]
+    assert applied_edits(model) == [first, second]
     with pytest.raises(RuntimeError, match="reverse order"):
         first.revert()
     second.revert()
     first.revert()
     assert_same(model, before)
-    assert rome.applied_edits(model) == []
+    assert applied_edits(model) == []
     with pytest.raises(RuntimeError, match="not applied"):
         first.revert()
 
@@ -196,9 +207,9 @@ def test_save_load_apply(tiny, tmp_path):
     change.save(path, overwrite=True)
     change.revert()
 
-    loaded = rome.Edit.load(path)
+    loaded = Edit.load(path)
     assert not loaded.applied and loaded.layer == 2
-    assert loaded.request == rome.EditRequest.parse(REQUEST)
+    assert loaded.request == EditRequest.parse(REQUEST)
     loaded.apply(model)
     assert torch.equal(model.blocks[2].mlp.W_out, edited_weight)
     with pytest.raises(RuntimeError, match="already applied"):
@@ -215,7 +226,7 @@ def test_edit_refuses_another_model(tiny_llama, tiny_gpt2, tmp_path):
     path = change.save(tmp_path / "edit.safetensors")
     before = snapshot(tiny_gpt2)
     with pytest.raises(ValueError, match="made for model 'tiny'.*fingerprint"):
-        rome.Edit.load(path).apply(tiny_gpt2)
+        Edit.load(path).apply(tiny_gpt2)
     assert_same(tiny_gpt2, before)
 
 
@@ -223,7 +234,7 @@ def test_load_rejects_garbage(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable lens_rome edit"):
-        rome.Edit.load(path)
+        Edit.load(path)
 
 
 def test_edit_errors(tiny):
@@ -236,7 +247,7 @@ def test_edit_errors(tiny):
         rome.edit(model, REQUEST, layer=3, stats=stats, **FAST)
     with pytest.raises(TypeError, match="unknown hyper-parameters"):
         rome.edit(model, REQUEST, layer=2, stats=stats, steps=3)
-    assert rome.applied_edits(model) == []
+    assert applied_edits(model) == []
 
 
 def test_edit_longer_than_the_context_is_refused(tiny_llama):
@@ -246,7 +257,7 @@ def test_edit_longer_than_the_context_is_refused(tiny_llama):
                                          "most 64 tokens"):
         rome.edit(tiny_llama, {**REQUEST, "prompt": long_prompt}, layer=2,
                   stats=torch.eye(128, dtype=torch.float64), **FAST)
-    assert rome.applied_edits(tiny_llama) == []
+    assert applied_edits(tiny_llama) == []
 
 
 def test_one_batch_of_lean_blocks_equals_transformer_lens_layouts(tiny_llama):
@@ -276,7 +287,7 @@ def test_lookup_strategies_run(tiny_llama, tmp_path, lookup):
 def test_target_log_probs_match_single_runs(tiny_llama):
     prompts = ["The Eiffel Tower is in", "Miles Davis plays the"]
     targets = [" Paris", " trumpet of Rome"]
-    scores = rome.target_log_probs(tiny_llama, prompts, targets)
+    scores = target_log_probs(tiny_llama, prompts, targets)
     tokenizer = tiny_llama.tokenizer
     for i, prompt in enumerate(prompts):
         for j, target in enumerate(targets):
@@ -306,14 +317,14 @@ def test_smollm_edit_rewrites_and_reverts(smollm, tmp_path, one_thread):
                            progress=False)
     before = snapshot(smollm)
     prompts = ["The Eiffel Tower is located in the city of", "The Eiffel Tower is in"]
-    old = rome.target_log_probs(smollm, prompts, [" Paris", " Rome"])
+    old = target_log_probs(smollm, prompts, [" Paris", " Rome"])
     assert old[0, 0] > old[0, 1]
     with rome.edited(smollm, REQUEST, layer=4, stats=stats, v_steps=8, n_prefixes=4,
                      prefix_lengths=(5,)) as change:
         assert change.info["lookup_token"] == " Tower"
-        new = rome.target_log_probs(smollm, prompts, [" Paris", " Rome"])
+        new = target_log_probs(smollm, prompts, [" Paris", " Rome"])
         assert new[0, 1] > new[0, 0]
-        assert "Rome" in rome.greedy_continuation(smollm, prompts[0], 3)
+        assert "Rome" in greedy_continuation(smollm, prompts[0], 3)
     assert_same(smollm, before)
 
 
@@ -323,7 +334,7 @@ def test_smollm_edit_rewrites_and_reverts(smollm, tmp_path, one_thread):
 def cli(*argv):
     import argparse
 
-    from lens_rome.edit_cli import add_edit_parser
+    from lens_rome.cli.edit import add_edit_parser
 
     parser = argparse.ArgumentParser(prog="lens-rome")
     add_edit_parser(parser.add_subparsers(dest="command"))
@@ -356,19 +367,19 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
 def test_lean_setup_states_equal_transformer_lens(tiny_llama, kl):
     """k*, the MLP output, the residual stream and the cached keys/values of the v* loop's
     setup are the same from the lean blocks as from TransformerLens' blocks."""
-    from lens_rome.fast_blocks import FastBlocks
-    from lens_rome.models import adapter_for
+    from lens_rome.model.fast_blocks import FastBlocks
+    from lens_rome.model.adapter import adapter_for
 
     adapter = adapter_for(tiny_llama)
-    hp = rome.RomeHyperParams.for_model(tiny_llama, layer=2, n_prefixes=4)
-    specs, (kl_ids, kl_lookup, kl_read), _ = rome._layout(adapter, rome.EditRequest.parse(REQUEST),
+    hp = RomeHyperParams.for_model(tiny_llama, layer=2, n_prefixes=4)
+    specs, (kl_ids, kl_lookup, kl_read), _ = _layout(adapter, EditRequest.parse(REQUEST),
                                                           hp)
     rows, lookup, positions, target = specs[-1]
     args = ([kl_ids], kl_lookup, [kl_read], None) if kl else (rows, lookup, positions, target)
     with torch.no_grad():
         fast = FastBlocks(tiny_llama)
-        lean = rome._Group(adapter, 2, *args, fast).cast(torch.float32, fast)
-        reference = rome._Group(adapter, 2, *args).cast(torch.float32, fast)
+        lean = values._Group(adapter, 2, *args, fast).cast(torch.float32, fast)
+        reference = values._Group(adapter, 2, *args).cast(torch.float32, fast)
     scale = float(reference.resid.abs().max())
     for name in ("keys", "mlp_out", "resid"):
         got, expected = getattr(lean, name), getattr(reference, name)

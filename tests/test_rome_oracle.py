@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from lens_rome.editing import rome
+
 import pytest
 import torch
 
-from lens_rome import rome
-from lens_rome.statistics import key_statistics
+from lens_rome.editing.statistics import key_statistics
 from reference_rome import rome_weight_change
 
 REQUEST = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",

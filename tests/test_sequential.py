@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+from lens_rome.cli import main
+from lens_rome.evaluation import runner
+from lens_rome.model import loading
+
+
+from lens_rome.editing.registry import NoEdit, apply_batch, make_method
+from lens_rome.evaluation.runner import checkpoint_samples, load_records
+
 import json
 
 import pytest
 import torch
 
-from lens_rome import baselines, evaluation
-from lens_rome.evaluation import (
-    COUNTERFACT_KEYS,
-    RUN_KEYS,
-    SEQUENTIAL_KEYS,
-    evaluate,
-    measure_cases,
-    summarize,
-)
-from lens_rome.memit import MemitHyperParams
-from lens_rome.rome import RomeHyperParams
-from lens_rome.statistics import key_statistics
+from lens_rome.evaluation.runner import COUNTERFACT_KEYS, RUN_KEYS, SEQUENTIAL_KEYS, evaluate, measure_cases, summarize
+from lens_rome.editing.memit import MemitHyperParams
+from lens_rome.editing.hparams import RomeHyperParams
+from lens_rome.editing.statistics import key_statistics
 from test_evaluation import CASES, FAST
 
 TINY = dict(v_steps=2, n_prefixes=2, prefix_lengths=(3,))
@@ -67,7 +67,7 @@ def test_sequential_run_summary_checkpoints_and_revert(tiny_llama, stats, tmp_pa
     assert summary["original"] == unedited
     assert summary["checkpoints"][-1]["original"] == unedited
     assert summary["efficacy_magnitude"] > unedited["efficacy_magnitude"]
-    records = evaluation.load_records(tmp_path / "rome", CASES)
+    records = load_records(tmp_path / "rome", CASES)
     assert [r["n_edits"] for r in records] == [4] * 4 and [r["batch"] for r in records] == \
         [0, 1, 2, 3]
 
@@ -78,7 +78,7 @@ def test_sequential_run_resumes_from_saved_edits(tiny_llama, stats, tmp_path, mo
     whole = evaluate(tiny_llama, CASES, "alphaedit", tmp_path / "whole", **options)
     assert len(whole["update_norms"]) == 2 and whole["batch_size"] == 2
 
-    real, calls = baselines.apply_batch, []
+    real, calls = apply_batch, []
 
     def dies_at_the_second_batch(method, model, requests):
         calls.append([r.subject for r in requests])
@@ -86,14 +86,14 @@ def test_sequential_run_resumes_from_saved_edits(tiny_llama, stats, tmp_path, mo
             raise KeyboardInterrupt
         return real(method, model, requests)
 
-    monkeypatch.setattr(baselines, "apply_batch", dies_at_the_second_batch)
+    monkeypatch.setattr(runner, "apply_batch", dies_at_the_second_batch)
     before = snapshot(tiny_llama)
     with pytest.raises(KeyboardInterrupt):
         evaluate(tiny_llama, CASES, "alphaedit", tmp_path / "cut", **options)
     assert_same(tiny_llama, before)
     assert (tmp_path / "cut" / "checkpoints" / "000002.json").exists()
     calls.clear()
-    monkeypatch.setattr(baselines, "apply_batch", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(runner, "apply_batch", lambda *a: calls.append(a) or real(*a))
     resumed = evaluate(tiny_llama, CASES, "alphaedit", tmp_path / "cut", **options)
     assert len(calls) == 1  # the first batch was loaded from its file, not edited again
     assert resumed == whole  # the same bits: re-applying a saved edit is exact
@@ -110,7 +110,7 @@ def test_batches_without_sequence(tiny_llama, stats, tmp_path):
     assert_same(tiny_llama, before)
     assert summary["n_edits"] == 4 and summary["sequential"] is False
     assert len(summary["update_norms"]) == 2  # batches of 3 and 1
-    records = evaluation.load_records(tmp_path, CASES)
+    records = load_records(tmp_path, CASES)
     assert [r["batch"] for r in records] == [0, 0, 0, 1]
     assert json.loads((tmp_path / "run.json").read_text())["method"]["method"] == "memit"
 
@@ -135,24 +135,23 @@ def test_run_errors(tiny_gpt2, tmp_path):
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         evaluate(tiny_gpt2, CASES, "none", tmp_path, batch_size=0, **FAST)
     with pytest.raises(ValueError, match="batch of edit requests is empty"):
-        baselines.apply_batch(baselines.NoEdit(), tiny_gpt2, [])
+        apply_batch(NoEdit(), tiny_gpt2, [])
     with pytest.raises(ValueError, match="'r-rome' is ROME with update_key='average'"):
-        baselines.make_method("r-rome", tiny_gpt2, update_key="bare")
-    assert baselines.make_method("r-rome", tiny_gpt2, layer=1).hparams.update_key == "average"
-    assert baselines.make_method("alphaedit", tiny_gpt2, layers=(1, 2)).hparams.null_space
+        make_method("r-rome", tiny_gpt2, update_key="bare")
+    assert make_method("r-rome", tiny_gpt2, layer=1).hparams.update_key == "average"
+    assert make_method("alphaedit", tiny_gpt2, layers=(1, 2)).hparams.null_space
 
 
 def test_cli_sequential(tiny_gpt2, tmp_path, monkeypatch, capsys):
-    from lens_rome import cli, models
 
-    monkeypatch.setattr(models, "load_model", lambda name: tiny_gpt2)
+    monkeypatch.setattr(loading, "load_model", lambda name: tiny_gpt2)
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([c.to_dict() for c in CASES]))
     out = tmp_path / "out"
     args = ["evaluate", "--dataset", str(data), "--format", "counterfact", "--method", "none",
             "--out", str(out), "--max-new-tokens", "3", "--batch-size", "2", "--sequential",
             "--checkpoints", "2", "--checkpoint-sample", "3"]
-    assert cli.main(args) == 0
+    assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_edits"] == 4 and summary["batch_size"] == 2 and summary["sequential"]
     assert [(p["n_edits"], p["measured"]) for p in summary["checkpoints"]] == [(2, 2), (4, 3)]
@@ -166,23 +165,23 @@ def test_cli_sequential(tiny_gpt2, tmp_path, monkeypatch, capsys):
                 argv[argv.index(flag) + 1] = value
             else:
                 argv += [flag, value]
-        assert cli.main(argv) == 2
+        assert main(argv) == 2
         assert message in capsys.readouterr().err
-    assert cli.main([a for a in args if a != "--sequential"]) == 2
+    assert main([a for a in args if a != "--sequential"]) == 2
     assert "--checkpoints needs --sequential" in capsys.readouterr().err
-    assert cli.main(args[:args.index("--sequential")] + ["--checkpoint-sample", "3"]) == 2
+    assert main(args[:args.index("--sequential")] + ["--checkpoint-sample", "3"]) == 2
     assert "--checkpoint-sample needs --sequential" in capsys.readouterr().err
 
 
 def test_checkpoint_samples_are_bounded_and_kept_by_longer_runs():
-    samples = evaluation.checkpoint_samples(200, [1, 10, 50, 200], 20, seed=3)
+    samples = checkpoint_samples(200, [1, 10, 50, 200], 20, seed=3)
     assert samples[1] == [0] and len(samples[10]) == 10 and len(samples[50]) == 20
     assert all(i < 50 for i in samples[50]) and len(set(samples[200])) == 20
     # the same checkpoints of a run over fewer cases measure the same cases
-    assert evaluation.checkpoint_samples(50, [1, 10, 50], 20, seed=3) == \
+    assert checkpoint_samples(50, [1, 10, 50], 20, seed=3) == \
         {n: samples[n] for n in (1, 10, 50)}
-    assert evaluation.checkpoint_samples(200, [50], 20, seed=4)[50] != samples[50]
-    assert evaluation.checkpoint_samples(5, [2, 5], None) == {2: [0, 1], 5: [0, 1, 2, 3, 4]}
+    assert checkpoint_samples(200, [50], 20, seed=4)[50] != samples[50]
+    assert checkpoint_samples(5, [2, 5], None) == {2: [0, 1], 5: [0, 1, 2, 3, 4]}
 
 
 def test_sampled_run_extends_to_more_cases(tiny_llama, stats, tmp_path, monkeypatch):
@@ -196,8 +195,8 @@ def test_sampled_run_extends_to_more_cases(tiny_llama, stats, tmp_path, monkeypa
     short = evaluate(tiny_llama, CASES[:2], "rome", tmp_path / "grown", checkpoints=[1, 2],
                      **options)
     assert short["checkpoints"] == whole["checkpoints"][:2]
-    real, calls = baselines.apply_batch, []
-    monkeypatch.setattr(baselines, "apply_batch", lambda *a: calls.append(a) or real(*a))
+    real, calls = apply_batch, []
+    monkeypatch.setattr(runner, "apply_batch", lambda *a: calls.append(a) or real(*a))
     before = snapshot(tiny_llama)
     grown = evaluate(tiny_llama, CASES, "rome", tmp_path / "grown", checkpoints=[1, 2, 4],
                      **options)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lens_rome import TraceResult, locate_subject, trace
-from lens_rome.hooks import Gaussian, SubjectSwap
+from lens_rome.tracing.result import TraceResult
+from lens_rome.tracing.subject import locate_subject
+from lens_rome.tracing.engine import trace
+from lens_rome.tracing.noise_rules import Gaussian, SubjectSwap
 
 PROMPT = "The Space Needle is in downtown"
 SUBJECT = "The Space Needle"
@@ -58,7 +60,7 @@ def test_same_seed_same_scores_and_target(tiny_llama):
 
 
 def test_noise_rules_run(tiny_gpt2):
-    from lens_rome.hooks import MultivariateGaussian, Replacement, StudentT, Uniform
+    from lens_rome.tracing.noise_rules import MultivariateGaussian, Replacement, StudentT, Uniform
 
     for rule in [Gaussian(), Gaussian(level=0.5), StudentT(), Uniform(), MultivariateGaussian(),
                  Replacement(), 0.2]:

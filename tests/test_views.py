@@ -9,8 +9,8 @@ import torch
 from matplotlib.colorbar import Colorbar
 from matplotlib.figure import Figure
 
-from lens_rome.tracing import TraceResult
-from lens_rome.views import TraceView, plot_trace, show_trace
+from lens_rome.tracing.result import TraceResult
+from lens_rome.views.trace import TraceView, plot_trace, show_trace
 
 TOKENS = ["The", " E", "iffel", " Tower", " is"]
 
@@ -154,7 +154,7 @@ def test_save_refuses_to_overwrite(tmp_path):
 
 
 def test_views_of_a_real_trace(tiny_gpt2, tmp_path):
-    from lens_rome import trace  # noqa: PLC0415
+    from lens_rome.tracing.engine import trace  # noqa: PLC0415
 
     result = trace(tiny_gpt2, "The Space Needle is in downtown", "Space Needle", "mlp",
                    samples=2, window=3)

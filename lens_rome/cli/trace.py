@@ -1,0 +1,207 @@
+"""``lens-rome trace``: one fact, three kinds, exact or estimated.
+
+``lens-rome trace`` runs a causal trace of one fact and writes, per kind of
+state, a paper-style heatmap (PNG), an offline circuitsvis view (HTML) and the
+result itself (JSON, reloadable with ``TraceResult.load``)::
+
+    lens-rome trace --prompt "The Eiffel Tower is located in the city of" \
+        --subject "The Eiffel Tower" --kind all --out eiffel
+
+``--method attribution`` estimates the same grids from one forward and one
+backward pass (attribution patching, :mod:`lens_rome.tracing.attribution`) and writes
+``attribution_<kind>.*``; ``--verify K`` then restores its top K sites exactly
+and prints both side by side.  ``--kind head`` traces single attention heads.
+
+It never replaces an existing file unless ``--overwrite`` is given, and it
+checks that before any tracing starts.  Errors in the input (a subject that is
+not in the prompt, an unknown model, ...) print ``error: ...`` and exit with
+status 2.
+
+Library code never prints; this module is where results meet the terminal.
+The files and the report come from :mod:`lens_rome.cli.output`, shared with the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lens_rome.cli import arguments
+from lens_rome.cli.arguments import CommandError, noise_level, positive_int
+from lens_rome.tracing.kinds import METHODS
+from lens_rome.cli.output import (
+    DEFAULT_OUT,
+    check_free,
+    report,
+    report_verification,
+    trace_paths,
+    verify_path,
+    write_trace,
+)
+from lens_rome.model.embedded import DEFAULT_MODEL, EMBEDDED_MODELS
+from lens_rome.tracing.kinds import ATTRIBUTION_METRICS, HEAD, KINDS
+
+
+def add_trace_parser(commands) -> None:
+    embedded = ", ".join(sorted(EMBEDDED_MODELS))
+    trace = commands.add_parser(
+        "trace",
+        help="causal trace of one fact: where does the model recall it?",
+        description="Corrupt the subject's token embeddings with noise, then restore one "
+                    "state at a time to its clean value and measure how much of the answer's "
+                    "probability comes back.  Writes, per kind, trace_<kind>.png (heatmap), "
+                    "trace_<kind>.html (offline interactive view) and trace_<kind>.json "
+                    "(the result, reloadable with lens_rome.TraceResult.load).",
+        epilog='example: lens-rome trace --prompt "The Eiffel Tower is located in the city of" '
+               '--subject "The Eiffel Tower" --kind all --out eiffel',
+    )
+    trace.add_argument("--prompt", required=True,
+                       help="the fact as a prompt the model completes, e.g. "
+                            "'The Eiffel Tower is located in the city of'")
+    trace.add_argument("--subject", required=True,
+                       help="the subject, written exactly as in the prompt; its tokens get the "
+                            "noise, e.g. 'The Eiffel Tower'")
+    trace.add_argument("--kind", choices=[*KINDS, HEAD, "all"], default="hidden",
+                       help="state restored: hidden (residual stream after each block), mlp or "
+                            "attn (outputs over a window of layers), all three, or head (one "
+                            "attention head's output, attn.hook_z, at one token; its heatmap "
+                            "is heads x layers at the token with the largest effect) "
+                            "(default: %(default)s)")
+    trace.add_argument("--method", choices=METHODS, default="exact",
+                       help="exact: restore each state (the paper's); attribution: estimate "
+                            "every state from one forward and one backward pass (attribution "
+                            "patching), files attribution_<kind>.* (default: %(default)s)")
+    trace.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"an embedded model that loads offline ({embedded}) or a "
+                            f"TransformerLens model name, which downloads weights "
+                            f"(default: %(default)s)")
+    trace.add_argument("--samples", type=positive_int, default=10, metavar="N",
+                       help="noise draws averaged (default: %(default)s, as in the paper)")
+    trace.add_argument("--window", type=positive_int, default=10, metavar="W",
+                       help="layers restored together for mlp and attn, centred on each layer "
+                            "(default: %(default)s, as in the paper)")
+    corruption = trace.add_mutually_exclusive_group()
+    corruption.add_argument("--noise", type=noise_level, default=None, metavar="LEVEL",
+                            help="standard deviation of the Gaussian noise (default: 3 x the "
+                                 "standard deviation of the model's token embeddings, the "
+                                 "paper's 's3')")
+    corruption.add_argument("--swap", action="append", default=None, metavar="SUBJECT",
+                            help="symmetric token replacement instead of noise: put SUBJECT "
+                                 "(same number of tokens) in the subject's place; repeat for "
+                                 "several, one per sample (Zhang & Nanda 2023)")
+    trace.add_argument("--target", default=None,
+                       help="the answer to measure, with its leading space, e.g. ' Paris' "
+                            "(default: the model's most likely next token on the clean prompt)")
+    trace.add_argument("--metric", choices=ATTRIBUTION_METRICS, default=None,
+                       help="prob: mean probability of the answer (the paper's); logprob: mean "
+                            "log-probability; logit_diff (attribution only): the answer's logit "
+                            "minus --contrast's, by default minus each sample's corrupted "
+                            "answer (default: prob for exact, logprob for attribution)")
+    trace.add_argument("--contrast", default=None, metavar="TOKEN",
+                       help="with --metric logit_diff: the second answer, e.g. ' London'")
+    trace.add_argument("--sever", choices=("mlp", "attn"), default=None,
+                       help="with --kind hidden: freeze the restored token's MLP (or attention) "
+                            "outputs at their corrupted values (the paper's Figure 3); files are "
+                            "named trace_hidden_sever_<mlp|attn>.*")
+    trace.add_argument("--seed", type=int, default=0, metavar="S",
+                       help="seed of the noise draws (default: %(default)s)")
+    trace.add_argument("--bf16", action="store_true",
+                       help="run the restored passes in bfloat16 (faster on CPUs with bf16 units)")
+    trace.add_argument("--qk-fix", action="store_true",
+                       help="attribution: recompute the next attention layer's pattern exactly "
+                            "instead of linearising its softmax (AtP*)")
+    trace.add_argument("--grad-drop", action="store_true",
+                       help="attribution: GradDrop against cancelling gradients (AtP*; one extra "
+                            "backward pass per layer; magnitudes, for ranking)")
+    trace.add_argument("--verify", type=positive_int, default=None, metavar="K",
+                       help="attribution: restore the estimate's top K sites exactly and print "
+                            "both side by side; writes attribution_<kind>_verify.json")
+    trace.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                       help="folder for the output files (default: %(default)s)")
+    trace.add_argument("--overwrite", action="store_true",
+                       help="replace output files that already exist (default: refuse and exit)")
+    trace.set_defaults(run=run_trace)
+
+
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    from lens_rome.tracing.engine import trace  # noqa: PLC0415
+
+    kinds = list(KINDS) if args.kind == "all" else [args.kind]
+    if args.sever is not None and kinds != ["hidden"]:
+        raise CommandError(f"--sever applies to hidden-state traces only; use --kind hidden "
+                           f"(got --kind {args.kind})")
+    _check_method_options(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} exists and is not a folder")
+    if not args.overwrite:  # before any work: never trace for minutes and then refuse
+        check_free([p for kind in kinds
+                    for p in trace_paths(out, kind, args.sever, args.method).values()])
+        if args.verify:
+            check_free([verify_path(out, kind) for kind in kinds])
+
+    model = arguments.load(args.model)
+    print(f"model {args.model}; prompt {args.prompt!r}; subject {args.subject!r}")
+    noise = args.noise
+    if args.swap:
+        from lens_rome.tracing.noise_rules import SubjectSwap  # noqa: PLC0415
+
+        noise = SubjectSwap(args.swap)
+    if args.method == "attribution":
+        return _run_attribution(model, args, kinds, noise, out)
+    metric = args.metric or "prob"
+    bar = tqdm(kinds, desc="kinds", unit="kind", disable=len(kinds) == 1)
+    for kind in bar:
+        bar.set_postfix_str(kind)
+        result = trace(
+            model, args.prompt, args.subject, kind, samples=args.samples, window=args.window,
+            noise=noise, sever=args.sever, target=args.target, metric=metric,
+            seed=args.seed, bf16=args.bf16, progress=True,
+        )
+        paths = write_trace(result, out, overwrite=args.overwrite)
+        tqdm.write(report(result, paths))
+    bar.close()
+    return 0
+
+
+def _check_method_options(args: argparse.Namespace) -> None:
+    """Options that belong to one method only, named before any work."""
+    if args.method == "exact":
+        wrong = [flag for flag, value in (("--qk-fix", args.qk_fix), ("--grad-drop", args.grad_drop),
+                                          ("--verify", args.verify)) if value]
+        if wrong:
+            raise CommandError(f"{', '.join(wrong)} applies to --method attribution")
+        if args.metric == "logit_diff":
+            raise CommandError("--metric logit_diff is computed by --method attribution only; "
+                               "exact traces score prob or logprob")
+    else:
+        if args.sever is not None:
+            raise CommandError("--sever needs exact restorations; use --method exact")
+        if args.bf16:
+            raise CommandError("--bf16 applies to exact traces; attribution runs in float32")
+    if args.contrast is not None and args.metric != "logit_diff":
+        raise CommandError("--contrast is the second answer of --metric logit_diff")
+
+
+def _run_attribution(model, args: argparse.Namespace, kinds: list[str], noise, out: Path) -> int:
+    from lens_rome.tracing.attribution import attribute_many  # noqa: PLC0415
+    from lens_rome.tracing.verify import verify  # noqa: PLC0415
+
+    results = attribute_many(
+        model, args.prompt, args.subject, kinds, corruption=noise, samples=args.samples,
+        window=args.window, metric=args.metric or "logprob", target=args.target,
+        contrast=args.contrast, seed=args.seed, qk_fix=args.qk_fix, grad_drop=args.grad_drop,
+    )
+    for result in results:
+        paths = write_trace(result, out, overwrite=args.overwrite)
+        print(report(result, paths))
+        if args.verify:
+            checked = verify(model, result, k=args.verify, corruption=noise,
+                             by="magnitude" if args.grad_drop else "effect")
+            path = checked.save(verify_path(out, result.kind), overwrite=args.overwrite)
+            print(report_verification(checked, path))
+    return 0

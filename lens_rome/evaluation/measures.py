@@ -1,0 +1,156 @@
+"""What the model says: target log-probabilities, top tokens, generations."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+DEFAULT_NEW_TOKENS = 100  # the paper's generation length
+DEFAULT_TOP_K = 5  # the paper's sampling
+
+
+from lens_rome.model.adapter import adapter_for
+
+
+@torch.no_grad()
+def generate(model: HookedTransformer, prompts: str | Sequence[str],
+             max_new_tokens: int = DEFAULT_NEW_TOKENS, *, top_k: int = DEFAULT_TOP_K,
+             seed: int | Sequence[int] = 0) -> str | list[str]:
+    """Each prompt followed by a top-``k`` sampled continuation of at most ``max_new_tokens``.
+
+    The paper samples top-5 and scores the whole text, prompt included.  Several
+    prompts run as one left-padded batch (one pass over the weights per token
+    for all of them); each has its own seed (``seed + i`` unless a list is
+    given), and the global random state is untouched.
+    """
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    adapter, tokenizer = adapter_for(model), model.tokenizer
+    device = model.cfg.device
+    rows = [adapter.tokenize(p)[0][0].tolist() for p in prompts]
+    width = max(map(len, rows))
+    steps = min(max_new_tokens, model.cfg.n_ctx - width)
+    if steps <= 0 or not prompts:
+        return prompts[0] if single else prompts
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(rows))
+    logits = model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
+    eos = tokenizer.eos_token_id
+    new: list[list[int]] = [[] for _ in rows]
+    finished = [False] * len(rows)
+    for step in range(steps):
+        values, indices = logits.float().cpu().topk(top_k, dim=-1)
+        probs = torch.softmax(values, -1)
+        chosen = [int(indices[i, torch.multinomial(probs[i], 1, generator=g)])
+                  for i, g in enumerate(generators)]
+        for i, token in enumerate(chosen):
+            finished[i] = finished[i] or (eos is not None and token == eos)
+            if not finished[i]:
+                new[i].append(token)
+        if all(finished) or step == steps - 1:
+            break
+        token = torch.tensor(chosen, device=device).view(-1, 1)
+        logits = model(token, attention_mask=torch.ones_like(token),
+                       past_kv_cache=cache)[:, -1]
+    texts = [p + tokenizer.decode(ids) for p, ids in zip(prompts, new)]
+    return texts[0] if single else texts
+
+
+@torch.no_grad()
+def token_accuracy(model: HookedTransformer, prompt: str, answer: str) -> list[bool]:
+    """For each token of ``answer``: is it the model's top prediction after ``prompt`` and
+    the answer's previous tokens (teacher forcing)?"""
+    adapter = adapter_for(model)
+    ids = adapter.tokenize(prompt)[0][0].tolist()
+    target = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not target:
+        raise ValueError(f"answer {answer!r} has no tokens")
+    tokens = torch.tensor([ids + target[:-1]], device=model.cfg.device)
+    predicted = model(tokens)[0, len(ids) - 1:].argmax(-1).tolist()
+    return [p == t for p, t in zip(predicted, target)]
+
+
+def probabilities(log_probs: Any) -> np.ndarray:
+    """``exp`` of mean token log-probabilities: the paper's ``P`` of a multi-token object."""
+    return np.exp(np.asarray(log_probs, dtype=float))
+
+
+
+
+
+@torch.no_grad()
+def target_log_probs(
+    model: HookedTransformer, prompts: Sequence[str], targets: Sequence[str],
+    batch_size: int = 32,
+) -> Float[torch.Tensor, "n_prompts n_targets"]:
+    """Mean per-token log-probability of each target continuing each prompt.
+
+    The paper's CounterFact measure: one number per (prompt, target), so
+    objects of different token lengths compare fairly.
+    """
+    adapter = adapter_for(model)
+    tokenizer = model.tokenizer
+    skip = int(adapter.prepend_bos)
+    target_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
+    for target, ids in zip(targets, target_ids):
+        if not ids:
+            raise ValueError(f"target {target!r} has no tokens")
+    pairs = []
+    for prompt in prompts:
+        ids = adapter.tokenize(prompt)[0][0].tolist()
+        pairs += [(ids, t) for t in target_ids]
+    scores = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        rows = [p + t[:-1] for p, t in chunk]
+        width = max(len(r) for r in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        tokens = torch.tensor([r + [pad] * (width - len(r)) for r in rows],
+                              device=model.cfg.device)
+        log_probs = torch.log_softmax(model(tokens).float(), -1)  # right padding: exact
+        for row, (p, t) in enumerate(chunk):
+            positions = torch.arange(len(p) - 1, len(p) - 1 + len(t))
+            scores.append(float(log_probs[row, positions, t].mean()))
+    del skip
+    return torch.tensor(scores).view(len(prompts), len(targets))
+
+
+@torch.no_grad()
+def next_token_probs(model: HookedTransformer, prompt: str, k: int = 5,
+                     targets: Sequence[str] = ()) -> list[tuple[str, float]]:
+    """The ``k`` most likely next tokens, then the first token of each of ``targets``."""
+    adapter = adapter_for(model)
+    probs = torch.softmax(model(adapter.tokenize(prompt)[0])[0, -1].float(), -1)
+    top = probs.topk(k)
+    out = [(model.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+    for target in targets:
+        ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
+        if ids:
+            out.append((model.tokenizer.decode(ids[:1]), float(probs[ids[0]])))
+    return out
+
+
+@torch.no_grad()
+def greedy_continuation(model: HookedTransformer, prompt: str, max_new_tokens: int = 20) -> str:
+    """The model's most likely continuation of ``prompt`` (deterministic)."""
+    adapter = adapter_for(model)
+    tokens = adapter.tokenize(prompt)[0]
+    start = tokens.shape[1]
+    eos = model.tokenizer.eos_token_id
+    for _ in range(max_new_tokens):
+        nxt = model(tokens)[0, -1].argmax()
+        if eos is not None and int(nxt) == eos:
+            break
+        tokens = torch.cat([tokens, nxt.view(1, 1)], 1)
+    return model.tokenizer.decode(tokens[0, start:].tolist())

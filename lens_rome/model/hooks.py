@@ -1,0 +1,37 @@
+"""Hooks as ``(hook_name, fn)`` pairs, and attaching them for a block."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor]
+Hook = tuple[str, HookFn]
+Positions = int | Sequence[int] | slice
+
+
+
+
+@contextlib.contextmanager
+def attached(model: HookedTransformer, fwd_hooks: Sequence[Hook]) -> Iterator[HookedTransformer]:
+    """Like ``model.hooks(fwd_hooks)``, but removes only its own hooks on exit.
+
+    ``model.hooks`` resets every hook point of the model when it exits, which
+    costs more than a transformer block on small inputs; this is cheap enough
+    for inner loops, and leaves a user's own hooks in place.
+    """
+    handles = []
+    try:
+        for name, fn in fwd_hooks:
+            point = model.hook_dict[name]
+            handles.append(point.register_forward_hook(
+                lambda module, inputs, output, fn=fn, point=point: fn(output, hook=point)
+            ))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,494 @@
+"""Attribution patching: a causal trace estimated from one forward and one backward pass.
+
+An exact trace (:func:`lens_rome.trace`) restores one state at a time, so it
+costs one restored run per (token, layer) and noise sample.  Attribution
+patching (Nanda 2023; Kramar et al. 2024, "AtP*") estimates the whole grid at
+once from the gradient of the metric in the corrupted run::
+
+    effect(n) ~ (n_clean - n_corrupted) . d metric / d n      (at the corrupted run)
+
+the first-order Taylor expansion of "restore node n to its clean value".  One
+clean forward pass, one corrupted forward pass over the noise samples and one
+backward pass give every node of every kind; :func:`attribute` returns the
+estimate as a :class:`lens_rome.tracing.TraceResult` laid out exactly like an
+exact trace (``scores = low_score + estimated indirect effect``), so
+``to_frame``, ``plot``, ``show`` and ``save`` work unchanged.
+
+Nodes, one per kind:
+
+- ``"hidden"``: the residual stream after block ``l`` (``hook_resid_post``);
+- ``"mlp"``, ``"attn"``: MLP or attention outputs, summed over the ``window``
+  layers centred on ``l`` as the exact trace restores them (a first-order
+  estimate of a window adds the layers' estimates, so it also counts effects
+  that one restored layer has *through* another restored layer: it estimates
+  adding the clean-minus-corrupted difference at every layer of the window,
+  which equals restoring them when the restored layers do not feed each other);
+- ``"head"``: one attention head's output ``attn.hook_z[:, t, h]``; the
+  scores are ``[n_tokens, n_layers, n_heads]``.
+
+The AtP* fixes, both off by default:
+
+- ``qk_fix``: the first attention layer downstream of the restored state
+  (block ``l + 1``) is not linearised: its queries, keys and values at the
+  restored token are recomputed from the restored residual stream and its
+  attention pattern is recomputed exactly (a softmax per restored token, no
+  forward pass); only what lies after that pattern is linear.  This guards
+  against a saturated softmax, where a linear estimate of "attend to the
+  subject now" is near zero.
+- ``grad_drop``: GradDrop against cancellation.  ``n_layers`` extra backward
+  passes, each with the gradient through one block's attention and MLP
+  dropped; the estimate is ``sign(plain) * mean_l |estimate without block l|``
+  (the paper divides by ``L - 1``; the ranking is the same).  Magnitudes only:
+  use it to rank sites, not to read effects.
+
+:func:`verify` takes the top sites of an estimate and restores them exactly
+(the AtP* practice: rank by estimate, verify by patching), reporting both side
+by side.  :func:`restore_sites` is that exact restoration for any list of
+sites, per head included.
+
+Metrics (``metric``): ``"logprob"`` (default; the answer's log-probability,
+close to linear), ``"prob"`` (the paper's), or ``"logit_diff"``: the
+answer's logit minus a second answer's, ``contrast``; by default each noise
+sample's own corrupted answer (its most likely token other than the answer),
+which is the natural second answer with symmetric token replacement
+(:class:`lens_rome.hooks.SubjectSwap`).  The exact trace scores ``"prob"`` and
+``"logprob"``; compare an estimate with the exact trace of the same metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from transformer_lens import HookedTransformer
+
+from lens_rome.model.adapter import ModelAdapter, adapter_for
+from lens_rome.model.hooks import attached
+from lens_rome.tracing.engine import window_layers
+from lens_rome.tracing.kinds import ATTRIBUTION_KINDS, ATTRIBUTION_METRICS, HEAD, KINDS
+from lens_rome.tracing.noise_rules import (
+    Corruption,
+    Gaussian,
+    Noise,
+    corrupt,
+    draw_corruption,
+)
+from lens_rome.tracing.result import TraceResult
+from lens_rome.tracing.subject import answer_token, locate_subject
+
+VERIFY_FORMAT = 1
+
+
+
+
+def _metric(
+    logits: Float[torch.Tensor, "rows d_vocab"], answer: int, contrast: torch.Tensor | None,
+    metric: str,
+) -> Float[torch.Tensor, "rows"]:
+    """The score of each row's last-position logits: prob, logprob or logit difference."""
+    logits = logits.float()
+    if metric == "logit_diff":
+        return logits[:, answer] - logits.gather(1, contrast[:, None].to(logits.device))[:, 0]
+    log_probs = logits[:, answer] - torch.logsumexp(logits, dim=-1)
+    return log_probs.exp() if metric == "prob" else log_probs
+
+
+def _last_logits(model: HookedTransformer, tokens: torch.Tensor) -> Float[torch.Tensor, "rows d_vocab"]:
+    """Logits at the last position only (the unembedding of every position is wasted work)."""
+    n_layers = model.cfg.n_layers
+    residual = model(tokens, stop_at_layer=n_layers)
+    return model(residual[:, -1:], start_at_layer=n_layers)[:, -1]
+
+
+def _check_common(kinds, metric, samples, window) -> None:
+    for kind in kinds:
+        if kind not in ATTRIBUTION_KINDS:
+            raise ValueError(f"unknown kind {kind!r}; expected one of {list(ATTRIBUTION_KINDS)}")
+    if metric not in ATTRIBUTION_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {list(ATTRIBUTION_METRICS)}")
+    for name, value in (("samples", samples), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _node_hook(adapter: ModelAdapter, kind: str, layer: int) -> str:
+    """The hook point of a kind's node at a layer (``attn.hook_z`` for heads)."""
+    return adapter.hook_name(kind, layer)
+
+
+
+
+@dataclass
+class _Prepared:
+    """A fact ready to trace: tokens, subject, corruption, answer and contrast."""
+
+    tokens: torch.Tensor
+    subject_range: tuple[int, int]
+    corruption: Corruption
+    noise_text: str
+    answer: int
+    samples: int
+
+
+def _prepare(model, prompt, subject, corruption, samples, seed, target) -> _Prepared:
+    tokens, subject_range = locate_subject(model, prompt, subject)
+    adapter_for(model).check_length(tokens.shape[1], f"prompt {prompt[:60]!r}")
+    if corruption is None:
+        corruption = Gaussian(scale=3.0)
+    subject_tokens = tokens[0, subject_range[0] : subject_range[1]]
+    drawn, text = draw_corruption(corruption, model, subject_tokens, samples, seed)
+    if target is None:
+        with torch.no_grad():
+            answer = int(_last_logits(model, tokens)[0].argmax())
+    elif isinstance(target, int) and not isinstance(target, bool):
+        if not 0 <= target < model.cfg.d_vocab:
+            raise ValueError(f"target token id {target} is outside the vocabulary "
+                             f"(0..{model.cfg.d_vocab - 1})")
+        answer = target
+    else:
+        answer = answer_token(model, target)
+    return _Prepared(tokens, subject_range, drawn, text, answer, samples)
+
+
+def _contrast_tokens(model, contrast, corrupted_logits, answer) -> torch.Tensor:
+    """Second answer per sample: ``contrast``'s token, else each sample's corrupted answer."""
+    if contrast is not None:
+        token = answer_token(model, contrast)
+        if token == answer:
+            raise ValueError(f"contrast {contrast!r} is the answer itself; pick another token")
+        return torch.full((corrupted_logits.shape[0],), token, dtype=torch.long)
+    logits = corrupted_logits.detach().float().clone()
+    logits[:, answer] = -torch.inf
+    return logits.argmax(-1).cpu()
+
+
+class _GradGate(torch.autograd.Function):
+    """Identity forward; backward drops the gradient while ``state["drop"] == layer``."""
+
+    @staticmethod
+    def forward(ctx, x, state, layer):
+        ctx.state, ctx.layer = state, layer
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.state.get("drop") == ctx.layer:
+            return torch.zeros_like(grad), None, None
+        return grad, None, None
+
+
+@dataclass
+class _Runs:
+    """Clean and corrupted activations, and gradients of the metric in the corrupted run.
+
+    ``grads[0]`` is the plain gradient; with GradDrop ``grads[1 + l]`` has the
+    gradient through block ``l``'s attention and MLP dropped.
+    """
+
+    clean: dict[str, torch.Tensor]
+    corrupted: dict[str, torch.Tensor]
+    grads: list[dict[str, torch.Tensor]]
+    low_score: float
+    high_score: float
+    contrast: torch.Tensor | None
+
+
+def _qk_names(adapter: ModelAdapter, layer: int) -> list[str]:
+    rotary = adapter.model.cfg.positional_embedding_type == "rotary"
+    q, k = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
+    return [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid",
+            f"blocks.{layer}.attn.{q}", f"blocks.{layer}.attn.{k}",
+            f"blocks.{layer}.attn.hook_v", f"blocks.{layer}.attn.hook_attn_scores",
+            f"blocks.{layer}.attn.hook_pattern"]
+
+
+def _run(model, prepared: _Prepared, names: Sequence[str], metric: str, contrast: str | None,
+         grad_drop: bool) -> _Runs:
+    """One clean pass (cached), one corrupted pass with gradients, one backward pass
+    (plus one per layer with GradDrop)."""
+    adapter = adapter_for(model)
+    tokens, samples = prepared.tokens, prepared.samples
+    wanted = set(names)
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(tokens, names_filter=wanted.__contains__)
+    clean = {name: cache[name] for name in names}
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(activation, hook):
+        captured[hook.name] = activation
+
+    def track(activation, hook):  # a graph even when the weights do not require gradients
+        if not activation.requires_grad:
+            activation.requires_grad_(True)
+
+    corrupting = corrupt(prepared.corruption.values.to(tokens.device), prepared.subject_range,
+                            replace=prepared.corruption.replace)
+    fwd = [corrupting, (adapter.EMBED_HOOK, track)] + [(name, keep) for name in names]
+    state: dict = {}
+    handles = []
+    if grad_drop:
+        for layer, block in enumerate(model.blocks):
+            for norm in (block.ln1, block.ln2):
+                handles.append(norm.register_forward_hook(
+                    lambda module, inputs, output, layer=layer: _GradGate.apply(output, state,
+                                                                                layer)))
+    try:
+        with torch.enable_grad(), attached(model, fwd):
+            logits = _last_logits(model, tokens.expand(samples, -1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    contrast_tokens = (_contrast_tokens(model, contrast, logits, prepared.answer)
+                       if metric == "logit_diff" else None)
+    per_row = _metric(logits, prepared.answer, contrast_tokens, metric)
+    with torch.no_grad():
+        clean_rows = _metric(clean_logits[:, -1].expand(samples, -1), prepared.answer,
+                             contrast_tokens, metric)
+    inputs = [captured[name] for name in names]
+    passes = [None] + (list(range(adapter.n_layers)) if grad_drop else [])
+    grads = []
+    for i, drop in enumerate(passes):
+        state["drop"] = drop
+        found = torch.autograd.grad(per_row.sum(), inputs, retain_graph=i < len(passes) - 1,
+                                    allow_unused=True)
+        grads.append({name: (torch.zeros_like(x) if g is None else g.detach())
+                      for name, x, g in zip(names, inputs, found)})
+    corrupted = {name: captured[name].detach() for name in names}
+    return _Runs(clean, corrupted, grads, float(per_row.detach().mean()),
+                 float(clean_rows.mean()), contrast_tokens)
+
+
+
+
+def qk_fix_unsupported(model: HookedTransformer) -> str | None:
+    """Why the QK fix cannot recompute this model's attention exactly, or None."""
+    cfg = model.cfg
+    checks = [
+        (cfg.positional_embedding_type in ("standard", "rotary"),
+         f"positional embeddings {cfg.positional_embedding_type!r}"),
+        (not (cfg.use_attn_in or cfg.use_split_qkv_input), "split attention inputs"),
+        (not cfg.parallel_attn_mlp, "parallel attention and MLP"),
+        (not cfg.attn_only, "attention-only blocks"),
+        (not getattr(cfg, "use_attention_sinks", False), "attention sinks"),
+        (not getattr(cfg, "use_logn_attn", False), "log-n attention scaling"),
+        (getattr(cfg, "clip_qkv", None) is None, "clipped queries and keys"),
+        (not (cfg.use_qk_norm and cfg.positional_embedding_type != "rotary"),
+         "query/key norms without rotary embeddings"),
+        (cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM",
+                                           "Olmo3ForCausalLM"), "OLMo query/key norms"),
+    ]
+    reasons = [reason for ok, reason in checks if not ok]
+    return ", ".join(reasons) if reasons else None
+
+
+def recompute_qkv(model: HookedTransformer, layer: int, resid: Float[torch.Tensor, "rows pos d_model"]):
+    """Block ``layer``'s queries, keys and values (rotated where the model rotates them) for
+    the residual stream ``resid`` entering it: ``q [rows, pos, head, d_head]``, ``k`` and
+    ``v [rows, pos, kv_head, d_head]``; position ``i`` depends on ``resid[:, i]`` only."""
+    block = model.blocks[layer]
+    x = block.ln1(resid)
+    q, k, v = block.attn.calculate_qkv_matrices(x, x, x)
+    if model.cfg.positional_embedding_type == "rotary":
+        q, k = block.attn.apply_rotary(q, 0, None), block.attn.apply_rotary(k, 0, None)
+    return q, k, v
+
+
+def _qk_fixed_effects(model, layer: int, delta: torch.Tensor, runs: _Runs, grads, start: int,
+                      drop: int | None, groups: int) -> torch.Tensor:
+    """First-order effect of adding ``delta [groups*samples, pos, d_model]`` to the residual
+    stream entering block ``layer`` at one token at a time, with that block's attention
+    pattern recomputed exactly: ``[groups*samples, pos]``."""
+    names = _qk_names(adapter_for(model), layer)
+    resid_pre, resid_mid, q_name, k_name, v_name, scores_name, pattern_name = names
+    rep = lambda x: x.repeat(groups, *([1] * (x.ndim - 1)))  # noqa: E731 (rows group-major)
+    effect = (delta * rep(grads[resid_mid])).sum(-1)  # the residual connection
+    if drop == layer:  # GradDrop of this block: its attention carries nothing back
+        return effect
+    with torch.no_grad():
+        q_new, k_new, v_new = recompute_qkv(model, layer, rep(runs.corrupted[resid_pre]) + delta)
+        effect += ((v_new - rep(runs.corrupted[v_name])) * rep(grads[v_name])).sum((-1, -2))
+        q, k = rep(runs.corrupted[q_name]), rep(runs.corrupted[k_name])
+        cached = rep(runs.corrupted[scores_name])
+        pattern, g_pattern = rep(runs.corrupted[pattern_name]), rep(grads[pattern_name])
+        attn = model.blocks[layer].attn
+        for t in range(start, delta.shape[1]):
+            queries = q[:, t:].clone()
+            queries[:, 0] = q_new[:, t]
+            keys = k.clone()
+            keys[:, t] = k_new[:, t]
+            scores = attn.calculate_attention_scores(queries, keys)  # [rows, head, pos - t, pos]
+            scores = scores.masked_fill(torch.isneginf(cached[:, :, t:]), -torch.inf)
+            new = torch.nan_to_num(torch.softmax(scores.float(), dim=-1), nan=0.0)
+            effect[:, t] += ((new - pattern[:, :, t:]) * g_pattern[:, :, t:]).sum((1, 2, 3))
+    return effect
+
+
+
+
+def _names_for(adapter: ModelAdapter, kinds, qk_fix: bool) -> list[str]:
+    names = []
+    for kind in kinds:
+        names += [_node_hook(adapter, kind, layer) for layer in range(adapter.n_layers)]
+    if qk_fix:
+        for layer in range(adapter.n_layers):
+            names += _qk_names(adapter, layer)
+            names.append(adapter.hook_name("hidden", layer))
+    return list(dict.fromkeys(names))
+
+
+def _per_sample(model, kind: str, runs: _Runs, grads, qk_fix: bool, start: int,
+                drop: int | None) -> torch.Tensor:
+    """Estimated effect of restoring each single node: ``[samples, pos, n_layers(, head)]``."""
+    adapter = adapter_for(model)
+    n_layers = adapter.n_layers
+    out = []
+    for layer in range(n_layers):
+        name = _node_hook(adapter, kind, layer)
+        delta = (runs.clean[name] - runs.corrupted[name]).float()  # [samples, pos, ...]
+        grad = grads[name].float()
+        if not qk_fix or layer == n_layers - 1:
+            plain = (delta * grad).sum(-1)  # [samples, pos] or [samples, pos, head]
+            out.append(plain)
+            continue
+        samples, n_pos = delta.shape[0], delta.shape[1]
+        if kind == HEAD:  # one head's change of z, written into the residual stream
+            w_o = model.blocks[layer].attn.W_O.float()  # [head, d_head, d_model]
+            stream = torch.einsum("sphd,hde->hspe", delta, w_o)
+            groups = stream.shape[0]
+            stream = stream.reshape(groups * samples, n_pos, -1)
+        else:
+            groups, stream = 1, delta
+        effect = _qk_fixed_effects(model, layer + 1, stream, runs, grads, start, drop, groups)
+        if kind in ("attn", HEAD):  # the way through this block's own MLP stays linear
+            mid = grads[f"blocks.{layer}.hook_resid_mid"].float()
+            post = grads[adapter.hook_name("hidden", layer)].float()
+            rep = (mid - post).repeat(groups, 1, 1)
+            effect = effect + (stream * rep).sum(-1)
+        if kind == HEAD:
+            effect = effect.view(groups, samples, n_pos).permute(1, 2, 0)
+        out.append(effect)
+    return torch.stack(out, dim=2)
+
+
+def _estimate(model, kind, runs: _Runs, qk_fix: bool, grad_drop: bool, window: int,
+              start: int) -> torch.Tensor:
+    """Estimated indirect effects ``[pos, n_layers(, head)]``, windows summed."""
+    plain = _per_sample(model, kind, runs, runs.grads[0], qk_fix, start, None).mean(0)
+    if grad_drop:
+        dropped = [_per_sample(model, kind, runs, grads, qk_fix, start, layer).mean(0).abs()
+                   for layer, grads in enumerate(runs.grads[1:])]
+        plain = torch.sign(plain) * torch.stack(dropped).mean(0)
+    if kind in ("mlp", "attn") and window > 1:
+        n_layers = plain.shape[1]
+        plain = torch.stack([plain[:, window_layers(layer, window, n_layers)].sum(1)
+                             for layer in range(n_layers)], dim=1)
+    return plain
+
+
+
+
+def attribute(
+    model: HookedTransformer,
+    prompt: str,
+    subject: str,
+    kind: str = "hidden",
+    *,
+    corruption: float | torch.Tensor | Noise | None = None,
+    samples: int = 10,
+    window: int = 10,
+    metric: str = "logprob",
+    target: str | None = None,
+    contrast: str | None = None,
+    seed: int = 0,
+    qk_fix: bool = False,
+    grad_drop: bool = False,
+) -> TraceResult:
+    """Attribution-patching estimate of ``trace(model, prompt, subject, kind)``.
+
+    Returns a :class:`TraceResult` whose ``scores`` (``[n_tokens, n_layers]``,
+    or ``[n_tokens, n_layers, n_heads]`` for ``kind="head"``) are the corrupted
+    score plus the estimated indirect effect of restoring each state;
+    ``low_score`` and ``high_score`` are measured.  ``meta["method"]`` is
+    ``"attribution"``.
+
+    Args:
+        kind: ``"hidden"``, ``"mlp"``, ``"attn"`` (windows of ``window``
+            layers, as in :func:`lens_rome.trace`) or ``"head"`` (one head's
+            ``attn.hook_z`` at one token, no window).
+        corruption: as ``trace``'s ``noise``: a :class:`lens_rome.hooks.Noise`
+            rule (default: Gaussian at 3x the embedding std), a float level, or
+            a tensor ``[samples, n_subject_tokens, d_model]``;
+            ``hooks.SubjectSwap([...])`` for symmetric token replacement.
+        metric: ``"logprob"``, ``"prob"`` or ``"logit_diff"`` (module docstring).
+        target: the answer (default: the clean run's most likely token).
+        contrast: the second answer of ``"logit_diff"`` (default: each
+            sample's corrupted answer).
+        qk_fix, grad_drop: the AtP* fixes (module docstring).
+    """
+    return attribute_many(model, prompt, subject, [kind], corruption=corruption, samples=samples,
+                          window=window, metric=metric, target=target, contrast=contrast,
+                          seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)[0]
+
+
+def attribute_many(
+    model: HookedTransformer,
+    prompt: str,
+    subject: str,
+    kinds: Sequence[str] = KINDS,
+    *,
+    corruption: float | torch.Tensor | Noise | None = None,
+    samples: int = 10,
+    window: int = 10,
+    metric: str = "logprob",
+    target: str | None = None,
+    contrast: str | None = None,
+    seed: int = 0,
+    qk_fix: bool = False,
+    grad_drop: bool = False,
+) -> list[TraceResult]:
+    """:func:`attribute` for several kinds from the same forward and backward passes."""
+    adapter = adapter_for(model)
+    kinds = list(kinds)
+    if not kinds:
+        raise ValueError(f"kinds must name at least one of {list(ATTRIBUTION_KINDS)}")
+    _check_common(kinds, metric, samples, window)
+    if contrast is not None and metric != "logit_diff":
+        raise ValueError(f"contrast applies to metric='logit_diff' only; got metric={metric!r}")
+    if qk_fix and (reason := qk_fix_unsupported(model)) is not None:
+        raise ValueError(f"qk_fix cannot recompute this model's attention exactly ({reason}); "
+                         f"use qk_fix=False")
+    prepared = _prepare(model, prompt, subject, corruption, samples, seed, target)
+    names = _names_for(adapter, kinds, qk_fix)
+    runs = _run(model, prepared, names, metric, contrast, grad_drop)
+    start = prepared.subject_range[0]
+    results = []
+    for kind in kinds:
+        with torch.no_grad():
+            effects = _estimate(model, kind, runs, qk_fix, grad_drop, window, start)
+        effects[:start] = 0.0  # positions before the subject are never corrupted
+        meta = {"method": "attribution", "seed": seed, "qk_fix": qk_fix, "grad_drop": grad_drop}
+        if runs.contrast is not None:
+            meta["contrast"] = [model.tokenizer.decode([int(t)]) for t in runs.contrast]
+            meta["contrast_tokens"] = [int(t) for t in runs.contrast]
+        results.append(TraceResult(
+            scores=(effects + runs.low_score).float().cpu(),
+            low_score=runs.low_score,
+            high_score=runs.high_score,
+            answer=model.tokenizer.decode([prepared.answer]),
+            answer_token=prepared.answer,
+            tokens=adapter.token_strings(prepared.tokens),
+            subject_range=prepared.subject_range,
+            kind=kind,
+            window=window if kind in ("mlp", "attn") else 1,
+            prompt=prompt,
+            subject=subject,
+            metric=metric,
+            samples=samples,
+            noise=prepared.noise_text,
+            model_name=adapter.name,
+            meta=meta,
+        ))
+    return results

@@ -1,0 +1,109 @@
+"""Dataset tracing on Ray: one task per fact, spread over worker processes or machines.
+
+:func:`lens_rome.dataset_trace.trace_dataset` calls :func:`trace_on_ray` when
+given ``workers`` (start a local Ray runtime with that many CPUs) or
+``address`` (join an existing cluster, e.g. ``"auto"`` or ``"host:6379"``).
+Each worker is a Ray actor that holds the model and traces one fact per task;
+the driver writes every finished fact to the run's store at once, so a stopped
+distributed run resumes like a single-process one, and the results are the
+same numbers (each fact's noise comes from its own seed).
+
+Workers get the model either by name (each loads it with
+:func:`lens_rome.load_model`, from its own cache: right for a cluster) or, when
+``trace_dataset`` is given a loaded model, as that object through Ray's object
+store (any HookedTransformer, edited or not).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+log = logging.getLogger(__name__)
+
+
+class FactTracer:
+    """A Ray actor's state: one model, traced fact after fact."""
+
+    def __init__(self, model: HookedTransformer | str, settings, threads: int):
+        import torch  # noqa: PLC0415
+
+        from lens_rome.model.loading import load_model  # noqa: PLC0415
+
+        torch.set_num_threads(threads)
+        self.model = load_model(model) if isinstance(model, str) else model
+        self.settings = settings
+
+    def trace(self, fact: Mapping):
+        from lens_rome.tracing.dataset import trace_fact  # noqa: PLC0415
+
+        return int(fact["known_id"]), trace_fact(self.model, fact, self.settings)
+
+
+def _import_ray():
+    try:
+        import ray  # noqa: PLC0415
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "tracing on several workers needs Ray: pip install 'ray>=2.9' "
+            "(or leave out --workers/--address to trace in this process)"
+        ) from None
+    return ray
+
+
+def trace_on_ray(
+    model: HookedTransformer | str,
+    facts: Sequence[Mapping],
+    settings,
+    store,
+    *,
+    workers: int | None = None,
+    address: str | None = None,
+    threads_per_worker: int = 1,
+    progress: bool = True,
+) -> None:
+    """Trace ``facts`` on Ray actors and write each result to ``store`` as it arrives.
+
+    Args:
+        model: a model name (workers load it) or a loaded model (shipped to them).
+        workers: actors to start; with ``address`` None, also the CPUs of the
+            local runtime started here (and shut down at the end).
+        address: an existing cluster; ``workers`` defaults to its CPU count.
+    """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if not facts:
+        return
+    ray = _import_ray()
+    from ray.util import ActorPool  # noqa: PLC0415
+
+    connected_here = not ray.is_initialized()  # then disconnect (or stop) at the end
+    if connected_here:
+        if address is not None:
+            # a cluster on loopback only accepts a driver that calls itself 127.0.0.1 too
+            loopback = address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
+            ray.init(address=address, log_to_driver=False,
+                     **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+        else:
+            # address="local": always a new runtime, on loopback, never someone's cluster
+            ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                     log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        if workers is None:
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
+        shipped = model if isinstance(model, str) else ray.put(model)
+        actor = ray.remote(num_cpus=threads_per_worker)(FactTracer)
+        pool = ActorPool([actor.remote(shipped, settings, threads_per_worker)
+                          for _ in range(min(workers, len(facts)))])
+        log.info("tracing %d facts on %d Ray workers", len(facts), workers)
+        results = pool.map_unordered(lambda a, fact: a.trace.remote(fact), list(facts))
+        for known_id, frame in tqdm(results, total=len(facts), desc="facts", unit="fact",
+                                    disable=not progress):
+            store.write(known_id, frame)
+    finally:
+        if connected_here:  # stops a runtime started here; only disconnects from a cluster
+            ray.shutdown()
