@@ -33,15 +33,10 @@ prints it from the file without computing).
 
 from __future__ import annotations
 
-
-from lens_rome.tracing.engine import trace, trace_many
-from lens_rome.tracing.noise_rules import Gaussian, SubjectSwap, embedding_std
-
 import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -61,7 +56,7 @@ def top_sites(scores: torch.Tensor, start: int, n: int) -> set[tuple[int, ...]]:
 
 
 def compare(exact, estimate) -> dict:
-    from lens_rome.tracing.verify import spearman
+    from lens_rome.tracing import spearman
 
     start = exact.subject_range[0]
     a = (estimate.scores - estimate.low_score)[start:].flatten()
@@ -74,8 +69,7 @@ def compare(exact, estimate) -> dict:
 def swap_alternatives(model, fact, facts, limit=10) -> list[str]:
     """Other subjects of the file with as many tokens as this fact's subject (as it sits in
     the prompt) and another answer, taken in file order after this fact."""
-    from lens_rome.tracing.subject import locate_subject
-    from lens_rome.model.adapter import adapter_for
+    from lens_rome import adapter_for, locate_subject
 
     adapter = adapter_for(model)
     _, (start, end) = locate_subject(model, fact["prompt"], fact["subject"])
@@ -97,20 +91,19 @@ def measure(model, fact, noise, samples, window, kinds, heads: bool, variants,
             single: bool = True) -> dict:
     """Exact traces and estimates of one fact with one corruption: the row of figures, and
     the exact results (``kinds`` in order)."""
-    from lens_rome.tracing.attribution import attribute_many
+    from lens_rome.tracing import attribute_many, trace, trace_many
 
     seed = int(fact["known_id"])
     common = dict(samples=samples, seed=seed, metric="logprob")
     prompt, subject = fact["prompt"], fact["subject"]
     start = time.perf_counter()
     exact = trace_many(model, prompt, subject, [(k, None, None) for k in kinds],
-                               noise=noise, window=window, **common)
+                       noise=noise, window=window, **common)
     row = {"exact_seconds": time.perf_counter() - start, "clean": exact[0].high_score,
            "corrupted": exact[0].low_score, "answer": exact[0].answer}
     if single:  # single MLP layers: no window
         start = time.perf_counter()
-        exact_single = trace(model, prompt, subject, "mlp", noise=noise, window=1,
-                                     **common)
+        exact_single = trace(model, prompt, subject, "mlp", noise=noise, window=1, **common)
         row["exact_mlp@1_seconds"] = time.perf_counter() - start
     if heads:
         start = time.perf_counter()
@@ -120,19 +113,19 @@ def measure(model, fact, noise, samples, window, kinds, heads: bool, variants,
     for variant in variants:
         options = VARIANTS[variant]
         start = time.perf_counter()
-        estimates = attribute_many(model, prompt, subject, kinds, corruption=noise,
+        estimates = attribute_many(model, prompt, subject, kinds, noise=noise,
                                    window=window, target=target, **common, **options)
         row[f"{variant}_seconds"] = time.perf_counter() - start
         assert abs(estimates[0].low_score - exact[0].low_score) < 1e-3, "not the same noise"
         for kind, result, estimate in zip(kinds, exact, estimates):
             row[f"{kind}/{variant}"] = compare(result, estimate)
         if single and variant != "grad_drop":  # GradDrop: n_layers more backward passes
-            one_layer, = attribute_many(model, prompt, subject, ["mlp"], corruption=noise,
+            one_layer, = attribute_many(model, prompt, subject, ["mlp"], noise=noise,
                                         window=1, target=target, **common, **options)
             row[f"mlp@1/{variant}"] = compare(exact_single, one_layer)
         if heads:
             start = time.perf_counter()
-            head, = attribute_many(model, prompt, subject, ["head"], corruption=noise,
+            head, = attribute_many(model, prompt, subject, ["head"], noise=noise,
                                    target=target, **common, **options)
             row[f"head_{variant}_seconds"] = time.perf_counter() - start
             row[f"head/{variant}"] = compare(exact_heads, head)
@@ -158,15 +151,16 @@ def window_rules(model, prompt, subject, noise, samples, seed, window, target, s
     """
     from types import SimpleNamespace
 
-    from lens_rome.tracing.attribution import _prepare
-    from lens_rome.tracing.attribution import _run
-    from lens_rome.tracing.engine import window_layers
+    from lens_rome import adapter_for
+    from lens_rome.tracing import window_layers
+    from lens_rome.tracing.attribution import _prepare, _run  # no public equivalent
 
-    n_layers = model.cfg.n_layers
-    prepared = _prepare(model, prompt, subject, noise, samples, seed, target)
+    adapter = adapter_for(model)
+    n_layers = adapter.n_layers
+    prepared = _prepare(adapter, prompt, subject, noise, samples, seed, target)
     names = [f"blocks.{l}.{hook}" for hook in ("hook_mlp_out", "hook_resid_mid",
                                                 "hook_resid_post") for l in range(n_layers)]
-    runs = _run(model, prepared, names, "logprob", None, False)
+    runs = _run(adapter, prepared, names, "logprob", None, False)
     grads = runs.grads[0]
     diff = torch.stack([runs.clean[f"blocks.{l}.hook_mlp_out"]
                         - runs.corrupted[f"blocks.{l}.hook_mlp_out"] for l in range(n_layers)], 2)
@@ -199,8 +193,9 @@ def subject_peak(result) -> list[int]:
 
 
 def run(args) -> None:
-    from lens_rome.model.loading import load_model
-    from lens_rome.data.known_facts import answered_correctly, load_known_facts
+    from lens_rome import load_model
+    from lens_rome.data import answered_correctly, load_known_facts
+    from lens_rome.tracing import Gaussian, SubjectSwap, embedding_std, spearman
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,8 +239,6 @@ def run(args) -> None:
                 record["swap"], swapped = measure(model, fact, SubjectSwap(alternatives),
                                                   len(alternatives), args.window, swap_kinds,
                                                   heads, ["plain", "qk_fix"], single=False)
-                from lens_rome.tracing.verify import spearman
-
                 start = gaussian[0].subject_range[0]
                 record["gaussian_vs_swap"] = {
                     kind: spearman((a.scores - a.low_score)[start:], (b.scores - b.low_score)[start:])
@@ -358,5 +351,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -1,7 +1,7 @@
 """The comparison table of docs/evaluation.md: rome, ft, ft-l and none on the embedded model.
 
 Builds CounterFact-format cases from ../shared/data/known_facts.json with
-:func:`lens_rome.datasets.build_counterfact` (facts SmolLM2 answers
+:func:`lens_rome.data.build_counterfact` (facts SmolLM2 answers
 correctly; the counterfactual target is another fact's object of the same
 relation; two generation prompts per case), writes them to
 ``OUT/cases.json``, and evaluates every method over the same cases with
@@ -66,10 +66,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
 
-    from lens_rome.model.loading import load_model
-    from lens_rome.data.known_facts import build_counterfact
-    from lens_rome.data.cases import load_counterfact, save_cases
-    from lens_rome.evaluation.runner import evaluate, load_records
+    from lens_rome import load_model
+    from lens_rome.data import build_counterfact, load_counterfact, save_cases
+    from lens_rome.evaluation import evaluate, load_records
 
     with contextlib.redirect_stdout(io.StringIO()):
         model = load_model(args.model)

@@ -1,6 +1,6 @@
 """Dataset tracing on Ray: two workers against one, on the same facts.
 
-Runs :func:`lens_rome.dataset_trace.trace_dataset` twice over the first
+Runs :func:`lens_rome.trace_dataset` twice over the first
 ``--limit`` facts of the known-facts file that the model answers correctly,
 once with one Ray worker and once with two (each a process with one torch
 thread, on a local Ray runtime started for the run), into fresh folders, and
@@ -42,7 +42,7 @@ def main() -> None:
 
     import numpy as np
 
-    from lens_rome.tracing.dataset import trace_dataset
+    from lens_rome import trace_dataset
     from lens_rome.model.precision import precision_name, probe_report, resolve_bf16
 
     bf16 = resolve_bf16(args.bf16, what="benchmarks/ray_speedup.py")

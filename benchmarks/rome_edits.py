@@ -26,12 +26,6 @@ behind the default edit layer and writes docs/figures/editing_layer_*.
 
 from __future__ import annotations
 
-from lens_rome.editing.hparams import RomeHyperParams
-from lens_rome.editing.prefixes import context_prefixes
-from lens_rome.evaluation.measures import target_log_probs
-
-from lens_rome.editing import rome
-
 import argparse
 import json
 import random
@@ -56,7 +50,7 @@ def load_facts(path: Path) -> list[dict]:
 
 def answered_correctly(model, facts: list[dict], batch_size: int = 32) -> list[dict]:
     """Facts whose object's first token is the model's most likely next token."""
-    from lens_rome.model.adapter import adapter_for
+    from lens_rome import adapter_for
 
     tokenizer, adapter = model.tokenizer, adapter_for(model)
     good = []
@@ -105,6 +99,7 @@ def build_cases(model, facts: list[dict], n: int, seed: int, max_prompts: int) -
 
 
 def score(model, case: dict) -> dict:
+    from lens_rome.evaluation import target_log_probs
 
     request = case["request"]
     prompts = [request["prompt"].replace("{}", request["subject"])]
@@ -139,9 +134,10 @@ VARIANTS = {
 
 
 def run_edits(args) -> None:
-    from lens_rome.model.loading import load_model
+    from lens_rome import RomeHyperParams, load_model
+    from lens_rome.editing import key_statistics, rome
+    from lens_rome.editing.prefixes import context_prefixes
     from lens_rome.model.precision import precision_name, probe_report, resolve_bf16
-    from lens_rome.editing.statistics import key_statistics
 
     model = load_model(args.model)
     hp = RomeHyperParams.for_model(model, **{
@@ -234,8 +230,7 @@ def choose_layer(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lens_rome.model.loading import load_model
-    from lens_rome.tracing.engine import trace
+    from lens_rome import load_model, trace
 
     model = load_model(args.model)
     facts = answered_correctly(model, load_facts(Path(args.facts)))

@@ -1,7 +1,7 @@
 """Many edits on the embedded SmolLM2: ROME, r-ROME, MEMIT and AlphaEdit one after another.
 
 Cases: CounterFact-format cases built from ../shared/data/known_facts.json by
-:func:`lens_rome.datasets.build_counterfact` (seed 0, in its seeded order).
+:func:`lens_rome.data.build_counterfact` (seed 0, in its seeded order).
 SmolLM2 answers only about a hundred of these facts correctly, and 200
 sequential edits need 200 cases, so every fact with paraphrases and neighbours
 is a candidate (``only_correct=False``), and a case is kept when the unedited
@@ -35,10 +35,6 @@ and AlphaEdit's null-space threshold, on other cases (``--dev-start`` on).
 
 from __future__ import annotations
 
-from lens_rome.editing.memit import MemitHyperParams, TargetDeltas, target_deltas
-
-from lens_rome.editing import memit
-
 import argparse
 import contextlib
 import io
@@ -62,8 +58,8 @@ OPTIONS = {"bf16": False}
 
 def load(args, n: int | None = None):
     """The model and the first ``n`` cases (all if None) the unedited model gets right."""
-    from lens_rome.model.loading import load_model
-    from lens_rome.data.known_facts import build_counterfact
+    from lens_rome import load_model
+    from lens_rome.data import build_counterfact
 
     with contextlib.redirect_stdout(io.StringIO()):
         model = load_model(args.model)
@@ -75,7 +71,7 @@ def load(args, n: int | None = None):
 def prefer_true(model, cases, n: int | None, path: Path):
     """The first ``n`` cases whose rewrite prompt the unedited model continues with o rather
     than o*; the verdicts are kept in ``path`` so that later runs only look at new cases."""
-    from lens_rome.evaluation.measures import target_log_probs
+    from lens_rome.evaluation import target_log_probs
 
     verdicts = json.loads(path.read_text()) if path.exists() else {}
     kept, looked = [], 0
@@ -103,7 +99,7 @@ def cell(value, digits=1) -> str:
 
 
 def run(args) -> None:
-    from lens_rome.evaluation.runner import evaluate
+    from lens_rome.evaluation import evaluate
 
     out = Path(args.out)
     if args.methods or args.batch:
@@ -247,15 +243,16 @@ def dev_targets(model, dev, hp, path: Path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from lens_rome.editing import memit
 
     ids = json.dumps([c.case_id for c in dev] + [hp.value.to_dict()], sort_keys=True)
     if path.exists():
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("cases") == ids:
                 print(f"targets for {len(dev)} requests read from {path}", flush=True)
-                return TargetDeltas(f.get_tensor("deltas"), hp.layers[-1], [])
+                return memit.TargetDeltas(f.get_tensor("deltas"), hp.layers[-1], [])
     start = time.perf_counter()
-    deltas = target_deltas(model, [c.request for c in dev], hp)
+    deltas = memit.target_deltas(model, [c.request for c in dev], hp)
     print(f"targets at layer {hp.layers[-1]} for {len(dev)} requests: "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,8 +262,8 @@ def dev_targets(model, dev, hp, path: Path):
 
 def choose(args) -> None:
     """Batch edits of the development cases under several mom2 weights and null-space cuts."""
-    from lens_rome.evaluation.runner import measure_cases, summarize
-    from lens_rome.editing.statistics import key_statistics
+    from lens_rome.editing import MemitHyperParams, key_statistics, memit
+    from lens_rome.evaluation import measure_cases, summarize
 
     model, cases = load(args, args.dev_start + args.dev_n)
     dev = cases[args.dev_start:args.dev_start + args.dev_n]

@@ -46,10 +46,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from lens_rome.model.loading import load_model
-    from lens_rome.tracing.subject import locate_subject
+    from lens_rome import load_model, locate_subject, trace_many
     from lens_rome.tracing.dataset import TraceSettings
-    from lens_rome.tracing.engine import trace_many
 
     model = load_model(args.model)
     settings = TraceSettings(model=args.model)

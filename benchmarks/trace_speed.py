@@ -5,10 +5,10 @@ the city of" (subject "The Eiffel Tower", 10 samples, window 10):
 
 - lens_rome's ``trace`` in float32 (the exact path; lean blocks on this model);
 - the paper's algorithm (one restoration per forward pass, batch = clean row +
-  10 corrupted rows; ``tests/reference.py``) with the same noise, on the same
+  10 corrupted rows; :mod:`lens_rome.reference`) with the same noise, on the same
   model, and its largest deviation from ``trace``;
 - ``trace`` in bfloat16 and its largest deviation from float32, only where
-  :func:`lens_rome.precision.bf16_is_fast` says bf16 is fast here (or with
+  :func:`lens_rome.model.precision.bf16_is_fast` says bf16 is fast here (or with
   ``--bf16``: on a CPU without bf16 units that takes hours);
 - with ``--default-layout``, the reference again on TransformerLens' default
   weight layout (what a plain ``HookedTransformer`` runs).
@@ -21,21 +21,14 @@ minutes on a 2-core CPU).  Nothing else should run on the machine meanwhile.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from lens_rome.model.loading import load_model  # noqa: E402
-from lens_rome.tracing.subject import locate_subject  # noqa: E402
-from lens_rome.tracing.engine import trace  # noqa: E402
-from lens_rome.tracing.noise_rules import Gaussian  # noqa: E402
-from lens_rome.model.precision import probe_report  # noqa: E402
-from reference import reference_trace  # noqa: E402
+from lens_rome import load_model, locate_subject, trace
+from lens_rome.model.precision import probe_report
+from lens_rome.reference import reference_trace
+from lens_rome.tracing import Gaussian
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"

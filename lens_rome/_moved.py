@@ -18,6 +18,7 @@ import warnings
 # old module -> the modules its public names now live in, searched in order
 MOVED = {
     "rome": ("editing.rome", "editing.hparams", "editing.layout", "editing.weights",
+             "editing.values", "editing.prefixes",
              "data.requests", "evaluation.measures"),
     "memit": ("editing.memit",),
     "hooks": ("tracing.interventions", "tracing.noise_rules", "model.hooks"),

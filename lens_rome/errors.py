@@ -43,8 +43,9 @@ class ModelUnavailableError(LensRomeError):
 
 
 # What the command line reports as ``error: ...`` (exit status 2).  File errors
-# are the user's too: a path that does not exist, an output that already does.
-USER_ERRORS = (LensRomeError, FileExistsError, FileNotFoundError)
+# are the user's too (a path that does not exist, an output that already does),
+# and so is a model package that is not installed (the message says how).
+USER_ERRORS = (LensRomeError, FileExistsError, FileNotFoundError, ModuleNotFoundError)
 
 
 def reporting_user_errors(run: Callable[[Any], int], args: Any) -> int:

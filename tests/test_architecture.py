@@ -12,6 +12,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lens_rome"
 SEAM = PACKAGE / "model"
+# The paper's code transcribed on TransformerLens hooks: an oracle, independent of the seam by design.
+ORACLES = PACKAGE / "reference"
 # a string that is (a piece of) a TransformerLens hook point name
 HOOK_LITERAL = re.compile(r"^(blocks\.|\.?((attn|mlp)\.)?hook_\w+$|hook_\w+$)")
 # attributes of a model that only the seam may read
@@ -144,7 +146,8 @@ def test_the_library_never_imports_the_cli():
 
 
 def test_only_the_model_seam_knows_hook_names_and_model_internals():
-    violations = [v for path in sorted(PACKAGE.rglob("*.py")) if SEAM not in path.parents
+    violations = [v for path in sorted(PACKAGE.rglob("*.py"))
+                  if SEAM not in path.parents and ORACLES not in path.parents
                   for v in seam_violations(path)]
     assert violations == []
 
@@ -156,3 +159,50 @@ def test_seam_check_catches_a_hook_name_and_a_config_read():
     assert any(v.endswith(": .cfg") for v in found)
     prose = '"""Reads ``blocks.{l}.hook_resid_pre``."""\nHELP = "the attn.hook_z output of a head"\n'
     assert seam_violations(PACKAGE / "tracing" / "probe.py", prose) == []
+
+
+# Which folder may import which (docs/architecture.md draws the same picture).  The
+# shared leaves (errors, checks, storage) may be imported by everyone.
+LEAVES = {"errors", "checks", "storage", "_lazy"}
+ALLOWED = {
+    "model": set(),
+    "data": {"model"},
+    "tracing": {"model", "data", "views"},  # views only from a result's .plot()/.show()
+    "editing": {"model", "data"},
+    "evaluation": {"model", "data", "editing"},
+    "views": {"tracing.kinds"},
+    "reference": {"model"},
+    "cli": {"model", "data", "tracing", "editing", "evaluation", "views"},
+}
+
+
+def folder(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for source, targets in graph.items():
+        here = folder(source)
+        if here not in ALLOWED:  # lens_rome/__init__, _moved, __main__, the leaves
+            continue
+        for target in sorted(targets):
+            there = folder(target)
+            if there in (here, "", *LEAVES):
+                continue
+            allowed = ALLOWED[here]
+            if there not in allowed and target.removeprefix("lens_rome.") not in allowed:
+                found.append(f"{source} -> {target}")
+    return found
+
+
+def test_folders_import_only_what_they_stand_on():
+    assert layering_violations(import_graph()) == []
+
+
+def test_layering_check_catches_a_wrong_arrow():
+    graph = {"lens_rome.model.adapter": {"lens_rome.tracing.engine"},
+             "lens_rome.views.trace": {"lens_rome.tracing.kinds", "lens_rome.tracing.result"}}
+    assert layering_violations(graph) == ["lens_rome.model.adapter -> lens_rome.tracing.engine",
+                                          "lens_rome.views.trace -> lens_rome.tracing.result"]

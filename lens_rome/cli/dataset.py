@@ -16,6 +16,16 @@ import json
 import time
 from pathlib import Path
 
+from lens_rome.cli import arguments
+from lens_rome.cli.arguments import (
+    add_model_option,
+    add_threads_option,
+    command,
+    noise_level,
+    positive_int,
+    set_threads,
+)
+from lens_rome.errors import InputError
 from lens_rome.storage import replacing
 
 FIGURES = {"effects": "figure2_effects.png", "severed": "figure3_severed.png"}
@@ -23,9 +33,6 @@ FIGURES = {"effects": "figure2_effects.png", "severed": "figure3_severed.png"}
 
 def add_trace_dataset_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``trace-dataset`` command to an ``argparse`` subparsers object."""
-    from lens_rome.cli.arguments import noise_level, positive_int  # noqa: PLC0415 (cli imports us)
-    from lens_rome.model.embedded import DEFAULT_MODEL  # noqa: PLC0415
-
     parser = subparsers.add_parser(
         "trace-dataset",
         help="causal traces of every fact the model knows, averaged (the paper's Figures 2, 3)",
@@ -48,7 +55,7 @@ def add_trace_dataset_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--all-facts", action="store_true",
                         help="trace every fact, not only those the model answers correctly "
                              "(the paper's filter); each is scored on the model's own answer")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model (default: %(default)s)")
+    add_model_option(parser)
     parser.add_argument("--samples", type=positive_int, default=10, metavar="N",
                         help="noise draws per fact (default: %(default)s, as in the paper)")
     parser.add_argument("--window", type=positive_int, default=10, metavar="W",
@@ -65,8 +72,7 @@ def add_trace_dataset_parser(subparsers) -> argparse.ArgumentParser:
                              "differ from float32 by up to ~0.03. Default: float32, exact")
     parser.add_argument("--auto-precision", dest="bf16", action="store_const", const="auto",
                         help="bfloat16 if this machine runs it faster than float32, else float32")
-    parser.add_argument("--threads", type=positive_int, default=None, metavar="T",
-                        help="torch threads of this process (default: torch's choice)")
+    add_threads_option(parser)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workers", type=positive_int, default=None, metavar="N",
                        help="trace on N Ray worker processes of a local Ray runtime")
@@ -83,26 +89,24 @@ def add_trace_dataset_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def run_trace_dataset(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
+    """Run ``lens-rome trace-dataset``; returns the exit status (2 for bad input)."""
+    from lens_rome.data.known_facts import load_known_facts  # noqa: PLC0415 (heavy import after parsing)
+    from lens_rome.model.precision import precision_name, resolve_bf16  # noqa: PLC0415 (heavy import after parsing)
+    from lens_rome.tracing.dataset import _check_kinds, trace_dataset  # noqa: PLC0415 (heavy import after parsing)
 
-    from lens_rome.cli import arguments  # noqa: PLC0415
-    from lens_rome.data.known_facts import load_known_facts  # noqa: PLC0415
-    from lens_rome.model.precision import precision_name, resolve_bf16  # noqa: PLC0415
-    from lens_rome.tracing.dataset import _check_kinds, trace_dataset  # noqa: PLC0415
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     kinds = _check_kinds(args.kinds)
     severed = not args.no_severed and args.method == "exact"  # attribution: plain traces only
     if args.method == "attribution":
         if args.bf16 is True:
-            raise ValueError("--bf16 applies to --method exact; attribution runs in float32")
+            raise InputError("--bf16 applies to --method exact; attribution runs in float32")
         args.bf16 = False  # --auto-precision: attribution has one precision, float32
     facts = load_known_facts(args.facts)  # bad files fail before the model loads
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
+        raise InputError(f"--out {out} exists and is not a folder")
     started = time.perf_counter()
     model = args.model if (args.workers or args.address) else arguments.load(args.model)
     precision = precision_name(resolve_bf16(args.bf16, what="trace-dataset"))

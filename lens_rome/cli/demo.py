@@ -1,6 +1,6 @@
 """The ``make demo`` job: causal traces of three facts on the embedded SmolLM2-135M.
 
-    python -m lens_rome.demo --out demo_output [--samples 10]
+    python -m lens_rome.cli.demo --out demo_output [--samples 10]
 
 For each fact it traces hidden states, MLP outputs and attention outputs (the
 three panels of the paper's Figure 1) and writes, in one subfolder per fact,
@@ -21,17 +21,17 @@ import argparse
 import html
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from lens_rome.cli import arguments
-from lens_rome.cli.arguments import CommandError, positive_int
-from lens_rome.cli.output import report, write_trace
-from lens_rome.errors import USER_ERRORS
+from lens_rome.cli.arguments import command, positive_int
+from lens_rome.errors import InputError
 from lens_rome.tracing.kinds import KINDS
-from lens_rome.tracing.result import TraceResult
+
+if TYPE_CHECKING:
+    from lens_rome.tracing.result import TraceResult
 
 MODEL = "smollm2-135m"
 MARKER = ".lens_rome_demo"
@@ -64,19 +64,19 @@ def prepare_folder(out: Path) -> None:
     """
     if out.exists():
         if not out.is_dir():
-            raise CommandError(f"--out {out} exists and is not a folder")
+            raise InputError(f"--out {out} exists and is not a folder")
         if any(out.iterdir()) and not (out / MARKER).exists():
-            raise CommandError(
+            raise InputError(
                 f"--out {out} is a non-empty folder that the demo did not create (it has no "
                 f"{MARKER} file); choose another --out, or empty it first"
             )
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by python -m lens_rome.demo; its files may be replaced\n")
+    (out / MARKER).write_text("made by python -m lens_rome.cli.demo; its files may be replaced\n")
 
 
 def write_overview(results: Sequence[TraceResult], path: Path) -> Path:
     """The three kinds side by side, like the paper's Figure 1."""
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415 (heavy import after parsing)
 
     n_tokens = len(results[0].tokens)
     figure = Figure(figsize=(5 * len(results), 1.2 + 0.26 * n_tokens), layout="constrained")
@@ -112,9 +112,11 @@ def write_index(out: Path, rows: list[tuple[Fact, dict[str, dict[str, Path]]]]) 
 
 
 def run(out: Path, samples: int) -> None:
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    """Trace the demo's facts on :data:`MODEL` and write their files under ``out``."""
+    from tqdm.auto import tqdm  # noqa: PLC0415 (heavy import after parsing)
 
-    from lens_rome.tracing.engine import trace  # noqa: PLC0415
+    from lens_rome.cli.output import report, write_trace  # noqa: PLC0415 (heavy import after parsing)
+    from lens_rome.tracing.engine import trace  # noqa: PLC0415 (heavy import after parsing)
 
     start = time.perf_counter()
     prepare_folder(out)
@@ -149,7 +151,7 @@ def run(out: Path, samples: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lens_rome.demo",
+        prog="python -m lens_rome.cli.demo",
         description=f"Causal traces (hidden, MLP, attention) of {len(FACTS)} facts on the "
                     f"embedded {MODEL}, offline.  Writes PNG heatmaps, HTML views and JSON "
                     f"results in one subfolder per fact, and index.html.",
@@ -163,17 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="HookedTransformer is deprecated",
-                                    category=DeprecationWarning)
-            run(Path(args.out), args.samples)
-    except (CommandError, *USER_ERRORS) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+@command
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo; returns the exit status (2 for bad input)."""
+    run(Path(args.out), args.samples)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lens_rome.cli.demo``: returns the exit status (2 for bad input)."""
+    return run_demo(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

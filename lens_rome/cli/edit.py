@@ -8,27 +8,22 @@
 prints the next-token probabilities (the top tokens, and the target's first
 token) before and after the edit, and with ``--generate`` greedy continuations
 of the prompt and of ``"{subject} is"``; ``--save FILE`` writes the edit
-(reload it with ``lens_rome.rome.Edit.load``).  :func:`add_edit_parser` and
+(reload it with ``lens_rome.editing.rome.Edit.load``).  :func:`add_edit_parser` and
 :func:`run_edit` are wired into ``lens_rome.cli``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from lens_rome.cli import arguments
+from lens_rome.cli.arguments import add_model_option, command, count, positive_int
 from lens_rome.data.requests import EditRequest, fill
-from lens_rome.editing import rome
-from lens_rome.editing.hparams import check_lookup
-from lens_rome.errors import reporting_user_errors
-from lens_rome.evaluation.measures import next_token_probs
 
 
 def add_edit_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``edit`` command to an ``argparse`` subparsers object."""
-    from lens_rome.model.embedded import DEFAULT_MODEL  # noqa: PLC0415
-
     parser = subparsers.add_parser(
         "edit", help="rewrite one fact with ROME and show the model before and after",
         description=__doc__.split("\n\n")[0],
@@ -38,28 +33,27 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--subject", required=True)
     parser.add_argument("--target", required=True,
                         help="the new object, usually with a leading space: ' Rome'")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_option(parser)
     parser.add_argument("--layer", type=int, default=None,
                         help="the MLP layer to edit (default: the model's own)")
     parser.add_argument("--lookup", default=None,
                         help="subject_last (default), subject_first, last, or a token index")
     parser.add_argument("--generate", action="store_true",
                         help="also print greedy continuations before and after")
-    parser.add_argument("--tokens", type=int, default=20, help="tokens to generate")
-    parser.add_argument("--top", type=int, default=5, help="next tokens to list")
+    parser.add_argument("--tokens", type=count, default=20, help="tokens to generate")
+    parser.add_argument("--top", type=positive_int, default=5, help="next tokens to list")
     parser.add_argument("--save", metavar="FILE", help="write the edit here (safetensors)")
     parser.add_argument("--overwrite", action="store_true", help="let --save replace a file")
     parser.set_defaults(run=run_edit)
     return parser
 
 
+@command
 def run_edit(args: argparse.Namespace) -> int:
     """Run ``lens-rome edit``; returns the exit status (2 for bad input)."""
-    return reporting_user_errors(_run, args)
-
-
-def _run(args) -> int:
-    from lens_rome.model.loading import load_model  # noqa: PLC0415
+    from lens_rome.editing import rome  # noqa: PLC0415 (heavy import after parsing)
+    from lens_rome.editing.hparams import check_lookup  # noqa: PLC0415 (heavy import after parsing)
+    from lens_rome.evaluation import measures  # noqa: PLC0415 (heavy import after parsing)
 
     request = EditRequest.parse(
         {"prompt": args.prompt, "subject": args.subject, "target_new": args.target})
@@ -70,19 +64,20 @@ def _run(args) -> int:
         check_lookup(lookup)
     if args.save and Path(args.save).exists() and not args.overwrite:
         raise FileExistsError(f"{args.save} already exists; pass --overwrite to replace it")
-    model = load_model(args.model)
+    model = arguments.load(args.model)
     prompts = [request.text]
     if args.generate:
         prompts.append(fill("{} is", request.subject))
 
     def show(label):
         print(f"{label}: {request.text!r}")
-        for token, prob in next_token_probs(model, request.text, args.top,
-                                                 targets=[request.target_new]):
+        for token, prob in measures.next_token_probs(model, request.text, args.top,
+                                                     targets=[request.target_new]):
             print(f"  {token!r:>16} {prob:.4f}")
         if args.generate:
             for prompt in prompts:
-                print(f"  {prompt!r} -> {rome.greedy_continuation(model, prompt, args.tokens)!r}")
+                continuation = measures.greedy_continuation(model, prompt, args.tokens)
+                print(f"  {prompt!r} -> {continuation!r}")
 
     show("before")
     change = rome.edit(model, request, layer=args.layer, lookup=lookup, progress=True)
@@ -93,15 +88,3 @@ def _run(args) -> int:
         path = change.save(args.save, overwrite=args.overwrite)
         print(f"\nwrote {path}")
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m lens_rome.edit_cli edit ...``: the command without ``lens_rome.cli``."""
-    parser = argparse.ArgumentParser(prog="python -m lens_rome.edit_cli")
-    add_edit_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

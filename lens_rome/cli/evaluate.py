@@ -20,40 +20,25 @@ case edited so far after 10, 50 and all edits.  :func:`add_evaluate_parser` and
 from __future__ import annotations
 
 import argparse
-import sys
 
-from lens_rome.errors import reporting_user_errors
+from lens_rome.cli import arguments
+from lens_rome.cli.arguments import (
+    add_model_option,
+    add_threads_option,
+    command,
+    count,
+    counts,
+    positive_int,
+    set_threads,
+)
+from lens_rome.editing.registry import METHODS
+from lens_rome.errors import InputError
 
 FORMATS = ("counterfact", "zsre")
-METHODS = ("rome", "r-rome", "memit", "alphaedit", "ft", "ft-l", "none")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
-
-
-def _counts(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected whole numbers separated by commas, e.g. 3,4,5; got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected whole numbers >= 0, e.g. 3,4,5; got {text!r}")
-    return values
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``evaluate`` command to an ``argparse`` subparsers object."""
-    from lens_rome.cli.arguments import positive_int  # noqa: PLC0415 (cli imports this module)
-    from lens_rome.model.embedded import DEFAULT_MODEL  # noqa: PLC0415
-
     parser = subparsers.add_parser(
         "evaluate", help="score an editing method (rome, r-rome, memit, alphaedit, ft, ft-l, "
                          "none) on CounterFact or zsRE",
@@ -76,64 +61,57 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                              "(the same under an L-infinity constraint); none (unedited)")
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="evaluate only the first N cases")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s")
+    add_model_option(parser)
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="folder for the per-case results and summary.json")
-    parser.add_argument("--max-new-tokens", type=_count, default=100, metavar="T",
+    parser.add_argument("--max-new-tokens", type=count, default=100, metavar="T",
                         help="tokens generated per generation prompt for fluency and "
                              "consistency (default: %(default)s, the paper's; 0 skips them)")
     parser.add_argument("--layer", type=int, default=None,
                         help="the layer rome, r-rome, ft, ft-l edit (default: ROME's layer "
                              "for the model)")
-    parser.add_argument("--layers", type=_counts, default=None, metavar="L1,L2,...",
+    parser.add_argument("--layers", type=counts, default=None, metavar="L1,L2,...",
                         help="the layers memit and alphaedit edit (default: the model's)")
     parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                         help="edit N cases at once (default: %(default)s)")
-    parser.add_argument("--sequential", action="store_true",
-                        help="apply the batches in order without reverting; measure every "
-                             "case edited so far at the checkpoints and after the last batch")
-    parser.add_argument("--checkpoints", type=_counts, default=None, metavar="N1,N2,...",
-                        help="with --sequential: also measure after these numbers of edits "
-                             "(multiples of --batch-size)")
-    parser.add_argument("--checkpoint-sample", type=positive_int, default=None, metavar="N",
-                        help="with --sequential: measure at most N of the cases edited so far "
-                             "at each checkpoint, a seeded sample (default: all)")
-    parser.add_argument("--original-dir", default=None, metavar="DIR",
-                        help="with --sequential: where the unedited model's measures are "
-                             "cached (default: OUT/original; runs over the same cases can "
-                             "share one)")
+    sequential = parser.add_argument_group(
+        "sequential runs", "many edits on one model: the batches pile up, never reverted")
+    sequential.add_argument("--sequential", action="store_true",
+                            help="apply the batches in order without reverting; measure every "
+                                 "case edited so far at the checkpoints and after the last batch")
+    sequential.add_argument("--checkpoints", type=counts, default=None, metavar="N1,N2,...",
+                            help="also measure after these numbers of edits (multiples of "
+                                 "--batch-size)")
+    sequential.add_argument("--checkpoint-sample", type=positive_int, default=None, metavar="N",
+                            help="measure at most N of the cases edited so far at each "
+                                 "checkpoint, a seeded sample (default: all)")
+    sequential.add_argument("--original-dir", default=None, metavar="DIR",
+                            help="where the unedited model's measures are cached (default: "
+                                 "OUT/original; runs over the same cases can share one)")
     parser.add_argument("--seed", type=int, default=0, help="seeds generation (default: 0)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+    add_threads_option(parser)
     parser.set_defaults(run=run_evaluate)
     return parser
 
 
+@command
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``lens-rome evaluate``; returns the exit status (2 for bad input)."""
-    return reporting_user_errors(_run, args)
+    from lens_rome.data.cases import load_dataset  # noqa: PLC0415 (heavy import after parsing)
+    from lens_rome.evaluation.runner import evaluate  # noqa: PLC0415 (heavy import after parsing)
 
-
-def _run(args) -> int:
-    import torch  # noqa: PLC0415
-
-    from lens_rome.data.cases import load_dataset  # noqa: PLC0415
-    from lens_rome.evaluation.runner import evaluate  # noqa: PLC0415
-    from lens_rome.model.loading import load_model  # noqa: PLC0415
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     cases = load_dataset(args.dataset, args.format)  # bad data fails before the model loads
     batched = args.method in ("memit", "alphaedit")
     if args.layers is not None and not batched:
-        raise ValueError(f"--layers is for memit and alphaedit; {args.method} takes --layer")
+        raise InputError(f"--layers is for memit and alphaedit; {args.method} takes --layer")
     if args.layer is not None and batched:
-        raise ValueError(f"{args.method} edits several layers: give --layers, not --layer")
+        raise InputError(f"{args.method} edits several layers: give --layers, not --layer")
     if args.checkpoints is not None and not args.sequential:
-        raise ValueError("--checkpoints needs --sequential")
+        raise InputError("--checkpoints needs --sequential")
     if args.checkpoint_sample is not None and not args.sequential:
-        raise ValueError("--checkpoint-sample needs --sequential")
-    model = load_model(args.model)
+        raise InputError("--checkpoint-sample needs --sequential")
+    model = arguments.load(args.model)
     options = {}
     if args.layer is not None and args.method != "none":
         options["layer"] = args.layer
@@ -171,15 +149,3 @@ def _run(args) -> int:
 
 def _shown(value) -> str:
     return "n/a" if value is None else f"{value:.1f}"
-
-
-def main(argv=None) -> int:
-    """``python -m lens_rome.evaluate_cli evaluate ...``: the command without ``lens_rome.cli``."""
-    parser = argparse.ArgumentParser(prog="python -m lens_rome.evaluate_cli")
-    add_evaluate_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import argparse
 
+from lens_rome.cli.arguments import command
+
 
 def add_precision_parser(commands) -> None:
+    """Add the ``precision`` command to an ``argparse`` subparsers object."""
     sub = commands.add_parser(
         "precision", help="is bfloat16 fast here? the probe's answer and each command's precision",
         description="Measure once whether bfloat16 matrix products beat float32 on this "
                     "machine, and print the precision each entry point then uses.")
     sub.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    sub.set_defaults(run=_run_precision)
+    sub.set_defaults(run=run_precision)
 
 
-def _run_precision(args: argparse.Namespace) -> int:
-    from lens_rome.model.precision import entry_points, probe_report  # noqa: PLC0415
+@command
+def run_precision(args: argparse.Namespace) -> int:
+    """Run ``lens-rome precision``; returns the exit status."""
+    from lens_rome.model.precision import entry_points, probe_report  # noqa: PLC0415 (heavy import after parsing)
 
     probe = probe_report(args.device)
     print(f"device: {args.device} ({probe.get('cpu', probe.get('device'))}"

@@ -27,23 +27,14 @@ import argparse
 from pathlib import Path
 
 from lens_rome.cli import arguments
-from lens_rome.cli.arguments import CommandError, noise_level, positive_int
-from lens_rome.tracing.kinds import METHODS
-from lens_rome.cli.output import (
-    DEFAULT_OUT,
-    check_free,
-    report,
-    report_verification,
-    trace_paths,
-    verify_path,
-    write_trace,
-)
-from lens_rome.model.embedded import DEFAULT_MODEL, EMBEDDED_MODELS
-from lens_rome.tracing.kinds import ATTRIBUTION_METRICS, HEAD, KINDS
+from lens_rome.cli.arguments import add_model_option, command, noise_level, positive_int
+from lens_rome.cli.paths import DEFAULT_OUT, check_free, trace_paths, verify_path
+from lens_rome.errors import InputError
+from lens_rome.tracing.kinds import ATTRIBUTION_METRICS, HEAD, KINDS, METHODS
 
 
 def add_trace_parser(commands) -> None:
-    embedded = ", ".join(sorted(EMBEDDED_MODELS))
+    """Add the ``trace`` command to an ``argparse`` subparsers object."""
     trace = commands.add_parser(
         "trace",
         help="causal trace of one fact: where does the model recall it?",
@@ -71,10 +62,7 @@ def add_trace_parser(commands) -> None:
                        help="exact: restore each state (the paper's); attribution: estimate "
                             "every state from one forward and one backward pass (attribution "
                             "patching), files attribution_<kind>.* (default: %(default)s)")
-    trace.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"an embedded model that loads offline ({embedded}) or a "
-                            f"TransformerLens model name, which downloads weights "
-                            f"(default: %(default)s)")
+    add_model_option(trace)
     trace.add_argument("--samples", type=positive_int, default=10, metavar="N",
                        help="noise draws averaged (default: %(default)s, as in the paper)")
     trace.add_argument("--window", type=positive_int, default=10, metavar="W",
@@ -107,15 +95,16 @@ def add_trace_parser(commands) -> None:
                        help="seed of the noise draws (default: %(default)s)")
     trace.add_argument("--bf16", action="store_true",
                        help="run the restored passes in bfloat16 (faster on CPUs with bf16 units)")
-    trace.add_argument("--qk-fix", action="store_true",
-                       help="attribution: recompute the next attention layer's pattern exactly "
-                            "instead of linearising its softmax (AtP*)")
-    trace.add_argument("--grad-drop", action="store_true",
-                       help="attribution: GradDrop against cancelling gradients (AtP*; one extra "
-                            "backward pass per layer; magnitudes, for ranking)")
-    trace.add_argument("--verify", type=positive_int, default=None, metavar="K",
-                       help="attribution: restore the estimate's top K sites exactly and print "
-                            "both side by side; writes attribution_<kind>_verify.json")
+    estimate = trace.add_argument_group("attribution estimates (--method attribution)")
+    estimate.add_argument("--qk-fix", action="store_true",
+                          help="recompute the next attention layer's pattern exactly instead of "
+                               "linearising its softmax (AtP*)")
+    estimate.add_argument("--grad-drop", action="store_true",
+                          help="GradDrop against cancelling gradients (AtP*; one extra backward "
+                               "pass per layer; magnitudes, for ranking)")
+    estimate.add_argument("--verify", type=positive_int, default=None, metavar="K",
+                          help="restore the estimate's top K sites exactly and print both side "
+                               "by side; writes attribution_<kind>_verify.json")
     trace.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                        help="folder for the output files (default: %(default)s)")
     trace.add_argument("--overwrite", action="store_true",
@@ -123,21 +112,22 @@ def add_trace_parser(commands) -> None:
     trace.set_defaults(run=run_trace)
 
 
-
-
+@command
 def run_trace(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    """Run ``lens-rome trace``; returns the exit status (2 for bad input)."""
+    from tqdm.auto import tqdm  # noqa: PLC0415 (heavy import after parsing)
 
-    from lens_rome.tracing.engine import trace  # noqa: PLC0415
+    from lens_rome.cli.output import report, write_trace  # noqa: PLC0415 (heavy import after parsing)
+    from lens_rome.tracing.engine import trace  # noqa: PLC0415 (heavy import after parsing)
 
     kinds = list(KINDS) if args.kind == "all" else [args.kind]
     if args.sever is not None and kinds != ["hidden"]:
-        raise CommandError(f"--sever applies to hidden-state traces only; use --kind hidden "
-                           f"(got --kind {args.kind})")
+        raise InputError(f"--sever applies to hidden-state traces only; use --kind hidden "
+                         f"(got --kind {args.kind})")
     _check_method_options(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out} exists and is not a folder")
+        raise InputError(f"--out {out} exists and is not a folder")
     if not args.overwrite:  # before any work: never trace for minutes and then refuse
         check_free([p for kind in kinds
                     for p in trace_paths(out, kind, args.sever, args.method).values()])
@@ -148,7 +138,7 @@ def run_trace(args: argparse.Namespace) -> int:
     print(f"model {args.model}; prompt {args.prompt!r}; subject {args.subject!r}")
     noise = args.noise
     if args.swap:
-        from lens_rome.tracing.noise_rules import SubjectSwap  # noqa: PLC0415
+        from lens_rome.tracing.noise_rules import SubjectSwap  # noqa: PLC0415 (heavy import after parsing)
 
         noise = SubjectSwap(args.swap)
     if args.method == "attribution":
@@ -174,34 +164,35 @@ def _check_method_options(args: argparse.Namespace) -> None:
         wrong = [flag for flag, value in (("--qk-fix", args.qk_fix), ("--grad-drop", args.grad_drop),
                                           ("--verify", args.verify)) if value]
         if wrong:
-            raise CommandError(f"{', '.join(wrong)} applies to --method attribution")
+            raise InputError(f"{', '.join(wrong)} applies to --method attribution")
         if args.metric == "logit_diff":
-            raise CommandError("--metric logit_diff is computed by --method attribution only; "
-                               "exact traces score prob or logprob")
+            raise InputError("--metric logit_diff is computed by --method attribution only; "
+                             "exact traces score prob or logprob")
     else:
         if args.sever is not None:
-            raise CommandError("--sever needs exact restorations; use --method exact")
+            raise InputError("--sever needs exact restorations; use --method exact")
         if args.bf16:
-            raise CommandError("--bf16 applies to exact traces; attribution runs in float32")
+            raise InputError("--bf16 applies to exact traces; attribution runs in float32")
     if args.contrast is not None and args.metric != "logit_diff":
-        raise CommandError("--contrast is the second answer of --metric logit_diff")
+        raise InputError("--contrast is the second answer of --metric logit_diff")
 
 
 def _run_attribution(model, args: argparse.Namespace, kinds: list[str], noise, out: Path) -> int:
-    from lens_rome.tracing.attribution import attribute_many  # noqa: PLC0415
-    from lens_rome.tracing.verify import verify  # noqa: PLC0415
+    from lens_rome.cli import output  # noqa: PLC0415 (heavy import after parsing)
+    from lens_rome.tracing.attribution import attribute_many  # noqa: PLC0415 (heavy import after parsing)
+    from lens_rome.tracing.verify import verify  # noqa: PLC0415 (heavy import after parsing)
 
     results = attribute_many(
-        model, args.prompt, args.subject, kinds, corruption=noise, samples=args.samples,
+        model, args.prompt, args.subject, kinds, noise=noise, samples=args.samples,
         window=args.window, metric=args.metric or "logprob", target=args.target,
         contrast=args.contrast, seed=args.seed, qk_fix=args.qk_fix, grad_drop=args.grad_drop,
     )
     for result in results:
-        paths = write_trace(result, out, overwrite=args.overwrite)
-        print(report(result, paths))
+        paths = output.write_trace(result, out, overwrite=args.overwrite)
+        print(output.report(result, paths))
         if args.verify:
-            checked = verify(model, result, k=args.verify, corruption=noise,
+            checked = verify(model, result, k=args.verify, noise=noise,
                              by="magnitude" if args.grad_drop else "effect")
             path = checked.save(verify_path(out, result.kind), overwrite=args.overwrite)
-            print(report_verification(checked, path))
+            print(output.report_verification(checked, path))
     return 0

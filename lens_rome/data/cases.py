@@ -21,8 +21,8 @@ Meng et al. (2022, section 4) judge an editor on two datasets:
        "answers": [...], "loc": ..., "loc_ans": ...}
 
 :func:`load_counterfact` and :func:`load_zsre` read such JSON files and raise
-``ValueError`` naming the case and the field of the first bad record.
-:func:`build_counterfact` turns a known-facts file (the paper's
+``InputError`` naming the case and the field of the first bad record.
+:func:`lens_rome.data.known_facts.build_counterfact` turns a known-facts file (the paper's
 ``known_1000.json`` format) into CounterFact cases.
 """
 
@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from lens_rome.data.requests import EditRequest, fill
+from lens_rome.errors import InputError
 from lens_rome.storage import replacing
 
 FORMATS = ("counterfact", "zsre")
 CASE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")  # becomes a file name in evaluation output
-
-
 
 
 @dataclass(frozen=True)
@@ -179,16 +178,16 @@ def _spaced(text: str) -> str:
 
 
 class _Checker:
-    """Raises ``ValueError("case 17: field must ..., got ...")``."""
+    """Raises ``InputError("case 17: field must ..., got ...")``."""
 
     def __init__(self, record: Any, index: int):
         self.label = f"case {index}"
         if not isinstance(record, Mapping):
-            raise ValueError(f"{self.label}: a record must be a JSON object, "
+            raise InputError(f"{self.label}: a record must be a JSON object, "
                              f"got {type(record).__name__}: {record!r:.80}")
 
     def fail(self, name: str, what: str, value: Any):
-        raise ValueError(f"{self.label}: {name} {what}, got {value!r:.120}")
+        raise InputError(f"{self.label}: {name} {what}, got {value!r:.120}")
 
     def case_id(self, value: Any) -> int | str:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or (
@@ -228,11 +227,9 @@ class _Checker:
         return tuple(value)
 
 
-
-
 def load_counterfact(source: str | Path | Sequence[Mapping]) -> list[CounterFactCase]:
     """CounterFact cases from a JSON file (a list of records) or from the records themselves."""
-    records, where = _records(source, "counterfact")
+    records, where = read_records(source, "counterfact")
     cases = [CounterFactCase.from_dict(record, i) for i, record in enumerate(records)]
     _check_unique(cases, where)
     return cases
@@ -242,8 +239,8 @@ def load_zsre(source: str | Path | Sequence[Mapping], target: str = "answers") -
     """zsRE cases (MEND format) from a JSON file or the records; ``target``: ``"answers"``
     (teach ``answers[0]``, the paper's code) or ``"alt"``."""
     if target not in ("answers", "alt"):
-        raise ValueError(f"target must be 'answers' or 'alt', got {target!r}")
-    records, _ = _records(source, "zsre")
+        raise InputError(f"target must be 'answers' or 'alt', got {target!r}")
+    records, _ = read_records(source, "zsre")
     return [ZsreCase.from_dict(record, i, target) for i, record in enumerate(records)]
 
 
@@ -253,10 +250,12 @@ def load_dataset(source: str | Path | Sequence[Mapping], format: str):
         return load_counterfact(source)
     if format == "zsre":
         return load_zsre(source)
-    raise ValueError(f"unknown dataset format {format!r}; expected one of {list(FORMATS)}")
+    raise InputError(f"unknown dataset format {format!r}; expected one of {list(FORMATS)}")
 
 
-def _records(source, format: str) -> tuple[list, str]:
+def read_records(source: str | Path | Sequence[Any], format: str) -> tuple[list, str]:
+    """The records of a JSON file (a list), or ``source`` itself, checked to be a non-empty
+    list; and how to name where they came from in messages."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
@@ -264,15 +263,15 @@ def _records(source, format: str) -> tuple[list, str]:
         try:
             records = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
+            raise InputError(f"{path} is not valid JSON: {error}") from None
         where = str(path)
     else:
         records, where = source, "the dataset"
     if isinstance(records, Mapping) or not isinstance(records, (list, tuple)):
-        raise ValueError(f"{where} must hold a JSON list of {format} records, "
+        raise InputError(f"{where} must hold a JSON list of {format} records, "
                          f"got {type(records).__name__}")
     if not records:
-        raise ValueError(f"{where} holds no records: an empty dataset cannot be evaluated")
+        raise InputError(f"{where} holds no records: an empty dataset cannot be evaluated")
     return list(records), where
 
 
@@ -281,7 +280,7 @@ def _check_unique(cases: Sequence[CounterFactCase], where: str) -> None:
     for case in cases:
         key = str(case.case_id)
         if key in seen:
-            raise ValueError(f"case {case.case_id}: case_id appears more than once in {where}; "
+            raise InputError(f"case {case.case_id}: case_id appears more than once in {where}; "
                              f"each case needs its own id")
         seen.add(key)
 

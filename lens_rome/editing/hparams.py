@@ -9,11 +9,10 @@ from typing import Any, Mapping
 
 from transformer_lens import HookedTransformer
 
+from lens_rome.checks import positive_int
 from lens_rome.editing.null_space import NULL_SPACE_L2, NULL_SPACE_THRESHOLD
-from lens_rome.editing.statistics import (
-    DEFAULT_SAMPLES,
-    DEFAULT_TOKEN_LENGTH,
-)
+from lens_rome.editing.statistics import DEFAULT_SAMPLES, DEFAULT_TOKEN_LENGTH
+from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.model.adapter import adapter_for
 
 log = logging.getLogger(__name__)
@@ -28,9 +27,6 @@ CHOICES = {
     "kl_position": ("lookup", "last"),
     "weight_decay_form": ("norm", "squared"),
 }
-KL_PROMPT = "{} is a"
-PREFIX_STARTERS = ("The", "Therefore", "Because", "I", "You")
-
 
 
 @dataclass(frozen=True)
@@ -71,9 +67,9 @@ class RomeHyperParams:
         bf16: run the upper blocks in bfloat16 during the ``v*`` optimisation
             (about 1.5x faster on CPUs with bf16 units; ``k*``, ``C`` and the
             update stay in float32/float64).  None (default): bfloat16 where
-            :func:`lens_rome.precision.bf16_is_fast` says it is faster, float32
+            :func:`lens_rome.model.precision.bf16_is_fast` says it is faster, float32
             elsewhere; ``True`` on hardware without bf16 units warns once.
-        lean_blocks: run the upper blocks as :class:`lens_rome.fast_blocks.FastBlocks`
+        lean_blocks: run the upper blocks as :class:`lens_rome.model.fast_blocks.FastBlocks`
             (the same function in fewer, larger matrix products) when the model
             supports it and has no hooks attached.
         stats_samples, stats_token_length: the corpus sample behind ``C``.
@@ -89,7 +85,7 @@ class RomeHyperParams:
             eigenvectors of ``C`` whose eigenvalues are below
             ``null_space_threshold`` times their mean), so that it leaves their
             outputs alone, and it also keeps the outputs of the keys of the edits
-            already applied to the model (:mod:`lens_rome.null_space`).
+            already applied to the model (:mod:`lens_rome.editing.null_space`).
         null_space_threshold, null_space_l2: the eigenvalue cut (relative to the
             mean eigenvalue of ``C``) and AlphaEdit's ridge weight on ``|change|^2``.
     """
@@ -123,51 +119,51 @@ class RomeHyperParams:
     def __post_init__(self):
         check_lookup(self.lookup)
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"layer must be an integer >= 0, got {self.layer!r}")
-        for name in ("n_prefixes", "v_steps", "stats_samples", "stats_token_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (
-                0 if name == "n_prefixes" else 1
-            ):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise InputError(f"layer must be an integer >= 0, got {self.layer!r}")
+        if isinstance(self.n_prefixes, bool) or not isinstance(self.n_prefixes, int) \
+                or self.n_prefixes < 0:
+            raise InputError(f"n_prefixes must be an integer >= 0, got {self.n_prefixes!r}")
+        for name in ("v_steps", "stats_samples", "stats_token_length"):
+            positive_int(getattr(self, name), name)
         lengths = tuple(self.prefix_lengths)
         if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
-            raise ValueError(f"prefix_lengths must be positive token counts, got {lengths!r}")
+            raise InputError(f"prefix_lengths must be positive token counts, got {lengths!r}")
         object.__setattr__(self, "prefix_lengths", lengths)
         if self.prefixes is not None:
             texts = (self.prefixes,) if isinstance(self.prefixes, str) else tuple(self.prefixes)
             if not all(isinstance(t, str) for t in texts):
-                raise ValueError(f"prefixes must be texts (strings), got {self.prefixes!r}")
+                raise WrongTypeError(f"prefixes must be texts (strings), got {self.prefixes!r}")
             object.__setattr__(self, "prefixes", texts)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got "
+                raise InputError(f"{name} must be one of {list(allowed)}, got "
                                  f"{getattr(self, name)!r}")
         for name in ("v_lr", "kl_weight", "weight_decay", "clamp_norm", "early_stop_loss",
                      "early_stop_nll"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         check_update_options(self.update_key, self.null_space, self.null_space_threshold,
                              self.null_space_l2)
 
     @classmethod
     def for_model(cls, model: HookedTransformer | str, **overrides) -> "RomeHyperParams":
         """The defaults for ``model`` (or a model name), with ``overrides`` applied."""
-        name = model if isinstance(model, str) else adapter_for(model).name
+        adapter = None if isinstance(model, str) else adapter_for(model)
+        name = model if adapter is None else adapter.name
         defaults = dict(MODEL_DEFAULTS.get(name, {}))
         if "layer" not in defaults and "layer" not in overrides:
-            if isinstance(model, str):
-                raise ValueError(
+            if adapter is None:
+                raise InputError(
                     f"no default edit layer for {name!r} (known: {sorted(MODEL_DEFAULTS)}); "
                     f"pass layer=..."
                 )
-            defaults["layer"] = model.cfg.n_layers // 4
+            defaults["layer"] = adapter.n_layers // 4
             log.warning("no default edit layer for %r: using layer %d (a quarter of the depth); "
                         "trace the model's MLPs to choose one", name, defaults["layer"])
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise TypeError(f"unknown hyper-parameters {unknown}; accepted: {sorted(fields)}")
+            raise WrongTypeError(f"unknown hyper-parameters {unknown}; accepted: {sorted(fields)}")
         return cls(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     def replace(self, **changes) -> "RomeHyperParams":
@@ -202,24 +198,25 @@ MODEL_DEFAULTS: dict[str, dict] = {
 
 def check_update_options(update_key: str, null_space: bool, threshold: float,
                          l2: float) -> None:
-    """Raise ``ValueError`` for an unknown ``update_key`` or a bad null-space setting."""
+    """Raise ``InputError`` for an unknown ``update_key`` or a bad null-space setting."""
     if update_key not in UPDATE_KEYS:
-        raise ValueError(f"update_key must be one of {list(UPDATE_KEYS)} ('average' is "
+        raise InputError(f"update_key must be one of {list(UPDATE_KEYS)} ('average' is "
                          f"r-ROME), got {update_key!r}")
     if not isinstance(null_space, bool):
-        raise TypeError(f"null_space must be True or False, got {null_space!r}")
+        raise WrongTypeError(f"null_space must be True or False, got {null_space!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-        raise ValueError(f"null_space_threshold must be a number > 0 (a fraction of the mean "
+        raise InputError(f"null_space_threshold must be a number > 0 (a fraction of the mean "
                          f"eigenvalue of C), got {threshold!r}")
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
-        raise ValueError(f"null_space_l2 must be a number > 0, got {l2!r}")
+        raise InputError(f"null_space_l2 must be a number > 0, got {l2!r}")
 
 
 def check_lookup(lookup: str | int) -> str | int:
+    """``lookup`` if it is one of :data:`LOOKUPS` or an int token index."""
     if isinstance(lookup, bool) or not isinstance(lookup, (str, int)) or (
         isinstance(lookup, str) and lookup not in LOOKUPS
     ):
-        raise ValueError(
+        raise InputError(
             f"lookup must be one of {list(LOOKUPS)} or an int token index, got {lookup!r}"
         )
     return lookup

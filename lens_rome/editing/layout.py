@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from lens_rome.data.requests import EditRequest, fill
 from lens_rome.editing.hparams import RomeHyperParams
-from lens_rome.editing.prefixes import context_prefixes
+from lens_rome.editing.prefixes import cached_prefixes
+from lens_rome.errors import InputError, PromptError
 from lens_rome.model.adapter import ModelAdapter
 
 
@@ -28,12 +29,15 @@ class PromptTokens:
 
 def _prompt_tokens(adapter: ModelAdapter, text: str, char_start: int, char_end: int,
                    prompt_char: int = 0) -> PromptTokens:
+    """Tokens of ``text``, the subject at characters ``char_start:char_end``, the prompt from
+    character ``prompt_char`` on."""
     tokens, spans = adapter.tokenize(text)
-    skip = int(adapter.prepend_bos)
+    skip = adapter.n_bos
     ids, spans = tokens[0, skip:].tolist(), spans[skip:]
     touched = [i for i, (a, b) in enumerate(spans) if a < char_end and b > char_start and b > a]
     if not touched:
-        raise ValueError(f"subject at characters {char_start}:{char_end} of {text!r} has no tokens")
+        raise PromptError(f"subject at characters {char_start}:{char_end} of {text!r} has no "
+                          f"tokens")
     start = next((i for i, (_, b) in enumerate(spans) if b > prompt_char), 0)
     return PromptTokens(ids, (touched[0], touched[-1] + 1), start)
 
@@ -46,7 +50,7 @@ def subject_prompt(adapter: ModelAdapter, prompt: str, subject: str, lead: str =
                           len(lead.rstrip()))
 
 
-def context_prompts(adapter: ModelAdapter, request: EditRequest, hp: "RomeHyperParams"
+def context_prompts(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams
                     ) -> list[PromptTokens]:
     """The bare prompt, then the prompt after each context prefix, joined as the paper's
     code joins them (``prefix + ". " + prompt``): the rows ``k*`` averages over.
@@ -59,11 +63,10 @@ def context_prompts(adapter: ModelAdapter, request: EditRequest, hp: "RomeHyperP
     if hp.prefixes is not None:
         return [bare] + [subject_prompt(adapter, request.prompt, request.subject, text + ". ")
                          for text in hp.prefixes]
-    tokenizer = adapter.model.tokenizer
     spaced = subject_prompt(adapter, request.prompt, request.subject, lead=" ")
-    dot = tokenizer(".", add_special_tokens=False)["input_ids"]
+    dot = adapter.token_ids(".")
     rows = [bare]
-    for prefix in context_prefixes(adapter.model, hp.n_prefixes, hp.prefix_lengths, hp.seed):
+    for prefix in cached_prefixes(adapter, hp.n_prefixes, hp.prefix_lengths, hp.seed):
         shift = len(prefix) + len(dot)
         first, last = spaced.subject_range
         rows.append(PromptTokens(prefix + dot + spaced.ids, (first + shift, last + shift), shift))
@@ -90,7 +93,7 @@ def lookup_position(
     (ref_start, ref_end), ref_n = reference if reference is not None else (subject_range, n_tokens)
     index = lookup + ref_n if lookup < 0 else lookup
     if not 0 <= index < ref_n:
-        raise ValueError(
+        raise InputError(
             f"lookup index {lookup} is out of range for a prompt of {ref_n} tokens"
         )
     if index < ref_end:

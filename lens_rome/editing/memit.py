@@ -10,7 +10,7 @@ path found by causal tracing:
    ``delta_i`` that makes ``o*_i`` likely.  Adding ``delta_i`` to the residual
    stream after block ``L`` is adding it to that block's MLP output, so
    ``delta_i`` is exactly ROME's ``v* - W_out k`` at layer ``L``: the loss of
-   :mod:`lens_rome.rome`'s ``v*`` optimisation, as the paper's ``compute_z``
+   :mod:`lens_rome.editing.rome`'s ``v*`` optimisation, as the paper's ``compute_z``
    writes it, measures ``delta`` against ``h`` instead of the MLP output (weight
    decay ``|delta| / |h|^2``, clamp ``0.75 |h|``) and uses 5 context prefixes of
    10 tokens (``VALUE_DEFAULTS``; see :func:`target_deltas`).
@@ -20,14 +20,14 @@ path found by causal tracing:
    ``R = (z - h^{L}) / (layers left)`` still missing at ``L`` (at the bare
    prompt), and the least-squares update that adds ``R`` for ``K`` while
    keeping the outputs of the corpus keys, ``C = E[k k^T]``
-   (:mod:`lens_rome.statistics`)::
+   (:mod:`lens_rome.editing.statistics`)::
 
        D_l = (lambda C + K^T K)^-1 K^T R        # [d_mlp, d_model]; W_out += D_l
 
    ``lambda`` (``mom2_weight``) weighs the corpus keys against the new ones.
 
 With ``null_space=True`` the update of each layer is AlphaEdit's instead
-(:mod:`lens_rome.null_space`): confined to the null space of the corpus keys and
+(:mod:`lens_rome.editing.null_space`): confined to the null space of the corpus keys and
 keeping the keys of the edits already on the model, which is what keeps a model
 fluent over many sequential edits.
 
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -72,12 +71,13 @@ from lens_rome.editing.null_space import (
     update_left,
 )
 from lens_rome.editing.rome import Edit
-from lens_rome.editing.statistics import KeyStatistics, key_statistics
-from lens_rome.editing.values import _key_and_value
+from lens_rome.editing.statistics import KeyStatistics, layer_second_moment
+from lens_rome.editing.values import key_and_value
 from lens_rome.editing.weights import WeightEdit, edited_keys
+from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
 from lens_rome.model.hooks import attached
-from lens_rome.storage import replacing
+from lens_rome.storage import load_saved, metadata_keys, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +117,14 @@ def critical_layers(effects: Sequence[float], fraction: float = CRITICAL_FRACTIO
     """
     values = [float(v) for v in effects]
     if not values:
-        raise ValueError("effects is empty: give one average indirect effect per layer")
+        raise InputError("effects is empty: give one average indirect effect per layer")
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        raise InputError(f"fraction must be in (0, 1], got {fraction!r}")
     peak = max(range(len(values)), key=values.__getitem__)
     first = peak
     while first > 0 and values[first - 1] >= fraction * values[peak]:
         first -= 1
     return tuple(range(first, peak + 1))
-
-
-# --------------------------------------------------------------------------- hyper-parameters
 
 
 @dataclass(frozen=True)
@@ -140,9 +137,9 @@ class MemitHyperParams:
         mom2_weight: ``lambda``, the weight of the corpus keys' second moment
             against the new keys (MEMIT only).
         null_space, null_space_threshold, null_space_l2: AlphaEdit's update
-            (:mod:`lens_rome.null_space`) instead of MEMIT's.
+            (:mod:`lens_rome.editing.null_space`) instead of MEMIT's.
         value: the ``v*`` optimisation and key settings (lookup token, prefixes,
-            steps, KL weight, ...) as :class:`lens_rome.rome.RomeHyperParams`;
+            steps, KL weight, ...) as :class:`lens_rome.editing.hparams.RomeHyperParams`;
             its ``layer`` is always ``layers[-1]``; default: the model's ROME
             settings with MEMIT's ``VALUE_DEFAULTS``.
     """
@@ -159,25 +156,25 @@ class MemitHyperParams:
         if isinstance(layers, int) and not isinstance(layers, bool):
             layers = (layers,)
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-            raise TypeError(f"layers must be a sequence of layer indices, got {layers!r}")
+            raise WrongTypeError(f"layers must be a sequence of layer indices, got {layers!r}")
         layers = tuple(layers)
         if not layers or any(isinstance(l, bool) or not isinstance(l, int) or l < 0
                              for l in layers):
-            raise ValueError(f"layers must be one or more integers >= 0, got {layers!r}")
+            raise InputError(f"layers must be one or more integers >= 0, got {layers!r}")
         if list(layers) != sorted(set(layers)):
-            raise ValueError(f"layers must be increasing and distinct, got {list(layers)}; "
+            raise InputError(f"layers must be increasing and distinct, got {list(layers)}; "
                              f"e.g. {sorted(set(layers))}")
         object.__setattr__(self, "layers", layers)
         if isinstance(self.mom2_weight, bool) or not isinstance(self.mom2_weight, (int, float)) \
                 or not self.mom2_weight > 0:
-            raise ValueError(f"mom2_weight must be a number > 0 (lambda C keeps the system "
+            raise InputError(f"mom2_weight must be a number > 0 (lambda C keeps the system "
                              f"solvable), got {self.mom2_weight!r}")
         check_update_options("bare", self.null_space, self.null_space_threshold,
-                                  self.null_space_l2)
+                             self.null_space_l2)
         value = self.value if self.value is not None else RomeHyperParams(
             layer=layers[-1], **VALUE_DEFAULTS)
         if not isinstance(value, RomeHyperParams):
-            raise TypeError(f"value must be RomeHyperParams, got {type(value).__name__}")
+            raise WrongTypeError(f"value must be RomeHyperParams, got {type(value).__name__}")
         if value.layer != layers[-1]:
             value = value.replace(layer=layers[-1])
         object.__setattr__(self, "value", value)
@@ -187,17 +184,17 @@ class MemitHyperParams:
         """The defaults for ``model`` (or its name), with ``overrides`` applied.
 
         ``overrides`` may name fields of this class or of
-        :class:`~lens_rome.rome.RomeHyperParams` (the ``v*`` settings, except ``layer``).
+        :class:`~lens_rome.editing.hparams.RomeHyperParams` (the ``v*`` settings, except ``layer``).
         """
         name = model if isinstance(model, str) else adapter_for(model).name
         own = {f.name for f in dataclasses.fields(cls)} - {"value"}
         theirs = {f.name for f in dataclasses.fields(RomeHyperParams)} - {"layer"} - own
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if "layer" in overrides:
-            raise TypeError("MEMIT edits several layers: pass layers=[...], not layer=")
+            raise WrongTypeError("MEMIT edits several layers: pass layers=[...], not layer=")
         unknown = sorted(set(overrides) - own - theirs)
         if unknown:
-            raise TypeError(f"unknown hyper-parameters {unknown}; accepted: "
+            raise WrongTypeError(f"unknown hyper-parameters {unknown}; accepted: "
                             f"{sorted(own | theirs)}")
         defaults = dict(MODEL_DEFAULTS.get(name, {}))
         if "layers" not in defaults and "layers" not in overrides:
@@ -219,11 +216,11 @@ class MemitHyperParams:
         own = {f.name for f in dataclasses.fields(self)}
         value_changes = {k: v for k, v in changes.items() if k not in own}
         if "layer" in value_changes:
-            raise TypeError("MEMIT edits several layers: pass layers=[...], not layer=")
+            raise WrongTypeError("MEMIT edits several layers: pass layers=[...], not layer=")
         theirs = {f.name for f in dataclasses.fields(RomeHyperParams)} - own
         unknown = sorted(set(value_changes) - theirs)
         if unknown:
-            raise TypeError(f"unknown hyper-parameters {unknown}; accepted: "
+            raise WrongTypeError(f"unknown hyper-parameters {unknown}; accepted: "
                             f"{sorted((own | theirs) - {'layer', 'value'})}")
         mine = {k: v for k, v in changes.items() if k in own}
         value = mine.pop("value", self.value)
@@ -246,23 +243,21 @@ class MemitHyperParams:
         return cls(**data, value=value)
 
 
-# --------------------------------------------------------------------------- requests
-
-
 def check_requests(requests: Sequence[EditRequest | Mapping[str, Any]] | EditRequest | Mapping
                    ) -> list[EditRequest]:
     """The requests parsed; exact repeats dropped (with a warning).
 
-    Raises ``ValueError`` for an empty batch and for two requests that rewrite
+    Raises ``InputError`` for an empty batch and for two requests that rewrite
     the same prompt about the same subject to different targets.
     """
     if isinstance(requests, (EditRequest, Mapping)):
         requests = [requests]
     if isinstance(requests, (str, bytes)) or not isinstance(requests, Iterable):
-        raise TypeError(f"requests must be a list of edit requests, got {type(requests).__name__}")
+        raise WrongTypeError(f"requests must be a list of edit requests, got "
+                             f"{type(requests).__name__}")
     parsed = [EditRequest.parse(r) for r in requests]
     if not parsed:
-        raise ValueError("the batch of edit requests is empty: give at least one request "
+        raise InputError("the batch of edit requests is empty: give at least one request "
                          "{'prompt': '{} is located in', 'subject': ..., 'target_new': ...}")
     kept: list[EditRequest] = []
     seen: dict[tuple[str, str], int] = {}
@@ -271,7 +266,7 @@ def check_requests(requests: Sequence[EditRequest | Mapping[str, Any]] | EditReq
         if fact in seen:
             first = parsed[seen[fact]]
             if first.target_new != request.target_new:
-                raise ValueError(
+                raise InputError(
                     f"requests {seen[fact]} and {index} rewrite the same fact "
                     f"({request.subject!r} in {request.prompt!r}) to different targets "
                     f"({first.target_new!r} and {request.target_new!r}); keep one of them")
@@ -283,15 +278,12 @@ def check_requests(requests: Sequence[EditRequest | Mapping[str, Any]] | EditReq
     return kept
 
 
-# --------------------------------------------------------------------------- keys and states
-
-
 def _request_rows(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams
                   ) -> tuple[list[list[int]], list[int]]:
     """The bare prompt and the prompt after each context prefix (token ids, cut after the
     lookup token, BOS included where the model needs it) and the lookup index in each:
-    the same rows as ROME's ``k*`` (:func:`lens_rome.rome.context_prompts`)."""
-    bos = [adapter.model.tokenizer.bos_token_id] if adapter.prepend_bos else []
+    the same rows as ROME's ``k*`` (:func:`lens_rome.editing.layout.context_prompts`)."""
+    bos = adapter.bos
     prompts = context_prompts(adapter, request, hp)
     reference = (prompts[0].subject_range, len(prompts[0].ids))
     rows, lookups = [], []
@@ -309,8 +301,7 @@ def _states_at(adapter: ModelAdapter, rows: list[list[int]], positions: list[int
 
     Rows are right-padded; attention is causal, so padding never reaches them.
     """
-    model = adapter.model
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    model, pad = adapter.model, adapter.pad_id
     store: dict[str, torch.Tensor] = {}
 
     def keep(activation, hook):
@@ -320,8 +311,7 @@ def _states_at(adapter: ModelAdapter, rows: list[list[int]], positions: list[int
     for i in range(0, len(rows), batch_size):
         chunk, where = rows[i:i + batch_size], positions[i:i + batch_size]
         width = max(map(len, chunk))
-        tokens = torch.tensor([r + [pad] * (width - len(r)) for r in chunk],
-                              device=model.cfg.device)
+        tokens = adapter.as_tokens([r + [pad] * (width - len(r)) for r in chunk])
         with attached(model, [(hook, keep)]):
             model(tokens, stop_at_layer=stop)
         states = store.pop("a")
@@ -333,7 +323,11 @@ def request_keys(model: HookedTransformer, requests: Sequence[EditRequest], laye
                  hp: RomeHyperParams) -> Float[torch.Tensor, "n d_mlp"]:
     """Each request's MLP key at ``layer``, averaged over its prompt and ROME's prefixes
     (ROME's ``k*`` when ``layer`` is its edit layer); float64."""
-    adapter = adapter_for(model)
+    return _request_keys(adapter_for(model), requests, layer, hp)
+
+
+def _request_keys(adapter: ModelAdapter, requests: Sequence[EditRequest], layer: int,
+                  hp: RomeHyperParams) -> torch.Tensor:
     rows, positions, owner = [], [], []
     for index, request in enumerate(requests):
         r, p = _request_rows(adapter, request, hp)
@@ -351,16 +345,17 @@ def request_keys(model: HookedTransformer, requests: Sequence[EditRequest], laye
 def hidden_at_lookup(model: HookedTransformer, requests: Sequence[EditRequest], layer: int,
                      hp: RomeHyperParams) -> Float[torch.Tensor, "n d_model"]:
     """The residual stream after block ``layer`` at each bare prompt's lookup token (float64)."""
-    adapter = adapter_for(model)
+    return _hidden_at_lookup(adapter_for(model), requests, layer, hp)
+
+
+def _hidden_at_lookup(adapter: ModelAdapter, requests: Sequence[EditRequest], layer: int,
+                      hp: RomeHyperParams) -> torch.Tensor:
     rows, positions = [], []
     for request in requests:
         r, p = _request_rows(adapter, request, hp.replace(n_prefixes=0))
         rows.append(r[0])
         positions.append(p[0])
     return _states_at(adapter, rows, positions, adapter.hook_name("hidden", layer), layer + 1)
-
-
-# --------------------------------------------------------------------------- targets
 
 
 @dataclass
@@ -381,21 +376,21 @@ def target_deltas(model: HookedTransformer, requests: Sequence[EditRequest | Map
     :func:`edit` (``deltas=``) to try several ``mom2_weight`` or layer ranges
     that end at the same layer.
     """
-    requests = check_requests(requests)
     hp = hparams if hparams is not None else MemitHyperParams.for_model(model)
-    adapter = adapter_for(model)
+    return _target_deltas(adapter_for(model), check_requests(requests), hp, progress)
+
+
+def _target_deltas(adapter: ModelAdapter, requests: list[EditRequest], hp: MemitHyperParams,
+                   progress: bool) -> TargetDeltas:
     adapter.check_layer(hp.layers[-1])
     deltas, info = [], []
     for request in tqdm(requests, desc="MEMIT targets", unit="request", disable=not progress):
-        kv = _key_and_value(adapter, request, hp.value, False)
+        kv = key_and_value(adapter, request, hp.value, False)
         deltas.append(kv.delta.detach().float().cpu())
         history = kv.info.get("v_history") or [{}]
         info.append({"lookup_token": kv.info.get("lookup_token"), "v_steps": len(history),
                      "nll": history[-1].get("nll"), "delta_norm": history[-1].get("delta_norm")})
     return TargetDeltas(torch.stack(deltas), hp.layers[-1], info)
-
-
-# --------------------------------------------------------------------------- the edit
 
 
 def _layer_change(left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -419,7 +414,7 @@ class MemitEdit(WeightEdit):
                  requests: Sequence[EditRequest] = (), keys: Mapping[int, torch.Tensor] | None
                  = None, hparams: dict | None = None, info: dict | None = None):
         if not factors:
-            raise ValueError("a MEMIT edit needs at least one layer")
+            raise InputError("a MEMIT edit needs at least one layer")
         super().__init__(model_name=model_name, fingerprint=fingerprint, d_mlp=d_mlp,
                          d_model=d_model, hparams=hparams, info=info)
         self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -427,7 +422,7 @@ class MemitEdit(WeightEdit):
             left, right = factors[layer]
             if left.ndim != 2 or right.ndim != 2 or left.shape[0] != d_mlp or \
                     right.shape[1] != d_model or left.shape[1] != right.shape[0]:
-                raise ValueError(
+                raise InputError(
                     f"layer {layer}: a change of a [{d_mlp}, {d_model}] W_out needs left "
                     f"[{d_mlp}, n] and right [n, {d_model}], got {tuple(left.shape)} and "
                     f"{tuple(right.shape)}")
@@ -452,7 +447,7 @@ class MemitEdit(WeightEdit):
     def weight_delta(self, layer: int) -> Float[torch.Tensor, "d_mlp d_model"]:
         """The change to ``W_out`` of ``layer``."""
         if layer not in self.factors:
-            raise ValueError(f"this edit changes layers {list(self.layers)}, not {layer}")
+            raise InputError(f"this edit changes layers {list(self.layers)}, not {layer}")
         left, right = self.factors[layer]
         return left @ right
 
@@ -464,91 +459,60 @@ class MemitEdit(WeightEdit):
     def layer_change(self, layer: int, weight: torch.Tensor) -> torch.Tensor:
         return _layer_change(*self.factors[layer], weight)
 
-    # ----------------------------------------------------------------- files
-
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the edit as safetensors (``left.L``, ``right.L``, ``keys.L``) with JSON metadata."""
-        from safetensors.torch import save_file  # noqa: PLC0415
-
-        path = Path(path)
         tensors = {}
         for layer, (left, right) in self.factors.items():
             tensors[f"left.{layer}"], tensors[f"right.{layer}"] = left, right
         for layer, keys in self.keys.items():
-            tensors[f"keys.{layer}"] = keys.contiguous()
+            tensors[f"keys.{layer}"] = keys
         meta = {"format": SAVE_FORMAT, "model": self.model_name, "fingerprint": self.fingerprint,
                 "layers": list(self.layers), "d_mlp": self.d_mlp, "d_model": self.d_model,
                 "requests": [r.to_dict() for r in self.requests], "hparams": self.hparams,
                 "info": self.info}
-        with replacing(path, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
-        return path
+        return save_tensors(path, tensors, METADATA_KEY, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "MemitEdit":
         """Read an edit written by :meth:`save` (not applied: call :meth:`apply`)."""
-        from safetensors import safe_open  # noqa: PLC0415
+        return load_saved(path, METADATA_KEY, SAVE_FORMAT, "lens_rome MEMIT edit",
+                          cls._from_saved)
 
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})[METADATA_KEY])
-                if meta.get("format") != SAVE_FORMAT:
-                    raise ValueError(f"unknown format {meta.get('format')!r}")
-                names = set(f.keys())
-                factors = {int(l): (f.get_tensor(f"left.{l}"), f.get_tensor(f"right.{l}"))
-                           for l in meta["layers"]}
-                keys = {int(l): f.get_tensor(f"keys.{l}") for l in meta["layers"]
-                        if f"keys.{l}" in names}
-            return cls(factors, model_name=meta["model"], fingerprint=meta["fingerprint"],
-                       d_mlp=int(meta["d_mlp"]), d_model=int(meta["d_model"]),
-                       requests=[EditRequest(**r) for r in meta.get("requests", [])],
-                       keys=keys, hparams=meta.get("hparams"), info=meta.get("info"))
-        except FileNotFoundError:
-            raise
-        except Exception as error:
-            raise ValueError(f"{path} is not a readable lens_rome MEMIT edit: {error}") from None
+    @classmethod
+    def _from_saved(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "MemitEdit":
+        layers = [int(l) for l in meta["layers"]]
+        factors = {l: (tensors[f"left.{l}"], tensors[f"right.{l}"]) for l in layers}
+        keys = {l: tensors[f"keys.{l}"] for l in layers if f"keys.{l}" in tensors}
+        return cls(factors, model_name=meta["model"], fingerprint=meta["fingerprint"],
+                   d_mlp=int(meta["d_mlp"]), d_model=int(meta["d_model"]),
+                   requests=[EditRequest(**r) for r in meta.get("requests", [])],
+                   keys=keys, hparams=meta.get("hparams"), info=meta.get("info"))
 
 
 def load_edit(path: str | Path) -> "Edit | MemitEdit":
-    """A saved ROME :class:`~lens_rome.rome.Edit` or :class:`MemitEdit`, whichever ``path`` is."""
-    from safetensors import safe_open  # noqa: PLC0415
-
+    """A saved ROME :class:`~lens_rome.editing.rome.Edit` or :class:`MemitEdit`, whichever
+    ``path`` holds."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            kinds = set(f.metadata() or {})
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable lens_rome edit: {error}") from None
-    if METADATA_KEY in kinds:
+    if METADATA_KEY in metadata_keys(path):
         return MemitEdit.load(path)
     return Edit.load(path)
 
 
-def _second_moment(model, layer, hp, stats, corpus, cache_dir, progress) -> torch.Tensor:
-    d_mlp = model.cfg.d_mlp
+def _second_moment(adapter: ModelAdapter, layer: int, hp: MemitHyperParams,
+                   stats, corpus, cache_dir, progress) -> torch.Tensor:
+    """``C`` of ``layer``, float64 ``[d_mlp, d_mlp]``: ``stats[layer]``, or computed (cached)."""
     if isinstance(stats, Mapping):
         if layer not in stats:
-            raise ValueError(f"stats has no entry for layer {layer} (it has "
+            raise InputError(f"stats has no entry for layer {layer} (it has "
                              f"{sorted(stats)}); give one per edited layer")
         stats = stats[layer]
     elif stats is not None and len(hp.layers) > 1:
-        raise TypeError("MEMIT edits several layers: pass stats as {layer: KeyStatistics}")
-    if stats is None:
-        stats = key_statistics(model, layer, corpus, samples=hp.value.stats_samples,
+        raise WrongTypeError("MEMIT edits several layers: pass stats as {layer: KeyStatistics}")
+    return layer_second_moment(adapter, layer, stats, corpus, samples=hp.value.stats_samples,
                                token_length=hp.value.stats_token_length, cache_dir=cache_dir,
                                progress=progress)
-    if isinstance(stats, KeyStatistics):
-        if stats.layer != layer:
-            raise ValueError(f"key statistics are for layer {stats.layer}, not for the edited "
-                             f"layer {layer}")
-        stats = stats.second_moment
-    if not isinstance(stats, torch.Tensor) or stats.shape != (d_mlp, d_mlp):
-        raise ValueError(f"stats must be KeyStatistics or a [{d_mlp}, {d_mlp}] second moment, "
-                         f"got {getattr(stats, 'shape', type(stats).__name__)}")
-    return stats.to(torch.float64)
 
 
 def edit(
@@ -567,7 +531,7 @@ def edit(
     """Write a batch of facts into ``model`` in place; returns the applied :class:`MemitEdit`.
 
     Args:
-        requests: edit requests (dicts, :class:`~lens_rome.rome.EditRequest`,
+        requests: edit requests (dicts, :class:`~lens_rome.data.requests.EditRequest`,
             CounterFact records); one request alone is a batch of one.
         layers: the MLP layers to change (default: the model's, ``MODEL_DEFAULTS``).
         hparams: all hyper-parameters (default ``MemitHyperParams.for_model(model)``);
@@ -588,31 +552,30 @@ def edit(
         hp = hparams.replace(**changes) if changes else hparams
     for layer in hp.layers:
         adapter.check_layer(layer)
-    moments = {l: _second_moment(model, l, hp, stats, corpus, cache_dir, progress)
+    moments = {l: _second_moment(adapter, l, hp, stats, corpus, cache_dir, progress)
                for l in hp.layers}
     fingerprint = model_fingerprint(model)
     start = time.perf_counter()
     last = hp.layers[-1]
     if deltas is None:
-        deltas = target_deltas(model, requests, hp, progress=progress)
-    if deltas.layer != last or tuple(deltas.deltas.shape) != (len(requests), model.cfg.d_model):
-        raise ValueError(
+        deltas = _target_deltas(adapter, requests, hp, progress)
+    if deltas.layer != last or tuple(deltas.deltas.shape) != (len(requests), adapter.d_model):
+        raise InputError(
             f"deltas are for {deltas.deltas.shape[0]} request(s) at layer {deltas.layer}; this "
             f"edit has {len(requests)} request(s) and its last layer is {last}")
     value_hp = hp.value
-    z = hidden_at_lookup(model, requests, last, value_hp)
+    z = _hidden_at_lookup(adapter, requests, last, value_hp)
     z = z + deltas.deltas.to(z)
     factors, keys, originals, per_layer = {}, {}, {}, {}
     try:
         for i, layer in enumerate(hp.layers):
-            k = request_keys(model, requests, layer, value_hp)  # [n, d_mlp]
-            current = hidden_at_lookup(model, requests, last, value_hp)
+            k = _request_keys(adapter, requests, layer, value_hp)  # [n, d_mlp]
+            current = _hidden_at_lookup(adapter, requests, last, value_hp)
             residual = (z - current) / (len(hp.layers) - i)  # [n, d_model]
             c = moments[layer].to(k.device)
             if hp.null_space:
                 projection = projector(c, hp.null_space_threshold)
-                earlier = key_gram(edited_keys(model, layer), model.cfg.d_mlp,
-                                              k.device)
+                earlier = key_gram(edited_keys(model, layer), adapter.d_mlp, k.device)
                 left = update_left(projection, k, earlier, hp.null_space_l2)
             else:
                 left = torch.linalg.solve(hp.mom2_weight * c + k.T @ k, k.T)  # [d_mlp, n]
@@ -626,7 +589,7 @@ def edit(
                 "residual_norm": float((z - current).norm(dim=1).mean()),
                 "update_norm": float((left.double() @ right.double()).norm())}
             log.debug("MEMIT layer %d: %s", layer, per_layer[str(layer)])
-        final = hidden_at_lookup(model, requests, last, value_hp)
+        final = _hidden_at_lookup(adapter, requests, last, value_hp)
     except BaseException:
         with torch.no_grad():
             for layer, original in reversed(list(originals.items())):
@@ -637,7 +600,7 @@ def edit(
             "target_norm": float(deltas.deltas.norm(dim=1).mean()),
             "seconds": time.perf_counter() - start}
     result = MemitEdit(factors, model_name=adapter.name, fingerprint=fingerprint,
-                       d_mlp=model.cfg.d_mlp, d_model=model.cfg.d_model, requests=requests,
+                       d_mlp=adapter.d_mlp, d_model=adapter.d_model, requests=requests,
                        keys=keys, hparams=hp.to_dict(), info=info)
     result._attach(model, originals)
     return result

@@ -35,6 +35,8 @@ from typing import Iterable
 import torch
 from jaxtyping import Float
 
+from lens_rome.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # The relative eigenvalue cut and the ridge weight: the best score of a batch of 30
@@ -58,13 +60,13 @@ def projector(second_moment: Float[torch.Tensor, "d_mlp d_mlp"],
     """``P = U U^T`` over the eigenvectors of ``C`` with eigenvalue < ``threshold * mean``.
 
     float64; cached for the last few matrices (one eigen-decomposition per layer).
-    Raises ``ValueError`` when no eigenvalue is below the cut (nothing could change).
+    Raises ``InputError`` when no eigenvalue is below the cut (nothing could change).
     """
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold <= 0:
-        raise ValueError(f"threshold must be a number > 0, got {threshold!r}")
+        raise InputError(f"threshold must be a number > 0, got {threshold!r}")
     c = second_moment.to(torch.float64)
     if c.ndim != 2 or c.shape[0] != c.shape[1]:
-        raise ValueError(f"second_moment must be a square matrix, got {tuple(c.shape)}")
+        raise InputError(f"second_moment must be a square matrix, got {tuple(c.shape)}")
     key = (_fingerprint(c), float(threshold), str(c.device))
     if key in _PROJECTORS:
         _PROJECTORS.move_to_end(key)
@@ -73,7 +75,7 @@ def projector(second_moment: Float[torch.Tensor, "d_mlp d_mlp"],
     cut = float(threshold) * float(values.mean())
     kept = vectors[:, values < cut]
     if kept.shape[1] == 0:
-        raise ValueError(
+        raise InputError(
             f"no eigenvalue of C is below {threshold} x the mean eigenvalue ({cut:.3g}; the "
             f"smallest is {float(values[0]):.3g}): the null space is empty; raise the threshold"
         )

@@ -1,17 +1,22 @@
-"""The short texts the model generates itself, prefixed to edit prompts."""
+"""The short texts the model generates itself, prefixed to edit prompts.
+
+ROME averages ``k*`` (and optimises ``v*``) over the prompt preceded by such
+texts, so that the edit holds in any context.  They are generated once per
+model and kept in its :class:`~lens_rome.model.adapter.ModelState`.
+"""
 
 from __future__ import annotations
 
-import weakref
 from typing import Sequence
 
 import torch
 from transformer_lens import HookedTransformer
 
-from lens_rome.editing.hparams import PREFIX_STARTERS
-from lens_rome.model.adapter import adapter_for
+from lens_rome.model.adapter import ModelAdapter, adapter_for
 
-_PREFIXES: "weakref.WeakKeyDictionary[HookedTransformer, dict]" = weakref.WeakKeyDictionary()
+# The first words of the generated texts (the paper's code), taken in turn.
+PREFIX_STARTERS = ("The", "Therefore", "Because", "I", "You")
+MEMO_KEY = "context_prefixes"  # where ModelState.memo keeps them
 
 
 def context_prefixes(
@@ -24,21 +29,26 @@ def context_prefixes(
     ``lengths[i]`` tokens; the same ``seed`` gives the same texts.  They are
     generated once per model and kept, so later edits reuse them.
     """
+    return cached_prefixes(adapter_for(model), n, lengths, seed, top_k)
+
+
+def cached_prefixes(adapter: ModelAdapter, n: int = 20, lengths: Sequence[int] = (5, 10),
+                    seed: int = 0, top_k: int = 5) -> list[list[int]]:
+    """:func:`context_prefixes` of the adapter's model, generated on first use."""
     key = (n, tuple(lengths), seed, top_k)
-    cache = _PREFIXES.setdefault(model, {})
+    cache = adapter.state.memo.setdefault(MEMO_KEY, {})
     if key not in cache:
-        cache[key] = _generate_prefixes(model, n, tuple(lengths), seed, top_k)
+        cache[key] = _generate_prefixes(adapter, n, tuple(lengths), seed, top_k)
     return cache[key]
 
 
 @torch.no_grad()
-def _generate_prefixes(model, n, lengths, seed, top_k) -> list[list[int]]:
-    adapter = adapter_for(model)
-    tokenizer = model.tokenizer
+def _generate_prefixes(adapter: ModelAdapter, n: int, lengths: tuple[int, ...], seed: int,
+                       top_k: int) -> list[list[int]]:
+    model = adapter.model
     generator = torch.Generator().manual_seed(seed)
-    banned = torch.tensor(sorted({i for i in tokenizer.all_special_ids if i is not None}),
-                          dtype=torch.long)
-    bos = [tokenizer.bos_token_id] if adapter.prepend_bos else []
+    banned = torch.tensor(adapter.special_ids, dtype=torch.long)
+    bos = adapter.bos
     prefixes = []
     counts = [n // len(lengths) + (i < n % len(lengths)) for i in range(len(lengths))]
     for length, count in zip(lengths, counts):
@@ -46,13 +56,12 @@ def _generate_prefixes(model, n, lengths, seed, top_k) -> list[list[int]]:
             continue
         rows = []
         for i in range(count):
-            starter = tokenizer(PREFIX_STARTERS[i % len(PREFIX_STARTERS)],
-                                add_special_tokens=False)["input_ids"]
+            starter = adapter.token_ids(PREFIX_STARTERS[i % len(PREFIX_STARTERS)])
             rows.append(bos + starter[:length])
         width = max(len(r) for r in rows)
         if any(len(r) != width for r in rows):  # starters of several tokens: keep the first
             rows = [r[: len(bos) + 1] for r in rows]
-        tokens = torch.tensor(rows, device=model.cfg.device)
+        tokens = adapter.as_tokens(rows)
         while tokens.shape[1] - len(bos) < length:
             logits = model(tokens)[:, -1].float().cpu()
             logits[:, banned] = -float("inf")

@@ -20,7 +20,7 @@ the subject up (``blocks.{l}.mlp.hook_post``), the value is what
    ``L < early_stop_loss`` (:class:`RomeHyperParams`; departures from it are
    named options there);
 3. inserts the pair with the least change to every other key, given
-   ``C = E[k k^T]`` over a corpus (:mod:`lens_rome.statistics`)::
+   ``C = E[k k^T]`` over a corpus (:mod:`lens_rome.editing.statistics`)::
 
        W' = W + Lambda (C^-1 k*)^T,   Lambda = (v* - W k*) / ((C^-1 k*)^T k*)
 
@@ -36,14 +36,13 @@ model, or use :func:`edited` for a temporary edit::
 
 For edits that pile up on one model: ``update_key="average"`` is r-ROME's update
 (``k*`` in numerator and denominator), and ``null_space=True`` AlphaEdit's
-(:mod:`lens_rome.null_space`); :mod:`lens_rome.memit` edits batches.
+(:mod:`lens_rome.editing.null_space`); :mod:`lens_rome.editing.memit` edits batches.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -54,21 +53,16 @@ from transformer_lens import HookedTransformer
 
 from lens_rome.data.requests import EditRequest
 from lens_rome.editing.hparams import RomeHyperParams
-from lens_rome.editing.null_space import (
-    key_gram,
-    projector,
-    update_left,
-)
-from lens_rome.editing.statistics import (
-    KeyStatistics,
-    key_statistics,
-)
-from lens_rome.editing.values import _key_and_value, _KeyValue
+from lens_rome.editing.null_space import key_gram, projector, update_left
+from lens_rome.editing.statistics import KeyStatistics, layer_second_moment
+from lens_rome.editing.values import KeyValue, key_and_value
 from lens_rome.editing.weights import WeightEdit, edited_keys
-from lens_rome.model.adapter import adapter_for, model_fingerprint
-from lens_rome.storage import replacing
+from lens_rome.errors import InputError, WrongTypeError
+from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
+from lens_rome.storage import load_saved, save_tensors
 
 SAVE_FORMAT = 1
+METADATA_KEY = "lens_rome_edit"
 
 
 class Edit(WeightEdit):
@@ -85,12 +79,12 @@ class Edit(WeightEdit):
                  request: EditRequest | None = None, hparams: dict | None = None,
                  info: dict | None = None, keys: torch.Tensor | None = None):
         if left.shape != (d_mlp,) or right.shape != (d_model,):
-            raise ValueError(
+            raise InputError(
                 f"an edit of a [{d_mlp}, {d_model}] W_out needs left [{d_mlp}] and right "
                 f"[{d_model}], got {tuple(left.shape)} and {tuple(right.shape)}"
             )
         if keys is not None and (keys.ndim != 2 or keys.shape[1] != d_mlp):
-            raise ValueError(f"keys must be [n, {d_mlp}], got {tuple(keys.shape)}")
+            raise InputError(f"keys must be [n, {d_mlp}], got {tuple(keys.shape)}")
         super().__init__(model_name=model_name, fingerprint=fingerprint, d_mlp=d_mlp,
                          d_model=d_model, hparams=hparams, info=info)
         self.layer = layer
@@ -125,13 +119,8 @@ class Edit(WeightEdit):
         """Frobenius norm of the change to ``W_out``."""
         return float(self.left.double().norm() * self.right.double().norm())
 
-    # ----------------------------------------------------------------- files
-
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the edit as safetensors (``left``, ``right``) with JSON metadata."""
-        from safetensors.torch import save_file  # noqa: PLC0415
-
-        path = Path(path)
         meta = {
             "format": SAVE_FORMAT, "model": self.model_name, "fingerprint": self.fingerprint,
             "layer": self.layer, "d_mlp": self.d_mlp, "d_model": self.d_model,
@@ -139,35 +128,23 @@ class Edit(WeightEdit):
             "hparams": self.hparams,
             "info": {k: v for k, v in self.info.items() if k != "v_history"},
         }
-        tensors = {"left": self.left.contiguous(), "right": self.right.contiguous()}
+        tensors = {"left": self.left, "right": self.right}
         if self.keys is not None:
-            tensors["keys"] = self.keys.contiguous()
-        with replacing(path, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp), metadata={"lens_rome_edit": json.dumps(meta)})
-        return path
+            tensors["keys"] = self.keys
+        return save_tensors(path, tensors, METADATA_KEY, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "Edit":
         """Read an edit written by :meth:`save` (not applied: call :meth:`apply`)."""
-        from safetensors import safe_open  # noqa: PLC0415
+        return load_saved(path, METADATA_KEY, SAVE_FORMAT, "lens_rome edit", cls._from_saved)
 
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["lens_rome_edit"])
-                left, right = f.get_tensor("left"), f.get_tensor("right")
-                keys = f.get_tensor("keys") if "keys" in f.keys() else None
-            if meta.get("format") != SAVE_FORMAT:
-                raise ValueError(f"unknown format {meta.get('format')!r}")
-            request = EditRequest(**meta["request"]) if meta.get("request") else None
-            return cls(int(meta["layer"]), left, right, model_name=meta["model"],
-                       fingerprint=meta["fingerprint"], d_mlp=int(meta["d_mlp"]),
-                       d_model=int(meta["d_model"]), request=request,
-                       hparams=meta.get("hparams"), info=meta.get("info"), keys=keys)
-        except FileNotFoundError:
-            raise
-        except Exception as error:
-            raise ValueError(f"{path} is not a readable lens_rome edit: {error}") from None
+    @classmethod
+    def _from_saved(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "Edit":
+        request = EditRequest(**meta["request"]) if meta.get("request") else None
+        return cls(int(meta["layer"]), tensors["left"], tensors["right"],
+                   model_name=meta["model"], fingerprint=meta["fingerprint"],
+                   d_mlp=int(meta["d_mlp"]), d_model=int(meta["d_model"]), request=request,
+                   hparams=meta.get("hparams"), info=meta.get("info"), keys=tensors.get("keys"))
 
 
 def edit(
@@ -193,7 +170,7 @@ def edit(
         layer, lookup, **overrides: change single hyper-parameters.
         stats: the key statistics of the layer (a :class:`KeyStatistics` or the
             second moment ``[d_mlp, d_mlp]``); default: computed or loaded from
-            the cache by :func:`lens_rome.statistics.key_statistics` over ``corpus``.
+            the cache by :func:`lens_rome.editing.statistics.key_statistics` over ``corpus``.
     """
     request = EditRequest.parse(request)
     adapter = adapter_for(model)
@@ -204,61 +181,45 @@ def edit(
     fields = {f.name for f in dataclasses.fields(RomeHyperParams)}
     unknown = sorted(set(changes) - fields)
     if unknown:
-        raise TypeError(f"unknown hyper-parameters {unknown}; accepted: {sorted(fields)}")
+        raise WrongTypeError(f"unknown hyper-parameters {unknown}; accepted: {sorted(fields)}")
     hp = base.replace(**changes) if changes else base
     adapter.check_layer(hp.layer)
 
-    second_moment = _second_moment(model, hp, stats, corpus, cache_dir, progress)
+    second_moment = layer_second_moment(adapter, hp.layer, stats, corpus,
+                                        samples=hp.stats_samples,
+                                        token_length=hp.stats_token_length, cache_dir=cache_dir,
+                                        progress=progress)
     start = time.perf_counter()
     fingerprint = model_fingerprint(model)
-    kv = _key_and_value(adapter, request, hp, progress)
-    left, right = _rank_one_update(model, hp, second_moment, kv)
+    kv = key_and_value(adapter, request, hp, progress)
+    left, right = _rank_one_update(adapter, hp, second_moment, kv)
     info = {**kv.info, "seconds": time.perf_counter() - start}
     result = Edit(hp.layer, left, right, model_name=adapter.name, fingerprint=fingerprint,
-                  d_mlp=model.cfg.d_mlp, d_model=model.cfg.d_model, request=request,
+                  d_mlp=adapter.d_mlp, d_model=adapter.d_model, request=request,
                   hparams=hp.to_dict(), info=info, keys=kv.key[None])
     return result.apply(model)
 
 
-def _rank_one_update(model: HookedTransformer, hp: RomeHyperParams,
-                     second_moment: torch.Tensor, kv: "_KeyValue"
+def _rank_one_update(adapter: ModelAdapter, hp: RomeHyperParams,
+                     second_moment: torch.Tensor, kv: KeyValue
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(left [d_mlp], right [d_model])`` with ``|left| = 1``; the change is their outer product."""
     key, delta = kv.key, kv.delta.double().to(kv.key.device)
     if hp.null_space:  # AlphaEdit for one key: make k* add delta, inside the null space
-
         projection = projector(second_moment, hp.null_space_threshold)
-        earlier = key_gram(edited_keys(model, hp.layer), model.cfg.d_mlp,
-                                      key.device)
+        earlier = key_gram(edited_keys(adapter.model, hp.layer), adapter.d_mlp, key.device)
         u = update_left(projection, key[None], earlier, hp.null_space_l2)[:, 0]
         return u / u.norm(), delta * u.norm()
     u = torch.linalg.solve(second_moment.to(key.device), key)  # C^-1 k*
     scale = u.norm()
     if hp.update_key == "average":
         # r-ROME: W' k* = v* = W k0 + delta, i.e. Lambda = (v* - W k*) / (u . k*)
-        weight = adapter_for(model).w_out(hp.layer).detach().to(torch.float64)
+        weight = adapter.w_out(hp.layer).detach().to(torch.float64)
         residual = delta + (kv.bare_key - key).to(weight.device) @ weight
         return u / scale, residual.to(key.device) * scale / (u @ key)
     # Lambda = (v* - W k0) / (u . k0) with k0 the bare prompt's key and v* = W k0 + delta,
     # as the paper's code does: the edited MLP gives the prompt itself exactly v*.
     return u / scale, delta * scale / (u @ kv.bare_key)  # rescaled with the unit left
-
-
-def _second_moment(model, hp, stats, corpus, cache_dir, progress) -> torch.Tensor:
-    d_mlp = model.cfg.d_mlp
-    if stats is None:
-        stats = key_statistics(model, hp.layer, corpus, samples=hp.stats_samples,
-                               token_length=hp.stats_token_length, cache_dir=cache_dir,
-                               progress=progress)
-    if isinstance(stats, KeyStatistics):
-        if stats.layer != hp.layer:
-            raise ValueError(f"key statistics are for layer {stats.layer}, the edit is at "
-                             f"layer {hp.layer}")
-        stats = stats.second_moment
-    if not isinstance(stats, torch.Tensor) or stats.shape != (d_mlp, d_mlp):
-        raise ValueError(f"stats must be KeyStatistics or a [{d_mlp}, {d_mlp}] second moment, "
-                         f"got {getattr(stats, 'shape', type(stats).__name__)}")
-    return stats.to(torch.float64)
 
 
 @contextlib.contextmanager

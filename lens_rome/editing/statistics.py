@@ -39,14 +39,15 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from lens_rome.data.corpus import _resolve_corpus, token_chunks
-from lens_rome.model.adapter import adapter_for, model_fingerprint
+from lens_rome.checks import positive_int
+from lens_rome.data.corpus import corpus_texts, packed_chunks
+from lens_rome.errors import InputError
+from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
 from lens_rome.model.embedded import default_cache_dir
 from lens_rome.model.hooks import attached
-from lens_rome.storage import replacing
+from lens_rome.storage import read_tensors, save_tensors
 
 log = logging.getLogger(__name__)
-
 
 CACHE_FORMAT = 1
 # 2,000 chunks of 128 tokens (256,000 keys, ~170x d_mlp for SmolLM2): about 1.5 minutes
@@ -55,7 +56,7 @@ CACHE_FORMAT = 1
 DEFAULT_SAMPLES = 2000
 DEFAULT_TOKEN_LENGTH = 128
 DEFAULT_BATCH_SIZE = 32
-
+METADATA_KEY = "lens_rome"
 
 
 @dataclass
@@ -101,17 +102,24 @@ def key_statistics(
         use_cache: read and write the cache.  A cache file that is damaged or
             describes other statistics is recomputed, with a warning.
     """
-    adapter = adapter_for(model)
+    return _key_statistics(adapter_for(model), layer, corpus, samples=samples,
+                           token_length=token_length, batch_size=batch_size, corpus_id=corpus_id,
+                           cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+
+
+def _key_statistics(adapter: ModelAdapter, layer: int, corpus: str | Iterable[str] | None, *,
+                    samples: int, token_length: int, batch_size: int = DEFAULT_BATCH_SIZE,
+                    corpus_id: str | None = None, cache_dir: str | Path | None = None,
+                    use_cache: bool = True, progress: bool = True) -> KeyStatistics:
     adapter.check_layer(layer)
     for name, value in (("samples", samples), ("token_length", token_length),
                         ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    texts, corpus_id = _resolve_corpus(corpus, corpus_id)
+        positive_int(value, name)
+    texts, corpus_id = corpus_texts(corpus, corpus_id)
     meta = {
         "format": CACHE_FORMAT,
         "model": adapter.name,
-        "fingerprint": model_fingerprint(model),
+        "fingerprint": model_fingerprint(adapter.model),
         "layer": layer,
         "corpus": corpus_id,
         "samples": samples,
@@ -121,14 +129,15 @@ def key_statistics(
     if use_cache and corpus_id is not None:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
         path = root / _cache_name(meta)
-        cached = _read(path, meta, model.cfg.d_mlp)
+        cached = _read(path, meta, adapter.d_mlp)
         if cached is not None:
             return cached
     elif use_cache:
         log.info("corpus has no corpus_id; its statistics are computed but not cached")
 
     start = time.perf_counter()
-    total, count = _accumulate(model, layer, texts, samples, token_length, batch_size, progress)
+    total, count = _accumulate(adapter, layer, texts, samples, token_length, batch_size,
+                               progress)
     seconds = time.perf_counter() - start
     meta = {**meta, "count": count, "chunks": count // token_length, "seconds": round(seconds, 2)}
     if count // token_length < samples:
@@ -140,18 +149,44 @@ def key_statistics(
     return stats
 
 
-def _accumulate(model, layer, texts, samples, token_length, batch_size, progress):
-    adapter = adapter_for(model)
+def layer_second_moment(adapter: ModelAdapter, layer: int,
+                        stats: KeyStatistics | torch.Tensor | None, corpus, *, samples: int,
+                        token_length: int, cache_dir: str | Path | None, progress: bool
+                        ) -> Float[torch.Tensor, "d_mlp d_mlp"]:
+    """``C`` of ``layer`` for an edit, float64: ``stats`` (:class:`KeyStatistics` of that
+    layer or the matrix itself), or, when None, :func:`key_statistics` over ``corpus``."""
+    d_mlp = adapter.d_mlp
+    if stats is None:
+        stats = _key_statistics(adapter, layer, corpus, samples=samples,
+                                token_length=token_length, cache_dir=cache_dir,
+                                progress=progress)
+    if isinstance(stats, KeyStatistics):
+        if stats.layer != layer:
+            raise InputError(f"key statistics are for layer {stats.layer}, the edit is at "
+                             f"layer {layer}")
+        stats = stats.second_moment
+    if not isinstance(stats, torch.Tensor) or stats.shape != (d_mlp, d_mlp):
+        raise InputError(f"stats must be KeyStatistics or a [{d_mlp}, {d_mlp}] second moment, "
+                         f"got {getattr(stats, 'shape', type(stats).__name__)}")
+    return stats.to(torch.float64)
+
+
+def _accumulate(adapter: ModelAdapter, layer: int, texts: Iterable[str], samples: int,
+                token_length: int, batch_size: int, progress: bool
+                ) -> tuple[torch.Tensor, int]:
+    """``sum k k^T`` (float64 ``[d_mlp, d_mlp]``) over the keys of ``samples`` chunks, and
+    how many keys that is."""
+    model = adapter.model
     name = adapter.hook_name("key", layer)
-    d_mlp = model.cfg.d_mlp
-    total = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=model.cfg.device)
+    d_mlp = adapter.d_mlp
+    total = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=adapter.device)
     count = 0
     store: dict[str, torch.Tensor] = {}
 
     def keep(activation, hook):
         store["keys"] = activation.detach()
 
-    chunks = token_chunks(model, texts, token_length)
+    chunks = packed_chunks(adapter, texts, token_length)
     bar = tqdm(total=samples, desc=f"key statistics, layer {layer}", unit="chunk",
                disable=not progress)
     done = 0
@@ -164,7 +199,7 @@ def _accumulate(model, layer, texts, samples, token_length, batch_size, progress
                     break
             if not batch:
                 break
-            tokens = torch.stack(batch).to(model.cfg.device)
+            tokens = torch.stack(batch).to(adapter.device)
             with attached(model, [(name, keep)]):
                 model(tokens, stop_at_layer=layer + 1)
             keys = store.pop("keys").reshape(-1, d_mlp).to(torch.float64)
@@ -173,12 +208,10 @@ def _accumulate(model, layer, texts, samples, token_length, batch_size, progress
             done += len(batch)
             bar.update(len(batch))
     if count == 0:
-        raise ValueError(
+        raise InputError(
             f"the corpus yielded no chunk of {token_length} tokens: give longer or more texts"
         )
     return total, count
-
-
 
 
 def _cache_name(meta: dict) -> str:
@@ -189,22 +222,19 @@ def _cache_name(meta: dict) -> str:
 
 def _read(path: Path, expected: dict, d_mlp: int) -> KeyStatistics | None:
     """The cached statistics, or None (with a warning saying why) when they must be computed."""
-    from safetensors import safe_open  # noqa: PLC0415
-
     if not path.exists():
         return None
     start = time.perf_counter()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("lens_rome", "{}"))
-            mismatched = [k for k in expected if meta.get(k) != expected[k]]
-            if mismatched:
-                raise ValueError(
-                    "it describes other statistics ("
-                    + ", ".join(f"{k}: {meta.get(k)!r} != {expected[k]!r}" for k in mismatched)
-                    + ")"
-                )
-            matrix = f.get_tensor("second_moment")
+        meta, tensors = read_tensors(path, METADATA_KEY)
+        mismatched = [k for k in expected if meta.get(k) != expected[k]]
+        if mismatched:
+            raise ValueError(
+                "it describes other statistics ("
+                + ", ".join(f"{k}: {meta.get(k)!r} != {expected[k]!r}" for k in mismatched)
+                + ")"
+            )
+        matrix = tensors["second_moment"]
         if matrix.shape != (d_mlp, d_mlp) or matrix.dtype != torch.float64:
             raise ValueError(f"it holds a {matrix.dtype} matrix of shape {tuple(matrix.shape)}")
         if not torch.isfinite(matrix).all():
@@ -219,9 +249,7 @@ def _read(path: Path, expected: dict, d_mlp: int) -> KeyStatistics | None:
 
 def _write(path: Path, stats: KeyStatistics) -> None:
     """Write atomically: a temporary file in the same folder, then a rename."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    with replacing(path, overwrite=True) as tmp:  # a cache: replacing it is its purpose
-        save_file({"second_moment": stats.second_moment.cpu().contiguous()}, str(tmp),
-                  metadata={"lens_rome": json.dumps(stats.meta)})
+    # a cache: replacing it is its purpose
+    save_tensors(path, {"second_moment": stats.second_moment.cpu()}, METADATA_KEY, stats.meta,
+                 overwrite=True)
     log.info("wrote key statistics to %s", path)

@@ -1,4 +1,13 @@
-"""ROME's key ``k*`` and value ``v*``: the paper's ``compute_u`` and ``compute_v``."""
+"""ROME's key ``k*`` and value ``v*``: the paper's ``compute_u`` and ``compute_v``.
+
+:func:`key_and_value` reads ``k*`` (the MLP key at the lookup token, averaged
+over the prompt and its context prefixes) and optimises ``delta = v* - W_out k*``
+as :mod:`lens_rome.editing.rome` describes: the target's NLL after every
+context prompt, a KL term on :data:`KL_PROMPT` and a weight decay, with the
+upper blocks run from cached states (``_Group``) and, where the model allows,
+as lean blocks in one batch (``_OneBatch``).  MEMIT's targets
+(:func:`lens_rome.editing.memit.target_deltas`) are the same optimisation.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +19,19 @@ from typing import Iterator
 
 import torch
 from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import (
-    TransformerLensKeyValueCacheEntry,
-)
 
 from lens_rome.data.requests import EditRequest
-from lens_rome.editing.hparams import KL_PROMPT, RomeHyperParams
+from lens_rome.editing.hparams import RomeHyperParams
 from lens_rome.editing.layout import context_prompts, lookup_position, subject_prompt
+from lens_rome.errors import PromptError
 from lens_rome.model.adapter import ModelAdapter
 from lens_rome.model.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 from lens_rome.model.precision import precision_name, resolve_bf16
 
 log = logging.getLogger(__name__)
 
-
+# The prompt of the KL term that keeps the subject's other properties (the paper's code).
+KL_PROMPT = "{} is a"
 
 
 class _Group:
@@ -40,11 +47,9 @@ class _Group:
     def __init__(self, adapter: ModelAdapter, layer: int, rows: list[list[int]], lookup: int,
                  loss_positions: list[int], loss_targets: list[int] | None,
                  fast: FastBlocks | None = None):
-        model = adapter.model
         self.adapter, self.layer, self.lookup = adapter, layer, lookup
-        bos = [model.tokenizer.bos_token_id] if adapter.prepend_bos else []
-        self.offset = len(bos)
-        tokens = torch.tensor([bos + r for r in rows], device=model.cfg.device)
+        self.offset = adapter.n_bos
+        tokens = adapter.as_tokens([adapter.bos + r for r in rows])
         p = lookup + self.offset
         self.p = p
         self.loss_positions = [q + self.offset - p for q in loss_positions]
@@ -64,7 +69,7 @@ class _Group:
         adapter, layer, p, model = self.adapter, self.layer, self.p, self.adapter.model
         names = {adapter.hook_name("key", layer), adapter.hook_name("mlp", layer),
                  adapter.hook_name("hidden", layer)}
-        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(tokens))
+        kv = adapter.kv_cache(len(tokens))
         if kl:  # the KL rows compare with the unedited model's outputs
             logits, cache = model.run_with_cache(tokens, names_filter=names.__contains__,
                                                  past_kv_cache=kv)
@@ -96,8 +101,8 @@ class _Group:
                 seen[name] = activation
             return hook
 
-        hooks = [(f"blocks.{layer}.hook_attn_out", keep("attn")),
-                 (f"blocks.{layer}.hook_mlp_out", keep("mlp"))]
+        hooks = [(adapter.hook_name("attn", layer), keep("attn")),
+                 (adapter.hook_name("mlp", layer), keep("mlp"))]
         before = resid  # block `layer` adds its attention output to this
         resid = fast(layer, resid, hooks=hooks)
         self.keys = fast.mlp_key(layer, before[:, p] + seen["attn"][:, p]).double()
@@ -112,7 +117,7 @@ class _Group:
             kv = []
             upper = fast(b, upper, kv_out=kv)
             self.prefix[b] = (kv[0][0][:, :p], kv[0][1][:, :p])
-        return _final_logits(model, upper[:, p:]) if kl else None
+        return adapter.final_logits(upper[:, p:]) if kl else None
 
     def cast(self, dtype: torch.dtype, fast: FastBlocks | None = None) -> "_Group":
         """Keep the precomputed states in ``dtype`` (that of the blocks they enter), and run
@@ -126,17 +131,16 @@ class _Group:
 
     def log_probs(self, delta: torch.Tensor) -> torch.Tensor:
         """Log-probabilities ``[rows, loss_positions, d_vocab]`` with ``delta`` added."""
-        model = self.adapter.model
+        adapter = self.adapter
         resid = torch.cat([self.resid[:, :1] + delta.to(self.resid.dtype), self.resid[:, 1:]], 1)
-        for b in range(self.layer + 1, self.adapter.n_layers):
+        for b in range(self.layer + 1, adapter.n_layers):
             keys, values = self.prefix[b]
             if self.fast is not None:
                 resid = self.fast(b, resid, (keys, values) if self.p > 0 else None)
                 continue
-            entry = (TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values,
-                                                       frozen=True) if self.p > 0 else None)
-            resid = model.blocks[b](resid, past_kv_cache_entry=entry)
-        return _final_log_probs(model, resid[:, self.loss_positions])
+            entry = adapter.kv_entry(keys, values) if self.p > 0 else None
+            resid = adapter.block(b)(resid, past_kv_cache_entry=entry)
+        return _final_log_probs(adapter, resid[:, self.loss_positions])
 
     def nll(self, delta: torch.Tensor) -> torch.Tensor:
         """Mean over target tokens of -log p, summed over rows."""
@@ -146,20 +150,9 @@ class _Group:
         return -picked[..., 0].mean(1).sum()
 
 
-def _final_logits(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
-    """Logits ``[..., d_vocab]`` from residual states after the last block."""
-    if hasattr(model, "ln_final"):
-        resid = model.ln_final(resid)
-    logits = model.unembed(resid)
-    cap = getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0
-    if cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
-def _final_log_probs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+def _final_log_probs(adapter: ModelAdapter, resid: torch.Tensor) -> torch.Tensor:
     """Log-probabilities ``[..., d_vocab]`` from residual states after the last block."""
-    return torch.log_softmax(_final_logits(model, resid).float(), -1)
+    return torch.log_softmax(adapter.final_logits(resid).float(), -1)
 
 
 class _OneBatch:
@@ -210,18 +203,18 @@ class _OneBatch:
     def losses(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The target NLL (mean over prompts) and the KL prompt's log-probabilities
         ``[1, d_vocab]`` with ``delta`` added."""
-        model = self.adapter.model
+        adapter = self.adapter
         resid = torch.cat([self.resid[:, :1] + delta.to(self.resid.dtype), self.resid[:, 1:]], 1)
-        for b in range(self.layer + 1, self.adapter.n_layers):
+        for b in range(self.layer + 1, adapter.n_layers):
             resid = self.fast(b, resid, self.prefix[b], positions=self.positions, mask=self.mask)
         nll = 0
         for g, rows in zip(self.groups, self.rows):
-            log_probs = _final_log_probs(model, resid[rows, g.loss_positions])
+            log_probs = _final_log_probs(adapter, resid[rows, g.loss_positions])
             targets = torch.tensor(g.loss_targets, device=log_probs.device)
             picked = log_probs.gather(2, targets[None, :, None].expand(len(log_probs), -1, 1))
             nll = nll - picked[..., 0].mean(1).sum()
         kl_rows, kl = self.rows[-1], self.kl_group
-        kl_log_probs = _final_log_probs(model, resid[kl_rows, kl.loss_positions[-1]])
+        kl_log_probs = _final_log_probs(adapter, resid[kl_rows, kl.loss_positions[-1]])
         return nll / self.n_rows, kl_log_probs
 
 
@@ -252,10 +245,9 @@ def _layout(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams):
     """The target rows (each context prompt followed by the target's tokens but its last),
     grouped by layout with the bare prompt first and alone, and the KL prompt: its tokens,
     its lookup token and the position its KL term is read at."""
-    tokenizer = adapter.model.tokenizer
-    target = tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
+    target = adapter.token_ids(request.target_new)
     if not target:
-        raise ValueError(f"target_new {request.target_new!r} has no tokens")
+        raise PromptError(f"target_new {request.target_new!r} has no tokens")
     bare, *prefixed = context_prompts(adapter, request, hp)
     reference = (bare.subject_range, len(bare.ids))
 
@@ -269,7 +261,7 @@ def _layout(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams):
                            []).append(prompt.ids)
     specs = [spec([bare.ids], len(bare.ids), bare.lookup(hp.lookup, reference))]
     specs += [spec(rows, n_ids, lookup) for (n_ids, lookup), rows in sorted(layouts.items())]
-    longest = max(len(r) for rows, *_ in specs for r in rows) + int(adapter.prepend_bos)
+    longest = max(len(r) for rows, *_ in specs for r in rows) + adapter.n_bos
     adapter.check_length(longest, f"the edit prompt {request.text[:60]!r} with the target "
                                   f"{request.target_new[:30]!r} after its longest context prefix")
     kl = subject_prompt(adapter, KL_PROMPT, request.subject)
@@ -280,15 +272,18 @@ def _layout(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams):
 
 
 @dataclass
-class _KeyValue:
+class KeyValue:
+    """ROME's ``k*`` and ``delta = v* - W_out k*`` for one request, and how they were found."""
+
     key: torch.Tensor  # k*, float64 [d_mlp]
     bare_key: torch.Tensor  # the key of the prompt without prefix, float64 [d_mlp]
     delta: torch.Tensor  # v* - W_out k*, float32 [d_model]
     info: dict
 
 
-def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams,
-                   progress: bool = False) -> _KeyValue:
+def key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperParams,
+                  progress: bool = False) -> KeyValue:
+    """``k*`` (at ``hp.layer``, over the context prompts) and the optimised ``delta``."""
     model = adapter.model
     started = time.perf_counter()
     specs, (kl_ids, kl_lookup, kl_read), bare = _layout(adapter, request, hp)
@@ -306,13 +301,13 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
                  else groups[0].resid[0, 0]).float().norm()
     max_norm = hp.clamp_norm * reference
 
-    delta = torch.zeros(model.cfg.d_model, device=model.cfg.device, requires_grad=True)
+    delta = torch.zeros(adapter.d_model, device=adapter.device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     history = []
-    bf16 = resolve_bf16(hp.bf16, model.cfg.device, what="ROME's v* optimisation")
-    dtype = torch.bfloat16 if bf16 else model.cfg.dtype
+    bf16 = resolve_bf16(hp.bf16, adapter.device, what="ROME's v* optimisation")
+    dtype = torch.bfloat16 if bf16 else adapter.dtype
     with _frozen_parameters(model), adapter.cast(dtype):
-        fast = (setup if dtype == model.cfg.dtype else FastBlocks(model)) if lean else None
+        fast = (setup if dtype == adapter.dtype else FastBlocks(model)) if lean else None
         for group in [*groups, kl_group]:
             group.cast(dtype, fast)
         batch = _OneBatch(groups, kl_group, fast) if fast is not None else None
@@ -341,10 +336,10 @@ def _key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPar
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
     info = {"v_history": history, "rows": n_rows, "lookup_token":
-            model.tokenizer.decode([bare.ids[groups[0].lookup]]),
+            adapter.decode([bare.ids[groups[0].lookup]]),
             "lookup_index": groups[0].lookup, "precision": precision_name(bf16),
             "setup_seconds": prepared - started, "v_seconds": time.perf_counter() - prepared,
-            "blocks": "lens_rome.fast_blocks" if fast is not None else "transformer_lens"}
+            "blocks": "lens_rome.model.fast_blocks" if fast is not None else "transformer_lens"}
     log.info("v* for %r: %d steps in %s on %s", request.subject, len(history), info["precision"],
              info["blocks"])
-    return _KeyValue(key, groups[0].keys[0], delta.detach().clone(), info)
+    return KeyValue(key, groups[0].keys[0], delta.detach().clone(), info)

@@ -1,4 +1,4 @@
-"""What the model says: target log-probabilities, top tokens, generations."""
+"""What the model says: target log-probabilities, token accuracy, top tokens, generations."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from lens_rome.errors import InputError, PromptError
+from lens_rome.model.adapter import adapter_for
 
 DEFAULT_NEW_TOKENS = 100  # the paper's generation length
 DEFAULT_TOP_K = 5  # the paper's sampling
-
-
-from lens_rome.model.adapter import adapter_for
 
 
 @torch.no_grad()
@@ -32,21 +31,20 @@ def generate(model: HookedTransformer, prompts: str | Sequence[str],
     prompts = [prompts] if single else list(prompts)
     seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts):
-        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-    adapter, tokenizer = adapter_for(model), model.tokenizer
-    device = model.cfg.device
+        raise InputError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    adapter = adapter_for(model)
     rows = [adapter.tokenize(p)[0][0].tolist() for p in prompts]
     width = max(map(len, rows))
-    steps = min(max_new_tokens, model.cfg.n_ctx - width)
+    steps = min(max_new_tokens, adapter.n_ctx - width)
     if steps <= 0 or not prompts:
         return prompts[0] if single else prompts
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    pad = adapter.pad_id
+    tokens = adapter.as_tokens([[pad] * (width - len(r)) + r for r in rows])
+    mask = adapter.as_tokens([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(rows))
+    cache = adapter.kv_cache(len(rows))
     logits = model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
-    eos = tokenizer.eos_token_id
+    eos = adapter.eos_id
     new: list[list[int]] = [[] for _ in rows]
     finished = [False] * len(rows)
     for step in range(steps):
@@ -60,10 +58,10 @@ def generate(model: HookedTransformer, prompts: str | Sequence[str],
                 new[i].append(token)
         if all(finished) or step == steps - 1:
             break
-        token = torch.tensor(chosen, device=device).view(-1, 1)
+        token = adapter.as_tokens(chosen).view(-1, 1)
         logits = model(token, attention_mask=torch.ones_like(token),
                        past_kv_cache=cache)[:, -1]
-    texts = [p + tokenizer.decode(ids) for p, ids in zip(prompts, new)]
+    texts = [p + adapter.decode(ids) for p, ids in zip(prompts, new)]
     return texts[0] if single else texts
 
 
@@ -73,10 +71,10 @@ def token_accuracy(model: HookedTransformer, prompt: str, answer: str) -> list[b
     the answer's previous tokens (teacher forcing)?"""
     adapter = adapter_for(model)
     ids = adapter.tokenize(prompt)[0][0].tolist()
-    target = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    target = adapter.token_ids(answer)
     if not target:
-        raise ValueError(f"answer {answer!r} has no tokens")
-    tokens = torch.tensor([ids + target[:-1]], device=model.cfg.device)
+        raise PromptError(f"answer {answer!r} has no tokens")
+    tokens = adapter.as_tokens([ids + target[:-1]])
     predicted = model(tokens)[0, len(ids) - 1:].argmax(-1).tolist()
     return [p == t for p, t in zip(predicted, target)]
 
@@ -84,9 +82,6 @@ def token_accuracy(model: HookedTransformer, prompt: str, answer: str) -> list[b
 def probabilities(log_probs: Any) -> np.ndarray:
     """``exp`` of mean token log-probabilities: the paper's ``P`` of a multi-token object."""
     return np.exp(np.asarray(log_probs, dtype=float))
-
-
-
 
 
 @torch.no_grad()
@@ -100,12 +95,10 @@ def target_log_probs(
     objects of different token lengths compare fairly.
     """
     adapter = adapter_for(model)
-    tokenizer = model.tokenizer
-    skip = int(adapter.prepend_bos)
-    target_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
+    target_ids = [adapter.token_ids(t) for t in targets]
     for target, ids in zip(targets, target_ids):
         if not ids:
-            raise ValueError(f"target {target!r} has no tokens")
+            raise PromptError(f"target {target!r} has no tokens")
     pairs = []
     for prompt in prompts:
         ids = adapter.tokenize(prompt)[0][0].tolist()
@@ -115,14 +108,11 @@ def target_log_probs(
         chunk = pairs[i:i + batch_size]
         rows = [p + t[:-1] for p, t in chunk]
         width = max(len(r) for r in rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        tokens = torch.tensor([r + [pad] * (width - len(r)) for r in rows],
-                              device=model.cfg.device)
+        tokens = adapter.as_tokens([r + [adapter.pad_id] * (width - len(r)) for r in rows])
         log_probs = torch.log_softmax(model(tokens).float(), -1)  # right padding: exact
         for row, (p, t) in enumerate(chunk):
             positions = torch.arange(len(p) - 1, len(p) - 1 + len(t))
             scores.append(float(log_probs[row, positions, t].mean()))
-    del skip
     return torch.tensor(scores).view(len(prompts), len(targets))
 
 
@@ -133,11 +123,11 @@ def next_token_probs(model: HookedTransformer, prompt: str, k: int = 5,
     adapter = adapter_for(model)
     probs = torch.softmax(model(adapter.tokenize(prompt)[0])[0, -1].float(), -1)
     top = probs.topk(k)
-    out = [(model.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+    out = [(adapter.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
     for target in targets:
-        ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
+        ids = adapter.token_ids(target)
         if ids:
-            out.append((model.tokenizer.decode(ids[:1]), float(probs[ids[0]])))
+            out.append((adapter.decode(ids[:1]), float(probs[ids[0]])))
     return out
 
 
@@ -147,10 +137,10 @@ def greedy_continuation(model: HookedTransformer, prompt: str, max_new_tokens: i
     adapter = adapter_for(model)
     tokens = adapter.tokenize(prompt)[0]
     start = tokens.shape[1]
-    eos = model.tokenizer.eos_token_id
+    eos = adapter.eos_id
     for _ in range(max_new_tokens):
         nxt = model(tokens)[0, -1].argmax()
         if eos is not None and int(nxt) == eos:
             break
         tokens = torch.cat([tokens, nxt.view(1, 1)], 1)
-    return model.tokenizer.decode(tokens[0, start:].tolist())
+    return adapter.decode(tokens[0, start:].tolist())

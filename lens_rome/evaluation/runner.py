@@ -27,7 +27,7 @@ question and the answer's previous tokens, for the edited question
 (efficacy), its paraphrase (paraphrase) and an unrelated question with its
 own answer (specificity).
 
-:func:`evaluate` applies a method (:mod:`lens_rome.baselines`) to each case,
+:func:`evaluate` applies a method (:mod:`lens_rome.editing.registry`) to each case,
 measures it, reverts it, and writes one JSON file per case (atomically) under
 ``out_dir/cases``; a rerun skips finished cases, so an interrupted run
 resumes without redoing or losing any.  ``summary.json`` is recomputed from
@@ -50,8 +50,11 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from lens_rome.checks import positive_int
 from lens_rome.data.cases import CounterFactCase, ZsreCase
+from lens_rome.editing.memit import load_edit
 from lens_rome.editing.registry import apply_batch, describe, make_method, method_name
+from lens_rome.errors import InputError, SavedFileError, WrongTypeError
 from lens_rome.evaluation.measures import (
     DEFAULT_NEW_TOKENS,
     DEFAULT_TOP_K,
@@ -61,11 +64,10 @@ from lens_rome.evaluation.measures import (
     token_accuracy,
 )
 from lens_rome.evaluation.text import Consistency, fluency, harmonic_mean
-from lens_rome.model.adapter import adapter_for, model_fingerprint
-from lens_rome.storage import replacing
+from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
+from lens_rome.storage import RUN_FILE, check_resumable, replacing, write_json
 
 log = logging.getLogger(__name__)
-
 
 COUNTERFACT_KEYS = ("n", "efficacy_score", "efficacy_magnitude", "paraphrase_score",
                     "paraphrase_magnitude", "neighborhood_score", "neighborhood_magnitude",
@@ -74,13 +76,12 @@ ZSRE_KEYS = ("n", "efficacy", "paraphrase", "specificity")
 RUN_KEYS = ("n_edits", "batch_size", "sequential", "update_norms")  # added by evaluate
 SEQUENTIAL_KEYS = ("checkpoints", "original")  # added by a sequential run
 SUMMARY = "summary.json"
-RUN = "run.json"
+RUN = RUN_FILE
 CASES = "cases"
 GENERATION_BATCH = 32  # generation prompts per batched pass in measure_cases
 ORIGINAL = "original"
 EDITS = "edits"
 CHECKPOINTS = "checkpoints"
-
 
 
 def case_seed(seed: int, case_id: int | str) -> int:
@@ -98,12 +99,13 @@ def evaluate_case(model: HookedTransformer, case: CounterFactCase | ZsreCase, me
     their fluency and consistency; zsRE records the per-token correctness of
     each answer.
     """
+    adapter = adapter_for(model)
     start = time.perf_counter()
-    before = w_out_snapshot(model)
+    before = _w_out_snapshot(adapter)
     change = method.apply(model, case.request)
     edit_seconds = time.perf_counter() - start
     try:
-        norm = change_norm(model, before)
+        norm = _change_norm(adapter, before)
         del before
         if isinstance(case, CounterFactCase):
             record = _measure_counterfact(model, case, max_new_tokens, top_k, seed, consistency)
@@ -117,13 +119,19 @@ def evaluate_case(model: HookedTransformer, case: CounterFactCase | ZsreCase, me
 
 def w_out_snapshot(model: HookedTransformer) -> list[torch.Tensor]:
     """A copy of every layer's ``W_out`` (what editing methods change)."""
-    adapter = adapter_for(model)
+    return _w_out_snapshot(adapter_for(model))
+
+
+def _w_out_snapshot(adapter: ModelAdapter) -> list[torch.Tensor]:
     return [adapter.w_out(layer).detach().clone() for layer in range(adapter.n_layers)]
 
 
 def change_norm(model: HookedTransformer, snapshot: Sequence[torch.Tensor]) -> float:
     """Frobenius norm of the change of all ``W_out`` since ``snapshot`` (all layers together)."""
-    adapter = adapter_for(model)
+    return _change_norm(adapter_for(model), snapshot)
+
+
+def _change_norm(adapter: ModelAdapter, snapshot: Sequence[torch.Tensor]) -> float:
     total = 0.0
     for layer, before in enumerate(snapshot):
         total += float((adapter.w_out(layer).detach().double() - before.double()).norm()) ** 2
@@ -199,8 +207,6 @@ def _json_float(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-
-
 def summarize(records: Sequence[Mapping]) -> dict:
     """The summary of per-case records (all CounterFact or all zsRE), scores in percent.
 
@@ -210,10 +216,10 @@ def summarize(records: Sequence[Mapping]) -> dict:
     zsRE: ``n``, ``efficacy``, ``paraphrase``, ``specificity``.
     """
     if not records:
-        raise ValueError("no case records to summarise")
+        raise InputError("no case records to summarise")
     formats = {r.get("format") for r in records}
     if len(formats) != 1 or not formats <= {"counterfact", "zsre"}:
-        raise ValueError(f"records must all be 'counterfact' or all 'zsre', "
+        raise InputError(f"records must all be 'counterfact' or all 'zsre', "
                          f"got {sorted(map(str, formats))}")
     if formats == {"zsre"}:
         return {"n": len(records), **{
@@ -253,9 +259,8 @@ def _percent(values: Iterable[float | None]) -> float | None:
     return 100 * float(np.mean(kept)) if kept else None
 
 
-
-
 def case_path(out_dir: str | Path, case_id: int | str) -> Path:
+    """Where the record of case ``case_id`` lives under ``out_dir``."""
     return Path(out_dir) / CASES / f"{case_id}.json"
 
 
@@ -317,7 +322,7 @@ def evaluate(
     Args:
         method: ``"rome"``, ``"r-rome"``, ``"memit"``, ``"alphaedit"``, ``"ft"``,
             ``"ft-l"``, ``"none"`` (built with ``method_options`` by
-            :func:`lens_rome.baselines.make_method`) or a method object with
+            :func:`lens_rome.editing.registry.make_method`) or a method object with
             ``.name`` and ``.apply(model, request)``.
         out_dir: gets ``cases/<case_id>.json`` per case, ``run.json`` (method,
             model and settings; a rerun must match them) and ``summary.json``;
@@ -351,41 +356,36 @@ def evaluate(
     name = method_name(method)
     cases = list(cases)
     if not cases:
-        raise ValueError("the dataset is empty: there are no cases to evaluate")
+        raise InputError("the dataset is empty: there are no cases to evaluate")
     kinds = {type(c) for c in cases}
     if len(kinds) != 1 or not kinds <= {CounterFactCase, ZsreCase}:
-        raise TypeError(f"cases must all be CounterFactCase or all ZsreCase (see "
-                        f"lens_rome.datasets), got {sorted(k.__name__ for k in kinds)}")
+        raise WrongTypeError(f"cases must all be CounterFactCase or all ZsreCase (see "
+                        f"lens_rome.data), got {sorted(k.__name__ for k in kinds)}")
     fmt = "counterfact" if kinds == {CounterFactCase} else "zsre"
-    if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    if positive_int(limit, "limit", optional=True) is not None:
         cases = cases[:limit]
     ids = [str(c.case_id) for c in cases]
     if len(set(ids)) != len(ids):
-        raise ValueError("case ids must be unique: results are stored per case id")
+        raise InputError("case ids must be unique: results are stored per case id")
     if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
             or max_new_tokens < 0):
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    positive_int(batch_size, "batch_size")
     if not isinstance(sequential, bool):
-        raise TypeError(f"sequential must be True or False, got {sequential!r}")
+        raise WrongTypeError(f"sequential must be True or False, got {sequential!r}")
     marks = _checkpoints(checkpoints, batch_size, len(cases), sequential)
     if checkpoint_sample is not None:
         if not sequential:
-            raise ValueError("checkpoint_sample is for sequential runs; pass sequential=True")
-        if isinstance(checkpoint_sample, bool) or not isinstance(checkpoint_sample, int) \
-                or checkpoint_sample < 1:
-            raise ValueError(f"checkpoint_sample must be a positive integer or None, got "
-                             f"{checkpoint_sample!r}")
+            raise InputError("checkpoint_sample is for sequential runs; pass sequential=True")
+        positive_int(checkpoint_sample, "checkpoint_sample", optional=True)
     editor = make_method(name, model, **(method_options or {})) \
         if isinstance(method, str) else method
 
+    adapter = adapter_for(model)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {out} exists and is not a folder")
-    settings = {"format": fmt, "model": adapter_for(model).name,
+        raise InputError(f"out_dir {out} exists and is not a folder")
+    settings = {"format": fmt, "model": adapter.name,
                 "method": dict(describe(editor)),
                 "max_new_tokens": max_new_tokens, "top_k": top_k, "seed": seed}
     if batch_size != 1 or sequential:  # runs of one edit per case keep their old run.json
@@ -406,7 +406,7 @@ def evaluate(
 
     if sequential:
         samples = checkpoint_samples(len(cases), marks, checkpoint_sample, seed)
-        return _evaluate_sequential(model, cases, editor, out, batch_size, samples, measures,
+        return _evaluate_sequential(adapter, cases, editor, out, batch_size, samples, measures,
                                     Path(original_dir) if original_dir else out / ORIGINAL,
                                     fmt, progress)
     done = sum(case_path(out, c.case_id).exists() for c in cases)
@@ -422,7 +422,7 @@ def evaluate(
         if batch_size == 1:
             records = [evaluate_case(model, batch[0], editor, **measures)]
         else:
-            records = _evaluate_batch(model, batch, editor, measures, index)
+            records = _evaluate_batch(adapter, batch, editor, measures, index)
         for record in records:
             with replacing(case_path(out, record["case_id"]), overwrite=True) as tmp:
                 tmp.write_text(json.dumps(record), encoding="utf-8")
@@ -435,7 +435,7 @@ def evaluate(
         norms.setdefault(record.get("batch", record["case_id"]), record.get("update_norm"))
     summary = {**summarize(records), "n_edits": len(records), "batch_size": batch_size,
                "sequential": False, "update_norms": list(norms.values())}
-    _write_json(out / SUMMARY, summary)
+    write_json(out / SUMMARY, summary)
     return summary
 
 
@@ -444,15 +444,14 @@ def _checkpoints(checkpoints, batch_size: int, n_cases: int, sequential: bool) -
     if checkpoints is None:
         return [n_cases] if sequential else []
     if not sequential:
-        raise ValueError("checkpoints are for sequential runs; pass sequential=True")
+        raise InputError("checkpoints are for sequential runs; pass sequential=True")
     if isinstance(checkpoints, (str, bytes)) or not isinstance(checkpoints, Iterable):
-        raise TypeError(f"checkpoints must be a list of edit counts, got {checkpoints!r}")
+        raise WrongTypeError(f"checkpoints must be a list of edit counts, got {checkpoints!r}")
     marks = sorted(set(checkpoints))
     for mark in marks:
-        if isinstance(mark, bool) or not isinstance(mark, int) or mark < 1:
-            raise ValueError(f"checkpoints must be positive edit counts, got {mark!r}")
+        positive_int(mark, "each checkpoint (a count of edits)")
         if mark % batch_size and mark != n_cases:
-            raise ValueError(f"checkpoint {mark} is not a whole number of batches of "
+            raise InputError(f"checkpoint {mark} is not a whole number of batches of "
                              f"{batch_size}; use multiples of the batch size")
     beyond = [m for m in marks if m > n_cases]
     if beyond:
@@ -476,14 +475,15 @@ def checkpoint_samples(n_cases: int, marks: Sequence[int], size: int | None, see
     return {n: sorted([i for i in order if i < n][:size]) for n in marks}
 
 
-def _evaluate_batch(model, batch, editor, measures, index) -> list[dict]:
+def _evaluate_batch(adapter: ModelAdapter, batch, editor, measures, index) -> list[dict]:
     """Edit a batch on the unedited model, measure its cases, revert."""
+    model = adapter.model
     start = time.perf_counter()
-    before = w_out_snapshot(model)
+    before = _w_out_snapshot(adapter)
     changes = apply_batch(editor, model, [c.request for c in batch])
     edit_seconds = time.perf_counter() - start
     try:
-        norm = change_norm(model, before)
+        norm = _change_norm(adapter, before)
         del before
         records = measure_cases(model, batch, **measures)
     finally:
@@ -494,15 +494,16 @@ def _evaluate_batch(model, batch, editor, measures, index) -> list[dict]:
              "edit_seconds": edit_seconds, "seconds": seconds} for r in records]
 
 
-def _evaluate_sequential(model, cases, editor, out: Path, batch_size: int,
+def _evaluate_sequential(adapter: ModelAdapter, cases, editor, out: Path, batch_size: int,
                          samples: dict[int, list[int]], measures: dict, original_dir: Path,
                          fmt: str, progress: bool) -> dict:
     """Batches in order without reverting; measures at the checkpoints (``samples``: the case
     indices each measures); reverts at the end."""
+    model = adapter.model
     marks = sorted(samples)
     measured = sorted({i for indices in samples.values() for i in indices})
     _check_run(original_dir, {
-        "format": fmt, "model": adapter_for(model).name, "fingerprint": model_fingerprint(model),
+        "format": fmt, "model": adapter.name, "fingerprint": model_fingerprint(model),
         **{k: v for k, v in measures.items() if k != "consistency"},
         "consistency": measures["consistency"] is not None})
     missing = [cases[i] for i in measured
@@ -510,7 +511,7 @@ def _evaluate_sequential(model, cases, editor, out: Path, batch_size: int,
     if missing:
         log.info("measuring the unedited model on %d cases", len(missing))
         for record in measure_cases(model, missing, progress=progress, **measures):
-            _write_json(case_path(original_dir, record["case_id"]), record)
+            write_json(case_path(original_dir, record["case_id"]), record)
     original = {i: _read_record(case_path(original_dir, cases[i].case_id)) for i in measured}
 
     paths = {n: out / CHECKPOINTS / f"{n:06d}.json" for n in marks}
@@ -525,7 +526,7 @@ def _evaluate_sequential(model, cases, editor, out: Path, batch_size: int,
                disable=not progress)
     try:
         for index, batch in enumerate(batches):
-            changes, _ = _batch_changes(model, editor, out, index, batch)
+            changes, _ = _batch_changes(adapter, editor, out, index, batch)
             applied += changes
             bar.update(len(batch))
             n_edits = index * batch_size + len(batch)
@@ -539,7 +540,7 @@ def _evaluate_sequential(model, cases, editor, out: Path, batch_size: int,
                       "summary": summarize(records),
                       "original": summarize([original[i] for i in indices]),
                       "records": records}
-            _write_json(paths[n_edits], stored)
+            write_json(paths[n_edits], stored)
             log.info("%s after %d edits: %s", editor.name, n_edits, stored["summary"])
     finally:
         bar.close()
@@ -561,27 +562,27 @@ def _sequential_summary(out: Path, cases, batch_size: int, marks: list[int],
                             "edited": stored["summary"], "original": stored["original"]})
     records = stored["records"]  # the last checkpoint: after every edit
     for record in records:
-        _write_json(case_path(out, record["case_id"]), record)
+        write_json(case_path(out, record["case_id"]), record)
     summary = {**summarize(records), "n_edits": len(cases), "batch_size": batch_size,
                "sequential": True, "update_norms": [m["update_norm"] for m in metas],
                "checkpoints": checkpoints, "original": summarize(list(original.values()))}
-    _write_json(out / SUMMARY, summary)
+    write_json(out / SUMMARY, summary)
     return summary
 
 
-def _batch_changes(model, editor, out: Path, index: int, batch) -> tuple[list, dict]:
+def _batch_changes(adapter: ModelAdapter, editor, out: Path, index: int, batch
+                   ) -> tuple[list, dict]:
     """Apply batch ``index``: from the files a previous run saved, or computed and saved."""
-    from lens_rome.editing.memit import load_edit  # noqa: PLC0415
-
+    model = adapter.model
     meta_path = out / EDITS / f"{index:06d}.json"
     meta = _read_record(meta_path)
     ids = [c.case_id for c in batch]
     if meta is not None:
         if meta.get("case_ids") != ids:
-            raise ValueError(f"{meta_path} is for cases {meta.get('case_ids')}, not {ids}; "
+            raise SavedFileError(f"{meta_path} is for cases {meta.get('case_ids')}, not {ids}; "
                              f"choose another out_dir")
         if not meta.get("saved"):
-            raise ValueError(f"{out} holds an interrupted sequential run of {editor.name!r}, "
+            raise SavedFileError(f"{out} holds an interrupted sequential run of {editor.name!r}, "
                              f"whose edits cannot be saved, so it cannot resume; delete {out} "
                              f"or choose another out_dir")
         changes = []
@@ -595,10 +596,10 @@ def _batch_changes(model, editor, out: Path, index: int, batch) -> tuple[list, d
             raise
         return changes, meta
     start = time.perf_counter()
-    before = w_out_snapshot(model)
+    before = _w_out_snapshot(adapter)
     changes = apply_batch(editor, model, [c.request for c in batch])
     seconds = time.perf_counter() - start
-    norm = change_norm(model, before)
+    norm = _change_norm(adapter, before)
     del before
     saved = all(hasattr(c, "save") for c in changes)
     if saved:
@@ -606,13 +607,8 @@ def _batch_changes(model, editor, out: Path, index: int, batch) -> tuple[list, d
             change.save(out / EDITS / f"{index:06d}-{j:03d}.safetensors", overwrite=True)
     meta = {"case_ids": ids, "changes": len(changes), "saved": saved, "update_norm": norm,
             "edit_seconds": seconds}
-    _write_json(meta_path, meta)
+    write_json(meta_path, meta)
     return changes, meta
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with replacing(path, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 def _check_run(out: Path, settings: dict) -> None:
@@ -623,19 +619,15 @@ def _check_run(out: Path, settings: dict) -> None:
     """
     path = out / RUN
     stored = _read_record(path)
-    if stored is not None:
-        now = json.loads(json.dumps(settings))
-        if stored != now and stored.get("sequential") and \
-                {**stored, "checkpoints": None} == {**now, "checkpoints": None} and \
-                set(stored.get("checkpoints") or ()) <= set(now.get("checkpoints") or ()):
-            log.info("%s: extending the run to the checkpoints %s", out, now["checkpoints"])
-            stored = None  # rewritten below
-        elif stored != now:
-            differ = sorted(k for k in {*stored, *settings} if stored.get(k) != settings.get(k))
-            raise ValueError(
-                f"{out} holds results of another run (different {differ}: {stored} here, "
-                f"{settings} now); resume with the same settings or choose another out_dir")
-        else:
-            return
-    with replacing(path, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+    if stored is not None and _extends(stored, json.loads(json.dumps(settings))):
+        log.info("%s: extending the run to the checkpoints %s", out, settings["checkpoints"])
+        stored = None  # rewritten below
+    if not check_resumable(out, settings, stored):
+        write_json(path, settings)
+
+
+def _extends(stored: dict, now: dict) -> bool:
+    """Whether the settings ``now`` are the sequential run ``stored`` with more checkpoints."""
+    return (stored != now and bool(stored.get("sequential"))
+            and {**stored, "checkpoints": None} == {**now, "checkpoints": None}
+            and set(stored.get("checkpoints") or ()) <= set(now.get("checkpoints") or ()))

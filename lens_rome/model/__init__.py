@@ -1,11 +1,23 @@
 """The model seam: loading models, the adapter that alone knows their layout, fast blocks, precision."""
 
-from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
-from lens_rome.model.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, default_cache_dir
-from lens_rome.model.hooks import Hook, HookFn, attached
-from lens_rome.model.loading import load_model
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "DEFAULT_MODEL", "EMBEDDED_MODELS", "Hook", "HookFn", "ModelAdapter", "adapter_for",
-    "attached", "default_cache_dir", "load_model", "model_fingerprint",
-]
+from lens_rome._lazy import lazy_exports
+
+_EXPORTS = {  # module -> the names this package takes from it
+    ".adapter": ("ModelAdapter", "adapter_for", "model_fingerprint"),
+    ".embedded": ("DEFAULT_MODEL", "EMBEDDED_MODELS", "default_cache_dir"),
+    ".hooks": ("Hook", "HookFn", "attached"),
+    ".loading": ("load_model",),
+}
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
+    from lens_rome.model.embedded import (
+        DEFAULT_MODEL,
+        EMBEDDED_MODELS,
+        default_cache_dir,
+    )
+    from lens_rome.model.hooks import Hook, HookFn, attached
+    from lens_rome.model.loading import load_model

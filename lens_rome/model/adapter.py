@@ -18,6 +18,8 @@ from typing import Iterator
 import torch
 from transformer_lens import HookedTransformer
 
+from lens_rome.errors import InputError, PromptError, WrongTypeError
+
 # Hook point names per backend, as data: kind -> template (``{layer}`` filled in).
 # Kinds a trace restores: "hidden" (residual stream after a block), "mlp" (MLP
 # output), "attn" (attention output), "head" (each head's output before W_O,
@@ -135,7 +137,7 @@ class ModelAdapter:
     def check_length(self, n_tokens: int, what: str) -> None:
         """Raise ``ValueError`` if ``n_tokens`` tokens (``what`` they are) exceed the context."""
         if n_tokens > self.n_ctx:
-            raise ValueError(
+            raise PromptError(
                 f"{what} is {n_tokens} tokens long, but {self.name} accepts at most "
                 f"{self.n_ctx} tokens (its context length); shorten it by "
                 f"{n_tokens - self.n_ctx} tokens"
@@ -151,9 +153,9 @@ class ModelAdapter:
 
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or isinstance(layer, bool):
-            raise TypeError(f"layer must be an int, got {layer!r}")
+            raise WrongTypeError(f"layer must be an int, got {layer!r}")
         if not 0 <= layer < self.n_layers:
-            raise ValueError(
+            raise InputError(
                 f"layer {layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}"
             )
         return layer
@@ -162,11 +164,11 @@ class ModelAdapter:
         """The hook point for a kind of state (at ``layer``; ``"embed"`` has none)."""
         hooks = HOOK_NAMES[self.backend]
         if kind not in hooks:
-            raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(hooks)}")
+            raise InputError(f"unknown kind {kind!r}; expected one of {sorted(hooks)}")
         if "{layer}" not in hooks[kind]:
             return hooks[kind]
         if layer is None:
-            raise TypeError(f"hook {kind!r} needs a layer")
+            raise WrongTypeError(f"hook {kind!r} needs a layer")
         return hooks[kind].format(layer=self.check_layer(layer))
 
     def layer_hook_names(self, kind: str) -> list[str]:
@@ -191,14 +193,33 @@ class ModelAdapter:
         return self.model.embed.W_E
 
     def final_logits(self, resid: torch.Tensor) -> torch.Tensor:
-        """Logits from the residual stream after the last block: ``[..., d_model] -> [..., d_vocab]``."""
-        return self.model.unembed(self.model.ln_final(resid))
+        """Logits from the residual stream after the last block: ``[..., d_model] -> [..., d_vocab]``.
+
+        As the model's forward computes them: the final norm (if the model has
+        one), the unembedding, and the output soft cap (if set).
+        """
+        if hasattr(self.model, "ln_final"):
+            resid = self.model.ln_final(resid)
+        logits = self.model.unembed(resid)
+        cap = getattr(self.model.cfg, "output_logits_soft_cap", 0.0) or 0.0
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def kv_cache(self, batch: int):
         """An empty TransformerLens key-value cache for ``batch`` rows."""
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415
 
         return TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, batch)
+
+    def kv_entry(self, keys: torch.Tensor, values: torch.Tensor):
+        """A frozen cache entry of earlier positions' ``keys`` and ``values``
+        ``[batch, pos, head, d_head]``, for ``block(layer)(resid, past_kv_cache_entry=...)``."""
+        from transformer_lens.cache.key_value_cache_entry import (  # noqa: PLC0415 (lazy, as kv_cache)
+            TransformerLensKeyValueCacheEntry,
+        )
+
+        return TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
 
     # ------------------------------------------------------------- tokens and BOS
 
@@ -238,6 +259,26 @@ class ModelAdapter:
         """Decoded text of each token in ``tokens`` ``[1, pos]``."""
         return [self.model.tokenizer.decode([int(t)]) for t in tokens[0]]
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ``ids``."""
+        return self.model.tokenizer.decode(ids)
+
+    @property
+    def pad_id(self) -> int:
+        """The id that pads rows to one length (the tokenizer's pad token, else 0)."""
+        pad = self.model.tokenizer.pad_token_id
+        return pad if pad is not None else 0
+
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-text id (None when the tokenizer has none)."""
+        return self.model.tokenizer.eos_token_id
+
+    @property
+    def special_ids(self) -> list[int]:
+        """The ids of the tokenizer's special tokens (BOS, EOS, padding, ...), sorted."""
+        return sorted({i for i in self.model.tokenizer.all_special_ids if i is not None})
+
     @contextlib.contextmanager
     def cast(self, dtype: torch.dtype) -> Iterator[HookedTransformer]:
         """Run the model in ``dtype`` inside the block; the original tensors come back after.
@@ -271,7 +312,7 @@ def adapter_for(model: HookedTransformer) -> ModelAdapter:
     """The adapter that lets tracing and editing work on ``model``."""
     if isinstance(model, HookedTransformer):
         return ModelAdapter(model)
-    raise TypeError(
+    raise WrongTypeError(
         f"lens_rome works on transformer_lens.HookedTransformer models, got {type(model).__name__}"
     )
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
+from lens_rome.errors import InputError
 from lens_rome.model.hooks import Hook
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", None)  # None: a config built by hand
@@ -95,7 +96,7 @@ class FastBlocks:
     def __init__(self, model: HookedTransformer):
         reason = unsupported_reason(model)
         if reason is not None:
-            raise ValueError(f"FastBlocks does not support this model ({reason})")
+            raise InputError(f"FastBlocks does not support this model ({reason})")
         cfg = model.cfg
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
         self.d_head, self.d_model = cfg.d_head, cfg.d_model
@@ -227,7 +228,7 @@ class FastBlocks:
                  f"blocks.{layer}.hook_mlp_out")
         unknown = [name for name, _ in hooks if name not in names]
         if unknown:
-            raise ValueError(f"FastBlocks only has {', '.join(names)}; got hooks at {unknown}")
+            raise InputError(f"FastBlocks only has {', '.join(names)}; got hooks at {unknown}")
         return tuple([h for h in hooks if h[0] == name] for name in names)
 
 

@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from lens_rome.errors import InputError, ModelUnavailableError
 from lens_rome.model.adapter import adapter_for
 from lens_rome.model.embedded import (
     DEFAULT_MODEL,
@@ -61,7 +62,7 @@ def load_model(
     the same values, faster on small batches).
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+        raise InputError(f"model name must be a non-empty string, got {name!r}")
     if name in EMBEDDED_MODELS:
         spec = EMBEDDED_MODELS[name]
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -80,7 +81,7 @@ def _load_from_hub(name: str) -> HookedTransformer:
     try:
         get_official_model_name(name)
     except ValueError:
-        raise ValueError(
+        raise ModelUnavailableError(
             f"unknown model name {name!r}: use one of the embedded models "
             f"{sorted(EMBEDDED_MODELS)} (offline), or a TransformerLens model name such as "
             f"'gpt2-xl' (downloads weights)"

@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from lens_rome.errors import InputError
+
 log = logging.getLogger(__name__)
 
 FLOAT32, BFLOAT16 = "float32", "bfloat16"
@@ -116,7 +118,7 @@ def resolve_bf16(bf16: bool | str | None, device: str | torch.device | None = "c
     if bf16 is None or bf16 == "auto":
         return bf16_is_fast(device)
     if not isinstance(bf16, bool):
-        raise ValueError(f"bf16 must be True, False, None or 'auto', got {bf16!r}")
+        raise InputError(f"bf16 must be True, False, None or 'auto', got {bf16!r}")
     if bf16 and not bf16_is_fast(device):
         kind = _device_type(device)
         if kind not in _WARNED:

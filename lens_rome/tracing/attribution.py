@@ -51,19 +51,22 @@ close to linear), ``"prob"`` (the paper's), or ``"logit_diff"``: the
 answer's logit minus a second answer's, ``contrast``; by default each noise
 sample's own corrupted answer (its most likely token other than the answer),
 which is the natural second answer with symmetric token replacement
-(:class:`lens_rome.hooks.SubjectSwap`).  The exact trace scores ``"prob"`` and
+(:class:`lens_rome.tracing.noise_rules.SubjectSwap`).  The exact trace scores ``"prob"`` and
 ``"logprob"``; compare an estimate with the exact trace of the same metric.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
+from lens_rome.checks import positive_int
+from lens_rome.errors import InputError, PromptError
 from lens_rome.model.adapter import ModelAdapter, adapter_for
 from lens_rome.model.hooks import attached
 from lens_rome.tracing.engine import window_layers
@@ -76,11 +79,21 @@ from lens_rome.tracing.noise_rules import (
     draw_corruption,
 )
 from lens_rome.tracing.result import TraceResult
-from lens_rome.tracing.subject import answer_token, locate_subject
+from lens_rome.tracing.subject import _answer_token, _locate_subject
 
-VERIFY_FORMAT = 1
+_UNSET: Any = object()  # ``corruption=`` not given (None is a value: the default noise)
 
 
+def _renamed_noise(noise, corruption, function: str):
+    """``noise``, or what the deprecated ``corruption=`` (its name until 0.2) gave."""
+    if corruption is _UNSET:
+        return noise
+    if noise is not None:
+        raise InputError(f"{function}() got both noise= and corruption=; pass noise= only "
+                         f"(corruption= is its deprecated name)")
+    warnings.warn(f"{function}(corruption=...) is deprecated: pass noise=..., as to trace()",
+                  DeprecationWarning, stacklevel=3)
+    return corruption
 
 
 def _metric(
@@ -95,9 +108,10 @@ def _metric(
     return log_probs.exp() if metric == "prob" else log_probs
 
 
-def _last_logits(model: HookedTransformer, tokens: torch.Tensor) -> Float[torch.Tensor, "rows d_vocab"]:
+def _last_logits(adapter: ModelAdapter, tokens: Float[torch.Tensor, "rows pos"]
+                 ) -> Float[torch.Tensor, "rows d_vocab"]:
     """Logits at the last position only (the unembedding of every position is wasted work)."""
-    n_layers = model.cfg.n_layers
+    model, n_layers = adapter.model, adapter.n_layers
     residual = model(tokens, stop_at_layer=n_layers)
     return model(residual[:, -1:], start_at_layer=n_layers)[:, -1]
 
@@ -105,19 +119,11 @@ def _last_logits(model: HookedTransformer, tokens: torch.Tensor) -> Float[torch.
 def _check_common(kinds, metric, samples, window) -> None:
     for kind in kinds:
         if kind not in ATTRIBUTION_KINDS:
-            raise ValueError(f"unknown kind {kind!r}; expected one of {list(ATTRIBUTION_KINDS)}")
+            raise InputError(f"unknown kind {kind!r}; expected one of {list(ATTRIBUTION_KINDS)}")
     if metric not in ATTRIBUTION_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {list(ATTRIBUTION_METRICS)}")
-    for name, value in (("samples", samples), ("window", window)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _node_hook(adapter: ModelAdapter, kind: str, layer: int) -> str:
-    """The hook point of a kind's node at a layer (``attn.hook_z`` for heads)."""
-    return adapter.hook_name(kind, layer)
-
-
+        raise InputError(f"unknown metric {metric!r}; expected one of {list(ATTRIBUTION_METRICS)}")
+    positive_int(samples, "samples")
+    positive_int(window, "window")
 
 
 @dataclass
@@ -132,32 +138,32 @@ class _Prepared:
     samples: int
 
 
-def _prepare(model, prompt, subject, corruption, samples, seed, target) -> _Prepared:
-    tokens, subject_range = locate_subject(model, prompt, subject)
-    adapter_for(model).check_length(tokens.shape[1], f"prompt {prompt[:60]!r}")
-    if corruption is None:
-        corruption = Gaussian(scale=3.0)
+def _prepare(adapter: ModelAdapter, prompt, subject, noise, samples, seed, target) -> _Prepared:
+    tokens, subject_range = _locate_subject(adapter, prompt, subject)
+    adapter.check_length(tokens.shape[1], f"prompt {prompt[:60]!r}")
+    if noise is None:
+        noise = Gaussian(scale=3.0)
     subject_tokens = tokens[0, subject_range[0] : subject_range[1]]
-    drawn, text = draw_corruption(corruption, model, subject_tokens, samples, seed)
+    drawn, text = draw_corruption(noise, adapter, subject_tokens, samples, seed)
     if target is None:
         with torch.no_grad():
-            answer = int(_last_logits(model, tokens)[0].argmax())
+            answer = int(_last_logits(adapter, tokens)[0].argmax())
     elif isinstance(target, int) and not isinstance(target, bool):
-        if not 0 <= target < model.cfg.d_vocab:
-            raise ValueError(f"target token id {target} is outside the vocabulary "
-                             f"(0..{model.cfg.d_vocab - 1})")
+        if not 0 <= target < adapter.d_vocab:
+            raise InputError(f"target token id {target} is outside the vocabulary "
+                             f"(0..{adapter.d_vocab - 1})")
         answer = target
     else:
-        answer = answer_token(model, target)
+        answer = _answer_token(adapter, target)
     return _Prepared(tokens, subject_range, drawn, text, answer, samples)
 
 
-def _contrast_tokens(model, contrast, corrupted_logits, answer) -> torch.Tensor:
+def _contrast_tokens(adapter: ModelAdapter, contrast, corrupted_logits, answer) -> torch.Tensor:
     """Second answer per sample: ``contrast``'s token, else each sample's corrupted answer."""
     if contrast is not None:
-        token = answer_token(model, contrast)
+        token = _answer_token(adapter, contrast)
         if token == answer:
-            raise ValueError(f"contrast {contrast!r} is the answer itself; pick another token")
+            raise PromptError(f"contrast {contrast!r} is the answer itself; pick another token")
         return torch.full((corrupted_logits.shape[0],), token, dtype=torch.long)
     logits = corrupted_logits.detach().float().clone()
     logits[:, answer] = -torch.inf
@@ -196,19 +202,18 @@ class _Runs:
 
 
 def _qk_names(adapter: ModelAdapter, layer: int) -> list[str]:
-    rotary = adapter.model.cfg.positional_embedding_type == "rotary"
-    q, k = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
-    return [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid",
-            f"blocks.{layer}.attn.{q}", f"blocks.{layer}.attn.{k}",
-            f"blocks.{layer}.attn.hook_v", f"blocks.{layer}.attn.hook_attn_scores",
-            f"blocks.{layer}.attn.hook_pattern"]
+    """What the QK fix reads of block ``layer``: residual stream in and middle, queries
+    and keys (rotated where the model rotates them), values, scores and pattern."""
+    q, k = ("rot_q", "rot_k") if adapter.rotary else ("q", "k")
+    kinds = ("resid_pre", "resid_mid", q, k, "v", "attn_scores", "pattern")
+    return [adapter.hook_name(kind, layer) for kind in kinds]
 
 
-def _run(model, prepared: _Prepared, names: Sequence[str], metric: str, contrast: str | None,
-         grad_drop: bool) -> _Runs:
+def _run(adapter: ModelAdapter, prepared: _Prepared, names: Sequence[str], metric: str,
+         contrast: str | None, grad_drop: bool) -> _Runs:
     """One clean pass (cached), one corrupted pass with gradients, one backward pass
     (plus one per layer with GradDrop)."""
-    adapter = adapter_for(model)
+    model = adapter.model
     tokens, samples = prepared.tokens, prepared.samples
     wanted = set(names)
     with torch.no_grad():
@@ -224,24 +229,26 @@ def _run(model, prepared: _Prepared, names: Sequence[str], metric: str, contrast
         if not activation.requires_grad:
             activation.requires_grad_(True)
 
+    embed = adapter.hook_name("embed")
     corrupting = corrupt(prepared.corruption.values.to(tokens.device), prepared.subject_range,
-                            replace=prepared.corruption.replace)
-    fwd = [corrupting, (adapter.EMBED_HOOK, track)] + [(name, keep) for name in names]
+                         replace=prepared.corruption.replace, hook_name=embed)
+    fwd = [corrupting, (embed, track)] + [(name, keep) for name in names]
     state: dict = {}
     handles = []
     if grad_drop:
-        for layer, block in enumerate(model.blocks):
+        for layer in range(adapter.n_layers):
+            block = adapter.block(layer)
             for norm in (block.ln1, block.ln2):
                 handles.append(norm.register_forward_hook(
                     lambda module, inputs, output, layer=layer: _GradGate.apply(output, state,
                                                                                 layer)))
     try:
         with torch.enable_grad(), attached(model, fwd):
-            logits = _last_logits(model, tokens.expand(samples, -1))
+            logits = _last_logits(adapter, tokens.expand(samples, -1))
     finally:
         for handle in handles:
             handle.remove()
-    contrast_tokens = (_contrast_tokens(model, contrast, logits, prepared.answer)
+    contrast_tokens = (_contrast_tokens(adapter, contrast, logits, prepared.answer)
                        if metric == "logit_diff" else None)
     per_row = _metric(logits, prepared.answer, contrast_tokens, metric)
     with torch.no_grad():
@@ -261,11 +268,13 @@ def _run(model, prepared: _Prepared, names: Sequence[str], metric: str, contrast
                  float(clean_rows.mean()), contrast_tokens)
 
 
-
-
 def qk_fix_unsupported(model: HookedTransformer) -> str | None:
     """Why the QK fix cannot recompute this model's attention exactly, or None."""
-    cfg = model.cfg
+    return _qk_fix_unsupported(adapter_for(model))
+
+
+def _qk_fix_unsupported(adapter: ModelAdapter) -> str | None:
+    cfg = adapter.config
     checks = [
         (cfg.positional_embedding_type in ("standard", "rotary"),
          f"positional embeddings {cfg.positional_embedding_type!r}"),
@@ -288,32 +297,37 @@ def recompute_qkv(model: HookedTransformer, layer: int, resid: Float[torch.Tenso
     """Block ``layer``'s queries, keys and values (rotated where the model rotates them) for
     the residual stream ``resid`` entering it: ``q [rows, pos, head, d_head]``, ``k`` and
     ``v [rows, pos, kv_head, d_head]``; position ``i`` depends on ``resid[:, i]`` only."""
-    block = model.blocks[layer]
+    return _recompute_qkv(adapter_for(model), layer, resid)
+
+
+def _recompute_qkv(adapter: ModelAdapter, layer: int, resid: Float[torch.Tensor, "rows pos d_model"]):
+    block = adapter.block(layer)
     x = block.ln1(resid)
     q, k, v = block.attn.calculate_qkv_matrices(x, x, x)
-    if model.cfg.positional_embedding_type == "rotary":
+    if adapter.rotary:
         q, k = block.attn.apply_rotary(q, 0, None), block.attn.apply_rotary(k, 0, None)
     return q, k, v
 
 
-def _qk_fixed_effects(model, layer: int, delta: torch.Tensor, runs: _Runs, grads, start: int,
-                      drop: int | None, groups: int) -> torch.Tensor:
+def _qk_fixed_effects(adapter: ModelAdapter, layer: int, delta: torch.Tensor, runs: _Runs, grads,
+                      start: int, drop: int | None, groups: int) -> torch.Tensor:
     """First-order effect of adding ``delta [groups*samples, pos, d_model]`` to the residual
     stream entering block ``layer`` at one token at a time, with that block's attention
     pattern recomputed exactly: ``[groups*samples, pos]``."""
-    names = _qk_names(adapter_for(model), layer)
+    names = _qk_names(adapter, layer)
     resid_pre, resid_mid, q_name, k_name, v_name, scores_name, pattern_name = names
     rep = lambda x: x.repeat(groups, *([1] * (x.ndim - 1)))  # noqa: E731 (rows group-major)
     effect = (delta * rep(grads[resid_mid])).sum(-1)  # the residual connection
     if drop == layer:  # GradDrop of this block: its attention carries nothing back
         return effect
     with torch.no_grad():
-        q_new, k_new, v_new = recompute_qkv(model, layer, rep(runs.corrupted[resid_pre]) + delta)
+        q_new, k_new, v_new = _recompute_qkv(adapter, layer,
+                                             rep(runs.corrupted[resid_pre]) + delta)
         effect += ((v_new - rep(runs.corrupted[v_name])) * rep(grads[v_name])).sum((-1, -2))
         q, k = rep(runs.corrupted[q_name]), rep(runs.corrupted[k_name])
         cached = rep(runs.corrupted[scores_name])
         pattern, g_pattern = rep(runs.corrupted[pattern_name]), rep(grads[pattern_name])
-        attn = model.blocks[layer].attn
+        attn = adapter.block(layer).attn
         for t in range(start, delta.shape[1]):
             queries = q[:, t:].clone()
             queries[:, 0] = q_new[:, t]
@@ -326,12 +340,10 @@ def _qk_fixed_effects(model, layer: int, delta: torch.Tensor, runs: _Runs, grads
     return effect
 
 
-
-
 def _names_for(adapter: ModelAdapter, kinds, qk_fix: bool) -> list[str]:
     names = []
     for kind in kinds:
-        names += [_node_hook(adapter, kind, layer) for layer in range(adapter.n_layers)]
+        names += adapter.layer_hook_names(kind)
     if qk_fix:
         for layer in range(adapter.n_layers):
             names += _qk_names(adapter, layer)
@@ -339,14 +351,13 @@ def _names_for(adapter: ModelAdapter, kinds, qk_fix: bool) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _per_sample(model, kind: str, runs: _Runs, grads, qk_fix: bool, start: int,
+def _per_sample(adapter: ModelAdapter, kind: str, runs: _Runs, grads, qk_fix: bool, start: int,
                 drop: int | None) -> torch.Tensor:
     """Estimated effect of restoring each single node: ``[samples, pos, n_layers(, head)]``."""
-    adapter = adapter_for(model)
     n_layers = adapter.n_layers
     out = []
     for layer in range(n_layers):
-        name = _node_hook(adapter, kind, layer)
+        name = adapter.hook_name(kind, layer)
         delta = (runs.clean[name] - runs.corrupted[name]).float()  # [samples, pos, ...]
         grad = grads[name].float()
         if not qk_fix or layer == n_layers - 1:
@@ -355,15 +366,15 @@ def _per_sample(model, kind: str, runs: _Runs, grads, qk_fix: bool, start: int,
             continue
         samples, n_pos = delta.shape[0], delta.shape[1]
         if kind == HEAD:  # one head's change of z, written into the residual stream
-            w_o = model.blocks[layer].attn.W_O.float()  # [head, d_head, d_model]
+            w_o = adapter.w_o(layer).float()  # [head, d_head, d_model]
             stream = torch.einsum("sphd,hde->hspe", delta, w_o)
             groups = stream.shape[0]
             stream = stream.reshape(groups * samples, n_pos, -1)
         else:
             groups, stream = 1, delta
-        effect = _qk_fixed_effects(model, layer + 1, stream, runs, grads, start, drop, groups)
+        effect = _qk_fixed_effects(adapter, layer + 1, stream, runs, grads, start, drop, groups)
         if kind in ("attn", HEAD):  # the way through this block's own MLP stays linear
-            mid = grads[f"blocks.{layer}.hook_resid_mid"].float()
+            mid = grads[adapter.hook_name("resid_mid", layer)].float()
             post = grads[adapter.hook_name("hidden", layer)].float()
             rep = (mid - post).repeat(groups, 1, 1)
             effect = effect + (stream * rep).sum(-1)
@@ -373,12 +384,12 @@ def _per_sample(model, kind: str, runs: _Runs, grads, qk_fix: bool, start: int,
     return torch.stack(out, dim=2)
 
 
-def _estimate(model, kind, runs: _Runs, qk_fix: bool, grad_drop: bool, window: int,
-              start: int) -> torch.Tensor:
+def _estimate(adapter: ModelAdapter, kind, runs: _Runs, qk_fix: bool, grad_drop: bool,
+              window: int, start: int) -> torch.Tensor:
     """Estimated indirect effects ``[pos, n_layers(, head)]``, windows summed."""
-    plain = _per_sample(model, kind, runs, runs.grads[0], qk_fix, start, None).mean(0)
+    plain = _per_sample(adapter, kind, runs, runs.grads[0], qk_fix, start, None).mean(0)
     if grad_drop:
-        dropped = [_per_sample(model, kind, runs, grads, qk_fix, start, layer).mean(0).abs()
+        dropped = [_per_sample(adapter, kind, runs, grads, qk_fix, start, layer).mean(0).abs()
                    for layer, grads in enumerate(runs.grads[1:])]
         plain = torch.sign(plain) * torch.stack(dropped).mean(0)
     if kind in ("mlp", "attn") and window > 1:
@@ -388,49 +399,22 @@ def _estimate(model, kind, runs: _Runs, qk_fix: bool, grad_drop: bool, window: i
     return plain
 
 
-
-
 def attribute(
     model: HookedTransformer,
     prompt: str,
     subject: str,
     kind: str = "hidden",
-    *,
-    corruption: float | torch.Tensor | Noise | None = None,
-    samples: int = 10,
-    window: int = 10,
-    metric: str = "logprob",
-    target: str | None = None,
-    contrast: str | None = None,
-    seed: int = 0,
-    qk_fix: bool = False,
-    grad_drop: bool = False,
+    **options,
 ) -> TraceResult:
     """Attribution-patching estimate of ``trace(model, prompt, subject, kind)``.
 
     Returns a :class:`TraceResult` whose ``scores`` (``[n_tokens, n_layers]``,
     or ``[n_tokens, n_layers, n_heads]`` for ``kind="head"``) are the corrupted
     score plus the estimated indirect effect of restoring each state;
-    ``low_score`` and ``high_score`` are measured.  ``meta["method"]`` is
-    ``"attribution"``.
-
-    Args:
-        kind: ``"hidden"``, ``"mlp"``, ``"attn"`` (windows of ``window``
-            layers, as in :func:`lens_rome.trace`) or ``"head"`` (one head's
-            ``attn.hook_z`` at one token, no window).
-        corruption: as ``trace``'s ``noise``: a :class:`lens_rome.hooks.Noise`
-            rule (default: Gaussian at 3x the embedding std), a float level, or
-            a tensor ``[samples, n_subject_tokens, d_model]``;
-            ``hooks.SubjectSwap([...])`` for symmetric token replacement.
-        metric: ``"logprob"``, ``"prob"`` or ``"logit_diff"`` (module docstring).
-        target: the answer (default: the clean run's most likely token).
-        contrast: the second answer of ``"logit_diff"`` (default: each
-            sample's corrupted answer).
-        qk_fix, grad_drop: the AtP* fixes (module docstring).
+    ``low_score`` and ``high_score`` are measured.  Its ``method`` is
+    ``"attribution"``.  ``options`` are :func:`attribute_many`'s.
     """
-    return attribute_many(model, prompt, subject, [kind], corruption=corruption, samples=samples,
-                          window=window, metric=metric, target=target, contrast=contrast,
-                          seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)[0]
+    return attribute_many(model, prompt, subject, [kind], **options)[0]
 
 
 def attribute_many(
@@ -439,7 +423,7 @@ def attribute_many(
     subject: str,
     kinds: Sequence[str] = KINDS,
     *,
-    corruption: float | torch.Tensor | Noise | None = None,
+    noise: float | torch.Tensor | Noise | None = None,
     samples: int = 10,
     window: int = 10,
     metric: str = "logprob",
@@ -448,36 +432,58 @@ def attribute_many(
     seed: int = 0,
     qk_fix: bool = False,
     grad_drop: bool = False,
+    corruption: float | torch.Tensor | Noise | None = _UNSET,
 ) -> list[TraceResult]:
-    """:func:`attribute` for several kinds from the same forward and backward passes."""
-    adapter = adapter_for(model)
+    """:func:`attribute` for several kinds from the same forward and backward passes.
+
+    Args:
+        kinds: of ``"hidden"``, ``"mlp"``, ``"attn"`` (windows of ``window``
+            layers, as in :func:`lens_rome.trace`) and ``"head"`` (one head's
+            ``attn.hook_z`` at one token, no window).
+        noise: as ``trace``'s: a :class:`lens_rome.tracing.noise_rules.Noise` rule (default:
+            Gaussian at 3x the embedding std), a float level, or a tensor
+            ``[samples, n_subject_tokens, d_model]``; ``hooks.SubjectSwap([...])``
+            for symmetric token replacement.
+        metric: ``"logprob"``, ``"prob"`` or ``"logit_diff"`` (module docstring).
+        target: the answer (default: the clean run's most likely token).
+        contrast: the second answer of ``"logit_diff"`` (default: each
+            sample's corrupted answer).
+        qk_fix, grad_drop: the AtP* fixes (module docstring).
+        corruption: the old name of ``noise`` (deprecated).
+    """
+    noise = _renamed_noise(noise, corruption, "attribute_many")
+    return _attribute_many(adapter_for(model), prompt, subject, kinds, noise=noise,
+                           samples=samples, window=window, metric=metric, target=target,
+                           contrast=contrast, seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)
+
+
+def _attribute_many(adapter: ModelAdapter, prompt, subject, kinds, *, noise, samples, window,
+                    metric, target, contrast, seed, qk_fix, grad_drop) -> list[TraceResult]:
     kinds = list(kinds)
     if not kinds:
-        raise ValueError(f"kinds must name at least one of {list(ATTRIBUTION_KINDS)}")
+        raise InputError(f"kinds must name at least one of {list(ATTRIBUTION_KINDS)}")
     _check_common(kinds, metric, samples, window)
     if contrast is not None and metric != "logit_diff":
-        raise ValueError(f"contrast applies to metric='logit_diff' only; got metric={metric!r}")
-    if qk_fix and (reason := qk_fix_unsupported(model)) is not None:
-        raise ValueError(f"qk_fix cannot recompute this model's attention exactly ({reason}); "
+        raise InputError(f"contrast applies to metric='logit_diff' only; got metric={metric!r}")
+    if qk_fix and (reason := _qk_fix_unsupported(adapter)) is not None:
+        raise InputError(f"qk_fix cannot recompute this model's attention exactly ({reason}); "
                          f"use qk_fix=False")
-    prepared = _prepare(model, prompt, subject, corruption, samples, seed, target)
+    prepared = _prepare(adapter, prompt, subject, noise, samples, seed, target)
     names = _names_for(adapter, kinds, qk_fix)
-    runs = _run(model, prepared, names, metric, contrast, grad_drop)
+    runs = _run(adapter, prepared, names, metric, contrast, grad_drop)
     start = prepared.subject_range[0]
+    contrast_tokens = None if runs.contrast is None else [int(t) for t in runs.contrast]
+    contrast_text = None if runs.contrast is None else [adapter.decode([t]) for t in contrast_tokens]
     results = []
     for kind in kinds:
         with torch.no_grad():
-            effects = _estimate(model, kind, runs, qk_fix, grad_drop, window, start)
+            effects = _estimate(adapter, kind, runs, qk_fix, grad_drop, window, start)
         effects[:start] = 0.0  # positions before the subject are never corrupted
-        meta = {"method": "attribution", "seed": seed, "qk_fix": qk_fix, "grad_drop": grad_drop}
-        if runs.contrast is not None:
-            meta["contrast"] = [model.tokenizer.decode([int(t)]) for t in runs.contrast]
-            meta["contrast_tokens"] = [int(t) for t in runs.contrast]
         results.append(TraceResult(
             scores=(effects + runs.low_score).float().cpu(),
             low_score=runs.low_score,
             high_score=runs.high_score,
-            answer=model.tokenizer.decode([prepared.answer]),
+            answer=adapter.decode([prepared.answer]),
             answer_token=prepared.answer,
             tokens=adapter.token_strings(prepared.tokens),
             subject_range=prepared.subject_range,
@@ -489,6 +495,10 @@ def attribute_many(
             samples=samples,
             noise=prepared.noise_text,
             model_name=adapter.name,
-            meta=meta,
+            method="attribution",
+            seed=seed,
+            contrast=None if contrast_text is None else list(contrast_text),
+            contrast_tokens=None if contrast_tokens is None else list(contrast_tokens),
+            meta={"qk_fix": qk_fix, "grad_drop": grad_drop},
         ))
     return results

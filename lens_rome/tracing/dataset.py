@@ -18,10 +18,10 @@ Noise follows the paper: a Gaussian whose std is 3x the std of the embeddings
 of all the dataset's subject tokens (its ``collect_embedding_std`` rule),
 drawn afresh for each fact from ``seed + known_id`` and shared by the kinds of
 that fact.  Scale-out over several processes or machines is in
-:mod:`lens_rome.distributed`.
+:mod:`lens_rome.tracing.distributed`.
 
 ``method="attribution"`` replaces each fact's exact traces by attribution-
-patching estimates of the same probabilities (:mod:`lens_rome.attribution`:
+patching estimates of the same probabilities (:mod:`lens_rome.tracing.attribution`:
 one forward and one backward pass per fact, no severed experiment).
 """
 
@@ -32,7 +32,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -41,108 +41,23 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from lens_rome.checks import positive_int
 from lens_rome.data.known_facts import answered_correctly, load_known_facts
+from lens_rome.errors import InputError, SavedFileError
 from lens_rome.model.adapter import adapter_for
+from lens_rome.model.loading import load_model
 from lens_rome.model.precision import resolve_bf16
-from lens_rome.storage import replacing
-from lens_rome.tracing.engine import trace_many
-from lens_rome.tracing.kinds import KINDS
-from lens_rome.tracing.noise_rules import Gaussian, embedding_std
-from lens_rome.tracing.subject import locate_subject
+from lens_rome.storage import check_resumable, replacing
+from lens_rome.tracing.distributed import trace_on_ray
+from lens_rome.tracing.fact import TraceSettings, trace_fact
+from lens_rome.tracing.kinds import CATEGORIES, KINDS, METHODS, token_categories
+from lens_rome.tracing.noise_rules import _embedding_std
 
 log = logging.getLogger(__name__)
 
-CATEGORIES = (
-    "first subject token",
-    "middle subject tokens",
-    "last subject token",
-    "first subsequent token",
-    "further tokens",
-    "last token",
-)
 SEVERED = ("none", "mlp", "attn")
 RUN_FILE = "run.json"
 FACTS_DIR = "facts"
-
-
-# --------------------------------------------------------------------------- facts
-
-
-# --------------------------------------------------------------------------- one fact
-
-
-@dataclass(frozen=True)
-class TraceSettings:
-    """What every fact of a run is traced with; a resumed run must use the same."""
-
-    model: str
-    kinds: tuple[str, ...] = KINDS
-    samples: int = 10
-    window: int = 10
-    noise_level: float = 0.0
-    severed: bool = True
-    seed: int = 0
-    bf16: bool = False
-    method: str = "exact"  # or "attribution": estimates instead of restored runs
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["kinds"] = list(self.kinds)
-        return data
-
-
-def trace_fact(model: HookedTransformer, fact: Mapping, settings: TraceSettings) -> pd.DataFrame:
-    """Trace one fact for every kind (and the severed experiment): long-format rows.
-
-    Columns: known_id, kind, sever, token, layer, score, low_score, high_score,
-    n_tokens, subject_start, subject_end, answer; ``sever`` is ``"none"`` for
-    the plain traces and ``"mlp"``/``"attn"`` for the severed hidden traces,
-    which cover the last subject token only.
-    """
-    if settings.method == "attribution":
-        from lens_rome.tracing.attribution import attribute_many  # noqa: PLC0415
-
-        results = attribute_many(model, fact["prompt"], fact["subject"], settings.kinds,
-                                 corruption=Gaussian(level=settings.noise_level),
-                                 samples=settings.samples, window=settings.window,
-                                 metric="prob", seed=settings.seed + int(fact["known_id"]))
-        return _fact_rows(fact, results)
-    requests = [(kind, None, None) for kind in settings.kinds]
-    if settings.severed:
-        _, (_, subject_end) = locate_subject(model, fact["prompt"], fact["subject"])
-        requests += [("hidden", part, [subject_end - 1]) for part in ("mlp", "attn")]
-    results = trace_many(model, fact["prompt"], fact["subject"], requests,
-                         samples=settings.samples, window=settings.window,
-                         noise=Gaussian(level=settings.noise_level),
-                         seed=settings.seed + int(fact["known_id"]), bf16=settings.bf16)
-    return _fact_rows(fact, results)
-
-
-def _fact_rows(fact: Mapping, results) -> pd.DataFrame:
-    """The long-format rows of one fact's traces (or estimates)."""
-    frames = []
-    for result in results:
-        n_tokens, n_layers = result.scores.shape
-        scores = result.scores.numpy()
-        rows = np.argwhere(~np.isnan(scores))
-        frames.append(pd.DataFrame({
-            "known_id": int(fact["known_id"]),
-            "kind": result.kind,
-            "sever": result.sever or "none",
-            "token": rows[:, 0].astype(np.int16),
-            "layer": rows[:, 1].astype(np.int16),
-            "score": scores[rows[:, 0], rows[:, 1]],
-            "low_score": result.low_score,
-            "high_score": result.high_score,
-            "n_tokens": n_tokens,
-            "subject_start": result.subject_range[0],
-            "subject_end": result.subject_range[1],
-            "answer": result.answer,
-        }))
-    return pd.concat(frames, ignore_index=True)
-
-
-# --------------------------------------------------------------------------- the store
 
 
 class FactStore:
@@ -172,13 +87,13 @@ class FactStore:
     def read(self) -> pd.DataFrame:
         files = sorted(self.facts_dir.glob("*.parquet"), key=lambda p: int(p.stem))
         if not files:
-            raise ValueError(f"{self.facts_dir} holds no traced facts")
+            raise SavedFileError(f"{self.facts_dir} holds no traced facts")
         frames = []
         for path in files:
             try:
                 frames.append(pd.read_parquet(path))
             except Exception as error:  # pyarrow raises several types for damaged files
-                raise ValueError(f"{path} is unreadable ({error}); delete it and resume the run "
+                raise SavedFileError(f"{path} is unreadable ({error}); delete it and resume the run "
                                  "to trace that fact again") from None
         return pd.concat(frames, ignore_index=True)
 
@@ -191,18 +106,11 @@ class FactStore:
                 saved = json.loads(path.read_text())["settings"]
                 saved.setdefault("method", "exact")  # runs from before attribution existed
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-                raise ValueError(f"{path} is damaged ({error}); choose a new --out") from None
-            if saved != wanted:
-                changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
-                raise ValueError(
-                    f"{self.out} holds a run with other settings ({', '.join(changed)}: "
-                    f"{ {k: saved.get(k) for k in changed} } there, "
-                    f"{ {k: wanted[k] for k in changed} } now); resume with the same settings "
-                    "or choose a new --out"
-                )
+                raise SavedFileError(f"{path} is damaged ({error}); choose a new --out") from None
+            check_resumable(self.out, wanted, saved, fix="choose a new --out")
         elif self.done():
-            raise ValueError(f"{self.facts_dir} holds traced facts but no {RUN_FILE}; "
-                             "choose a new --out")
+            raise SavedFileError(f"{self.facts_dir} holds traced facts but no {RUN_FILE}; "
+                              "choose a new --out")
         else:
             self.write_run(settings, {})
 
@@ -212,9 +120,6 @@ class FactStore:
 
     def read_run(self) -> dict:
         return json.loads((self.out / RUN_FILE).read_text())
-
-
-# --------------------------------------------------------------------------- the run
 
 
 def trace_dataset(
@@ -241,7 +146,7 @@ def trace_dataset(
     Args:
         model: a loaded model, or a model name (required for Ray workers, which
             load the model themselves).
-        facts: known facts (path or records, see :func:`lens_rome.datasets.load_known_facts`).
+        facts: known facts (path or records, see :func:`lens_rome.data.load_known_facts`).
         out: the run's folder; rerunning with the same folder resumes it.
         kinds: states to trace (``"hidden"``, ``"mlp"``, ``"attn"``).
         limit: trace at most this many of the correctly answered facts.
@@ -251,9 +156,9 @@ def trace_dataset(
         noise_scale: noise std in units of the subject-token embedding std.
         severed: also run the severed experiment (needs ``"hidden"`` in kinds).
         bf16: restored passes in bfloat16 (``"auto"``: where the hardware makes
-            it faster; see :mod:`lens_rome.precision`).  Default float32, exact.
+            it faster; see :mod:`lens_rome.model.precision`).  Default float32, exact.
             The precision that ran is recorded in ``run.json``.
-        workers, address: run on Ray (see :mod:`lens_rome.distributed`):
+        workers, address: run on Ray (see :mod:`lens_rome.tracing.distributed`):
             ``workers`` processes on a local runtime, or join the cluster at
             ``address``.
         method: ``"exact"`` (restored runs) or ``"attribution"`` (attribution-
@@ -262,34 +167,30 @@ def trace_dataset(
 
     Returns the aggregate over all facts in ``out`` (:class:`DatasetTrace`).
     """
-    from lens_rome.model.loading import load_model
-
     kinds = _check_kinds(kinds)
-    if method not in ("exact", "attribution"):
-        raise ValueError(f"method must be 'exact' or 'attribution', got {method!r}")
+    if method not in METHODS:
+        raise InputError(f"method must be 'exact' or 'attribution', got {method!r}")
     if method == "attribution":
         if severed or bf16 is True:
-            raise ValueError("method='attribution' estimates plain traces in float32: pass "
+            raise InputError("method='attribution' estimates plain traces in float32: pass "
                              "severed=False and bf16=False (the severed experiment needs "
                              "exact restorations)")
         bf16 = False  # "auto" too: attribution runs in float32
     if severed and "hidden" not in kinds:
-        raise ValueError("the severed experiment needs 'hidden' in kinds; add it or pass "
+        raise InputError("the severed experiment needs 'hidden' in kinds; add it or pass "
                          "severed=False")
-    for name, value in (("samples", samples), ("window", window)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    positive_int(samples, "samples")
+    positive_int(window, "window")
     if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not (
             math.isfinite(noise_scale) and noise_scale >= 0):
-        raise ValueError(f"noise_scale must be a finite number >= 0 (3.0 is the paper's), "
+        raise InputError(f"noise_scale must be a finite number >= 0 (3.0 is the paper's), "
                          f"got {noise_scale!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    positive_int(limit, "limit", optional=True)
     facts = load_known_facts(facts)
     given = model  # Ray workers load a name themselves, or receive this model
-    model_name = model if isinstance(model, str) else adapter_for(model).name
-    if isinstance(model, str):
-        model = load_model(model)
+    adapter = adapter_for(load_model(model) if isinstance(model, str) else model)
+    model = adapter.model
+    model_name = given if isinstance(given, str) else adapter.name
 
     started = time.perf_counter()
     kept = answered_correctly(model, facts) if only_correct else list(facts)
@@ -298,10 +199,10 @@ def trace_dataset(
     if limit is not None:
         kept = kept[:limit]
     if not kept:
-        raise ValueError(f"{model_name} answers none of the {len(facts)} facts correctly; "
+        raise InputError(f"{model_name} answers none of the {len(facts)} facts correctly; "
                          "nothing to trace (only_correct=False / --all-facts traces them anyway)")
-    bf16 = resolve_bf16(bf16, model.cfg.device, what="trace_dataset")
-    level = noise_scale * embedding_std(model, [f["subject"] for f in facts])
+    bf16 = resolve_bf16(bf16, adapter.device, what="trace_dataset")
+    level = noise_scale * _embedding_std(adapter, [f["subject"] for f in facts])
     settings = TraceSettings(model=model_name, kinds=kinds, samples=samples, window=window,
                              noise_level=round(level, 8), severed=severed, seed=seed, bf16=bf16,
                              method=method)
@@ -312,8 +213,6 @@ def trace_dataset(
     log.info("%d facts already traced in %s, %d to go", len(kept) - len(todo), out, len(todo))
 
     if workers is not None or address is not None:
-        from lens_rome.tracing.distributed import trace_on_ray
-
         trace_on_ray(given, todo, settings, store, workers=workers, address=address,
                      progress=progress)
     else:
@@ -339,30 +238,8 @@ def _check_kinds(kinds: Sequence[str] | str) -> tuple[str, ...]:
     kinds = tuple(kinds)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
-        raise ValueError(f"unknown kinds {unknown or kinds!r}; expected some of {list(KINDS)}")
+        raise InputError(f"unknown kinds {unknown or kinds!r}; expected some of {list(KINDS)}")
     return tuple(k for k in KINDS if k in kinds)
-
-
-# --------------------------------------------------------------------------- the aggregate
-
-
-def token_categories(n_tokens: int, subject_start: int, subject_end: int) -> dict[str, list[int]]:
-    """The paper's token categories: ``{category: token positions}``.
-
-    A one-token subject is both the first and the last subject token; middle
-    subject tokens exist for subjects of three or more tokens.  The first
-    subsequent token and further tokens exclude the last token.
-    """
-    last = n_tokens - 1
-    groups = {
-        "first subject token": [subject_start],
-        "middle subject tokens": list(range(subject_start + 1, subject_end - 1)),
-        "last subject token": [subject_end - 1],
-        "first subsequent token": [subject_end] if subject_end < last else [],
-        "further tokens": list(range(subject_end + 1, last)),
-        "last token": [last],
-    }
-    return {name: positions for name, positions in groups.items() if positions}
 
 
 @dataclass
@@ -381,7 +258,7 @@ class DatasetTrace:
         """The run in ``out`` (only ``known_ids`` when given)."""
         store = FactStore(out)
         if not (store.out / RUN_FILE).exists():
-            raise ValueError(f"{store.out} holds no dataset trace (no {RUN_FILE})")
+            raise SavedFileError(f"{store.out} holds no dataset trace (no {RUN_FILE})")
         frame = store.read()
         if known_ids is not None:
             frame = frame[frame["known_id"].isin(set(known_ids))].reset_index(drop=True)
@@ -425,7 +302,7 @@ class DatasetTrace:
         """
         rows = self.frame[(self.frame["kind"] == kind) & (self.frame["sever"] == sever)]
         if rows.empty:
-            raise ValueError(f"no traces of kind {kind!r} with sever={sever!r} in this run")
+            raise InputError(f"no traces of kind {kind!r} with sever={sever!r} in this run")
         facts = sorted(rows["known_id"].unique())
         out = np.full((len(facts), len(CATEGORIES), self.n_layers), np.nan)
         for f, (known_id, group) in enumerate(rows.groupby("known_id", sort=True)):
@@ -478,13 +355,13 @@ class DatasetTrace:
         """The paper's Figure 2: AIE heatmaps by token category and layer, one per kind,
         and, below, the AIE at the last subject token and the last token across layers
         with 95% intervals.  Returns a matplotlib Figure."""
-        from lens_rome.views.dataset import plot_dataset_effects
+        from lens_rome.views.dataset import plot_dataset_effects  # noqa: PLC0415 (matplotlib loads on use)
 
         return plot_dataset_effects(self, n_boot=n_boot)
 
     def plot_severed(self, n_boot: int = 1000):
         """The paper's Figure 3: the hidden-state AIE at the last subject token across
         layers, plain and with MLP or attention severed.  Returns a matplotlib Figure."""
-        from lens_rome.views.dataset import plot_dataset_severed
+        from lens_rome.views.dataset import plot_dataset_severed  # noqa: PLC0415 (matplotlib loads on use)
 
         return plot_dataset_severed(self, n_boot=n_boot)

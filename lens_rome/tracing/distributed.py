@@ -1,6 +1,6 @@
 """Dataset tracing on Ray: one task per fact, spread over worker processes or machines.
 
-:func:`lens_rome.dataset_trace.trace_dataset` calls :func:`trace_on_ray` when
+:func:`lens_rome.tracing.dataset.trace_dataset` calls :func:`trace_on_ray` when
 given ``workers`` (start a local Ray runtime with that many CPUs) or
 ``address`` (join an existing cluster, e.g. ``"auto"`` or ``"host:6379"``).
 Each worker is a Ray actor that holds the model and traces one fact per task;
@@ -17,10 +17,19 @@ store (any HookedTransformer, edited or not).
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
+import pandas as pd
+import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+
+from lens_rome.checks import positive_int
+from lens_rome.model.loading import load_model
+from lens_rome.tracing.fact import TraceSettings, trace_fact
+
+if TYPE_CHECKING:
+    from lens_rome.tracing.dataset import FactStore
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +37,18 @@ log = logging.getLogger(__name__)
 class FactTracer:
     """A Ray actor's state: one model, traced fact after fact."""
 
-    def __init__(self, model: HookedTransformer | str, settings, threads: int):
-        import torch  # noqa: PLC0415
-
-        from lens_rome.model.loading import load_model  # noqa: PLC0415
-
+    def __init__(self, model: HookedTransformer | str, settings: TraceSettings, threads: int):
         torch.set_num_threads(threads)
         self.model = load_model(model) if isinstance(model, str) else model
         self.settings = settings
 
-    def trace(self, fact: Mapping):
-        from lens_rome.tracing.dataset import trace_fact  # noqa: PLC0415
-
+    def trace(self, fact: Mapping) -> tuple[int, pd.DataFrame]:
         return int(fact["known_id"]), trace_fact(self.model, fact, self.settings)
 
 
 def _import_ray():
     try:
-        import ray  # noqa: PLC0415
+        import ray  # noqa: PLC0415 (an optional dependency)
     except ModuleNotFoundError:
         raise ModuleNotFoundError(
             "tracing on several workers needs Ray: pip install 'ray>=2.9' "
@@ -57,8 +60,8 @@ def _import_ray():
 def trace_on_ray(
     model: HookedTransformer | str,
     facts: Sequence[Mapping],
-    settings,
-    store,
+    settings: TraceSettings,
+    store: FactStore,
     *,
     workers: int | None = None,
     address: str | None = None,
@@ -73,13 +76,11 @@ def trace_on_ray(
             local runtime started here (and shut down at the end).
         address: an existing cluster; ``workers`` defaults to its CPU count.
     """
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                or workers < 1):
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    positive_int(workers, "workers", optional=True)
     if not facts:
         return
     ray = _import_ray()
-    from ray.util import ActorPool  # noqa: PLC0415
+    from ray.util import ActorPool  # noqa: PLC0415 (an optional dependency)
 
     connected_here = not ray.is_initialized()  # then disconnect (or stop) at the end
     if connected_here:

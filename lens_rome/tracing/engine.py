@@ -36,11 +36,9 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import (
-    TransformerLensKeyValueCacheEntry,
-)
 
+from lens_rome.checks import positive_int
+from lens_rome.errors import InputError
 from lens_rome.model.adapter import ModelAdapter, adapter_for
 from lens_rome.model.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 from lens_rome.model.hooks import Hook, attached
@@ -49,11 +47,9 @@ from lens_rome.tracing.interventions import patch, patch_head
 from lens_rome.tracing.kinds import HEAD, KINDS, TRACE_METRICS
 from lens_rome.tracing.noise_rules import Gaussian, Noise, corrupt, draw_corruption
 from lens_rome.tracing.result import TraceResult
-from lens_rome.tracing.subject import answer_token, locate_subject
+from lens_rome.tracing.subject import _answer_token, _locate_subject
 
 log = logging.getLogger(__name__)
-
-
 
 
 def trace(
@@ -81,7 +77,7 @@ def trace(
             or ``"head"`` (one attention head's output, ``attn.hook_z``, at one
             layer; scores ``[n_tokens, n_layers, n_heads]``).
         samples: corrupted runs averaged (each its own noise draw).
-        noise: a :class:`lens_rome.hooks.Noise` rule (default: spherical
+        noise: a :class:`lens_rome.tracing.noise_rules.Noise` rule (default: spherical
             Gaussian at 3x the embedding std, the paper's "s3"), a float level
             (std of the Gaussian), or an explicit tensor
             ``[samples, n_subject_tokens, d_model]`` added to the embeddings.
@@ -93,14 +89,14 @@ def trace(
             ``"logprob"`` (mean log-probability).
         seed: seeds the noise draws, so a trace is reproducible.
         bf16: run the restored passes in bfloat16 (clean and corrupted runs
-            stay float32); ``"auto"``: where :func:`lens_rome.precision.bf16_is_fast`
+            stay float32); ``"auto"``: where :func:`lens_rome.model.precision.bf16_is_fast`
             says it is faster.  Default float32, the exact path.
         positions: restore only at these token positions (default: all); the
             scores of other positions are NaN.  The paper's Figure 3 restores
             the last subject token only.
 
     A Llama-style model with no hooks attached runs the restored passes
-    through :class:`lens_rome.fast_blocks.FastBlocks` (the same function as
+    through :class:`lens_rome.model.fast_blocks.FastBlocks` (the same function as
     TransformerLens' blocks, to ~1e-6 in float32); hooks already active on
     ``model`` (``with model.hooks(...)``) apply to every run of the trace, on
     TransformerLens' own blocks.  ``result.meta`` names the precision and
@@ -132,36 +128,42 @@ def trace_many(
     The same numbers as calling :func:`trace` for each, but the clean and
     corrupted runs (and the weights of the lean blocks) are made once.
     """
-    adapter = adapter_for(model)
+    return _trace_many(adapter_for(model), prompt, subject, traces, samples=samples,
+                       window=window, noise=noise, target=target, metric=metric, seed=seed,
+                       bf16=bf16, progress=progress)
+
+
+def _trace_many(adapter: ModelAdapter, prompt, subject, traces, *, samples, window, noise, target,
+                metric, seed, bf16, progress) -> list[TraceResult]:
+    model = adapter.model
     if metric not in TRACE_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {list(TRACE_METRICS)}")
-    for name, value in (("samples", samples), ("window", window)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise InputError(f"unknown metric {metric!r}; expected one of {list(TRACE_METRICS)}")
+    positive_int(samples, "samples")
+    positive_int(window, "window")
     for kind, sever, _ in traces:
         if kind not in (*KINDS, HEAD):
-            raise ValueError(f"unknown kind {kind!r}; expected one of {[*KINDS, HEAD]}")
+            raise InputError(f"unknown kind {kind!r}; expected one of {[*KINDS, HEAD]}")
         if sever is not None:
             if sever not in ("mlp", "attn"):
-                raise ValueError(f"sever must be None, 'mlp' or 'attn', got {sever!r}")
+                raise InputError(f"sever must be None, 'mlp' or 'attn', got {sever!r}")
             if kind != "hidden":
-                raise ValueError(f"sever applies to hidden-state traces; got kind={kind!r}")
-    tokens, subject_range = locate_subject(model, prompt, subject)
+                raise InputError(f"sever applies to hidden-state traces; got kind={kind!r}")
+    tokens, subject_range = _locate_subject(adapter, prompt, subject)
     adapter.check_length(tokens.shape[1], f"prompt {prompt[:60]!r}")
     traces = [(kind, sever, _check_positions(positions, tokens.shape[1]))
               for kind, sever, positions in traces]
     if noise is None:
         noise = Gaussian(scale=3.0)
     subject_tokens = tokens[0, subject_range[0] : subject_range[1]]
-    corruption, noise_text = draw_corruption(noise, model, subject_tokens, samples, seed)
-    bf16 = resolve_bf16(bf16, model.cfg.device, what="trace")
-    dtype = torch.bfloat16 if bf16 else model.cfg.dtype
+    corruption, noise_text = draw_corruption(noise, adapter, subject_tokens, samples, seed)
+    bf16 = resolve_bf16(bf16, adapter.device, what="trace")
+    dtype = torch.bfloat16 if bf16 else adapter.dtype
 
     with torch.no_grad():
         if target is None:
             answer = int(model(tokens)[0, -1].argmax())
         else:
-            answer = answer_token(model, target)
+            answer = _answer_token(adapter, target)
         with_heads = any(kind == HEAD for kind, _, _ in traces)
         engine = _TraceEngine(adapter, tokens, subject_range, answer, corruption, metric,
                               with_heads)
@@ -170,7 +172,7 @@ def trace_many(
                 "hooks are attached" if has_user_hooks(model) else None)
             if reason is None:
                 engine.fast = FastBlocks(model)
-            blocks = "lens_rome.fast_blocks" if reason is None else "transformer_lens"
+            blocks = "lens_rome.model.fast_blocks" if reason is None else "transformer_lens"
             log.info("tracing %r in %s on %s blocks%s", prompt, precision_name(bf16), blocks,
                      "" if reason is None else f" ({reason})")
             all_scores = [engine.run(kind, 1 if kind in ("hidden", HEAD) else window, sever,
@@ -181,7 +183,7 @@ def trace_many(
         scores=scores,
         low_score=engine.low_score,
         high_score=engine.high_score,
-        answer=model.tokenizer.decode([answer]),
+        answer=adapter.decode([answer]),
         answer_token=answer,
         tokens=adapter.token_strings(tokens),
         subject_range=subject_range,
@@ -194,7 +196,9 @@ def trace_many(
         sever=sever,
         noise=noise_text,
         model_name=adapter.name,
-        meta={"seed": seed, "bf16": bf16, "precision": precision_name(bf16), "blocks": blocks},
+        method="exact",
+        seed=seed,
+        meta={"bf16": bf16, "precision": precision_name(bf16), "blocks": blocks},
     ) for scores, (kind, sever, _) in zip(all_scores, traces)]
 
 
@@ -203,9 +207,9 @@ def _check_positions(positions: Sequence[int] | None, n_tokens: int) -> list[int
         return None
     checked = sorted({int(p) for p in positions})
     if not checked or any(isinstance(p, bool) for p in positions):
-        raise ValueError(f"positions must be a non-empty list of token indices, got {positions!r}")
+        raise InputError(f"positions must be a non-empty list of token indices, got {positions!r}")
     if checked[0] < 0 or checked[-1] >= n_tokens:
-        raise ValueError(
+        raise InputError(
             f"positions {positions!r} out of range; the prompt has {n_tokens} tokens (0..{n_tokens - 1})"
         )
     return checked
@@ -265,7 +269,8 @@ class _TraceEngine:
 
         names = set()
         for layer in range(n_layers):
-            names |= {f"blocks.{layer}.hook_resid_pre", *(adapter.hook_name(k, layer) for k in KINDS)}
+            names |= {adapter.hook_name("resid_pre", layer),
+                      *(adapter.hook_name(k, layer) for k in KINDS)}
             if with_heads:
                 names.add(adapter.hook_name(HEAD, layer))
         keep = names.__contains__
@@ -274,10 +279,9 @@ class _TraceEngine:
         self.high_score = float(self.score(logits[:, -1]).mean())
 
         batch = tokens.expand(self.samples, -1)
-        corrupting = corrupt(
-            corruption.values.to(tokens.device), subject_range, replace=corruption.replace
-        )
-        self.kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, self.samples)
+        corrupting = corrupt(corruption.values.to(tokens.device), subject_range,
+                             replace=corruption.replace, hook_name=adapter.hook_name("embed"))
+        self.kv = adapter.kv_cache(self.samples)
         with model.hooks(fwd_hooks=[corrupting]):
             logits, self.corrupted = model.run_with_cache(
                 batch, names_filter=keep, past_kv_cache=self.kv
@@ -369,10 +373,9 @@ class _TraceEngine:
                 residual = self.fast(block_index, residual, prefix, block_hooks,
                                      last_only=final_block, mlp_first=mlp_first)
                 continue
-            entry = None if prefix is None else TransformerLensKeyValueCacheEntry(
-                past_keys=prefix[0], past_values=prefix[1], frozen=True)
+            entry = None if prefix is None else adapter.kv_entry(*prefix)
             with attached(model, block_hooks):
-                residual = model.blocks[block_index](residual, past_kv_cache_entry=entry)
+                residual = adapter.block(block_index)(residual, past_kv_cache_entry=entry)
         return residual[:, -1]
 
     def _patches(self, block_index: int, t: int, kind: str, groups: list[_Group],
@@ -416,7 +419,7 @@ class _TraceEngine:
         corrupted inputs, so they compute what the corrupted run did.
         """
         adapter = self.adapter
-        stream = self.corrupted[f"blocks.{block_index}.hook_resid_pre"] if (
+        stream = self.corrupted[adapter.hook_name("resid_pre", block_index)] if (
             block_index < adapter.n_layers) else self.corrupted[
             adapter.hook_name("hidden", block_index - 1)]
         new = stream[:, t:].repeat(len(groups), 1, 1)
@@ -429,7 +432,7 @@ class _TraceEngine:
                 name = adapter.hook_name("mlp", a)
                 new[:, 0] += (clean[name][0, t] - corrupted[name][:, t]).repeat(len(groups), 1)
             else:  # attention output at t changes: recompute the MLP of block a at t
-                before = corrupted[f"blocks.{a}.hook_resid_pre"][:, t].repeat(len(groups), 1)
+                before = corrupted[adapter.hook_name("resid_pre", a)][:, t].repeat(len(groups), 1)
                 if kind == "attn":
                     attn = clean[adapter.hook_name("attn", a)][0, t].expand_as(before)
                 else:
@@ -447,7 +450,7 @@ class _TraceEngine:
         rows = torch.arange(len(z))
         per_row = torch.tensor(heads).repeat_interleave(self.samples)
         z[rows, per_row] = clean_z[per_row]
-        w_o = self.model.blocks[layer].attn.W_O.float()  # [head, d_head, d_model]
+        w_o = self.adapter.w_o(layer).float()  # [head, d_head, d_model]
         change = torch.einsum("rhd,hdm->rm", z - corrupted_z.repeat(len(heads), 1, 1), w_o)
         return self.corrupted[self.adapter.hook_name("attn", layer)][:, t].repeat(
             len(heads), 1) + change

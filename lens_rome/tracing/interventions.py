@@ -27,6 +27,7 @@ import torch
 from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from lens_rome.errors import InputError
 from lens_rome.model.adapter import adapter_for
 from lens_rome.model.hooks import Hook, Positions
 
@@ -73,7 +74,7 @@ def patch_head(
     head_index = torch.as_tensor(heads if per_row else [heads], dtype=torch.long)
     if per_row and (rows.start is None or rows.stop is None
                     or rows.stop - rows.start != len(head_index)):
-        raise ValueError(f"a head per row needs rows with a start and stop spanning "
+        raise InputError(f"a head per row needs rows with a start and stop spanning "
                          f"{len(head_index)} rows, got {rows}")
 
     def patch_head_hook(activation: torch.Tensor, hook: HookPoint) -> torch.Tensor:
@@ -94,8 +95,6 @@ def _position_index(positions: Positions) -> slice | list[int]:
     if isinstance(positions, int):
         return [positions]
     return list(positions)
-
-
 
 
 def restore(
@@ -143,7 +142,7 @@ def sever(
     run the hooks go into.  All layers unless ``layers`` is given.
     """
     if kind not in ("mlp", "attn"):
-        raise ValueError(f"can only sever 'mlp' or 'attn' outputs, got {kind!r}")
+        raise InputError(f"can only sever 'mlp' or 'attn' outputs, got {kind!r}")
     adapter = adapter_for(model)
     layers = range(adapter.n_layers) if layers is None else layers
     hooks = []
@@ -168,7 +167,7 @@ def _at_positions(
     values = clean[hook_name] if isinstance(clean, ActivationCache) else clean
     if isinstance(clean, ActivationCache) or values.ndim >= 3:
         if values.shape[0] != 1:
-            raise ValueError(
+            raise InputError(
                 f"clean values for {hook_name} must come from one clean run (batch 1), "
                 f"got batch {values.shape[0]}"
             )

@@ -11,7 +11,8 @@ from jaxtyping import Float
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from lens_rome.model.adapter import adapter_for
+from lens_rome.errors import InputError, WrongTypeError
+from lens_rome.model.adapter import HOOK_NAMES, ModelAdapter, adapter_for
 from lens_rome.model.hooks import Hook
 
 
@@ -21,15 +22,19 @@ def corrupt(
     *,
     replace: bool = False,
     rows: slice = slice(None),
-    hook_name: str = "hook_embed",
+    hook_name: str | None = None,
 ) -> Hook:
     """Add ``noise`` to (or, with ``replace``, put it in place of) the subject's embeddings.
 
     ``activation[rows]`` must have ``samples`` rows: one noise draw each.
+    ``hook_name``: where the embeddings are (default: a ``HookedTransformer``'s
+    embedding hook; tracing passes ``adapter.hook_name("embed")``).
     """
     start, end = subject_range
+    if hook_name is None:
+        hook_name = HOOK_NAMES[ModelAdapter.backend]["embed"]
     if noise.ndim != 3 or noise.shape[1] != end - start:
-        raise ValueError(
+        raise InputError(
             f"noise must have shape [samples, n_subject_tokens={end - start}, d_model], "
             f"got {tuple(noise.shape)}"
         )
@@ -76,14 +81,19 @@ class Noise:
 def embedding_std(model: HookedTransformer, subjects: Sequence[str] | None = None) -> float:
     """Standard deviation of token embeddings: of the subjects' tokens (the paper's
     ``collect_embedding_std``) when ``subjects`` are given, else of the whole vocabulary."""
-    return float(_embedding_rows(model, subjects).std())
+    return _embedding_std(adapter_for(model), subjects)
 
 
-def _embedding_rows(model: HookedTransformer, subjects: Sequence[str] | None) -> torch.Tensor:
-    adapter = adapter_for(model)
+def _embedding_std(adapter: ModelAdapter, subjects: Sequence[str] | None = None) -> float:
+    return float(_embedding_rows(adapter, subjects).std())
+
+
+def _embedding_rows(adapter: ModelAdapter, subjects: Sequence[str] | None
+                    ) -> Float[torch.Tensor, "rows d_model"]:
+    """The embeddings of the subjects' tokens, or the whole embedding matrix."""
     if subjects is None:
-        return model.embed.W_E.detach()
-    ids = [adapter.tokenize(s)[0][0, int(adapter.prepend_bos) :] for s in subjects]
+        return adapter.w_e.detach()
+    ids = [adapter.tokenize(s)[0][0, adapter.n_bos :] for s in subjects]
     return adapter.embeddings(torch.cat(ids)[None])[0].detach()
 
 
@@ -95,11 +105,15 @@ class Gaussian(Noise):
     level: float | None = None
 
     def std(self, model: HookedTransformer) -> float:
-        return self.level if self.level is not None else self.scale * embedding_std(model)
+        return self._std(adapter_for(model))
+
+    def _std(self, adapter: ModelAdapter) -> float:
+        return self.level if self.level is not None else self.scale * _embedding_std(adapter)
 
     def draw(self, model, subject_tokens, samples, generator):
-        shape = (samples, len(subject_tokens), model.cfg.d_model)
-        return Corruption(torch.randn(shape, generator=generator) * self.std(model))
+        adapter = adapter_for(model)
+        shape = (samples, len(subject_tokens), adapter.d_model)
+        return Corruption(torch.randn(shape, generator=generator) * self._std(adapter))
 
 
 @dataclass(frozen=True)
@@ -110,10 +124,12 @@ class StudentT(Noise):
     scale: float = 3.0
 
     def draw(self, model, subject_tokens, samples, generator):
-        shape = (samples, len(subject_tokens), model.cfg.d_model)
+        adapter = adapter_for(model)
+        shape = (samples, len(subject_tokens), adapter.d_model)
         normal = torch.randn(shape, generator=generator)
         chi2 = 2 * torch._standard_gamma(torch.full(shape[:2] + (1,), self.df / 2))
-        return Corruption(normal * torch.sqrt(self.df / chi2) * self.scale * embedding_std(model))
+        return Corruption(normal * torch.sqrt(self.df / chi2) * self.scale
+                          * _embedding_std(adapter))
 
 
 @dataclass(frozen=True)
@@ -123,9 +139,10 @@ class Uniform(Noise):
     scale: float = 3.0
 
     def draw(self, model, subject_tokens, samples, generator):
-        shape = (samples, len(subject_tokens), model.cfg.d_model)
+        adapter = adapter_for(model)
+        shape = (samples, len(subject_tokens), adapter.d_model)
         unit = torch.rand(shape, generator=generator) * 2 - 1
-        return Corruption(unit * self.scale * embedding_std(model))
+        return Corruption(unit * self.scale * _embedding_std(adapter))
 
 
 @dataclass(frozen=True)
@@ -139,13 +156,14 @@ class MultivariateGaussian(Noise):
     replace: bool = False
 
     def draw(self, model, subject_tokens, samples, generator):
-        rows = _embedding_rows(model, None).double()
+        adapter = adapter_for(model)
+        rows = _embedding_rows(adapter, None).double()
         mean = rows.mean(0)
         centred = rows - mean
         cov = centred.T @ centred / (len(rows) - 1)
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         transform = eigenvectors * eigenvalues.clamp(min=0).sqrt()
-        shape = (samples, len(subject_tokens), model.cfg.d_model)
+        shape = (samples, len(subject_tokens), adapter.d_model)
         normal = torch.randn(shape, generator=generator, dtype=torch.float64)
         return Corruption((normal @ transform.T + mean).float(), replace=self.replace)
 
@@ -169,16 +187,16 @@ class SubjectSwap(Noise):
         if isinstance(alternatives, str):
             alternatives = (alternatives,)
         if not alternatives:
-            raise ValueError("SubjectSwap needs at least one alternative subject")
+            raise InputError("SubjectSwap needs at least one alternative subject")
         object.__setattr__(self, "alternatives", tuple(alternatives))
 
     def draw(self, model, subject_tokens, samples, generator):
         adapter = adapter_for(model)
         swaps = []
         for alternative in self.alternatives:
-            tokens = adapter.tokenize(alternative)[0][:, int(adapter.prepend_bos) :]
+            tokens = adapter.tokenize(alternative)[0][:, adapter.n_bos :]
             if tokens.shape[1] != len(subject_tokens):
-                raise ValueError(
+                raise InputError(
                     f"alternative subject {alternative!r} has {tokens.shape[1]} tokens, but the "
                     f"subject has {len(subject_tokens)}: pick alternatives of the same length"
                 )
@@ -189,41 +207,41 @@ class SubjectSwap(Noise):
 
 def draw_corruption(
     noise: float | torch.Tensor | Noise,
-    model: HookedTransformer,
+    adapter: ModelAdapter,
     subject_tokens: torch.Tensor,
     samples: int,
     seed: int,
 ) -> tuple[Corruption, str]:
     """Resolve ``trace``'s ``noise`` argument into a corruption and a description of it."""
-    n_subject, d_model = len(subject_tokens), model.cfg.d_model
+    n_subject, d_model = len(subject_tokens), adapter.d_model
     if isinstance(noise, torch.Tensor):
         expected = (samples, n_subject, d_model)
         if tuple(noise.shape) != expected:
-            raise ValueError(
+            raise InputError(
                 f"noise tensor has shape {tuple(noise.shape)}; expected [samples, "
                 f"n_subject_tokens, d_model] = {list(expected)} for this prompt and subject"
             )
         values = noise.detach().float().cpu()
         if not torch.isfinite(values).all():
             bad = int((~torch.isfinite(values)).sum())
-            raise ValueError(
+            raise InputError(
                 f"noise tensor has {bad} NaN or infinite values of {values.numel()}; every "
                 f"value must be finite (draw it e.g. with torch.randn(...) * level)"
             )
         return Corruption(values), "explicit tensor"
     if isinstance(noise, bool) or not isinstance(noise, (int, float, Noise)):
-        raise TypeError(
+        raise WrongTypeError(
             f"noise must be a float level, a tensor [samples, n_subject_tokens, d_model] or a "
-            f"lens_rome.hooks.Noise rule, got {noise!r}"
+            f"lens_rome.tracing.noise_rules.Noise rule, got {noise!r}"
         )
     if not isinstance(noise, Noise):
         if not math.isfinite(noise) or noise < 0:
-            raise ValueError(f"noise level must be a finite number >= 0 (the std of the "
+            raise InputError(f"noise level must be a finite number >= 0 (the std of the "
                              f"Gaussian noise, e.g. 0.1), got {noise}")
         noise = Gaussian(level=float(noise))
     generator = torch.Generator().manual_seed(seed)
-    corruption = noise.draw(model, subject_tokens.cpu(), samples, generator)
+    corruption = noise.draw(adapter.model, subject_tokens.cpu(), samples, generator)
     if not torch.isfinite(corruption.values).all():
-        raise ValueError(f"the noise rule {noise} drew NaN or infinite values; check its "
+        raise InputError(f"the noise rule {noise} drew NaN or infinite values; check its "
                          f"parameters (levels and scales must be finite)")
     return corruption, str(noise)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from jaxtyping import Float
 
-from lens_rome.storage import replacing
+from lens_rome.errors import SavedFileError
+from lens_rome.tracing.saved import SavedAsJson
 
-SAVE_FORMAT = 1
-
+SAVE_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1 kept method, seed and the contrast tokens in ``meta``
+FORMER_META_KEYS = ("method", "seed", "contrast", "contrast_tokens")
 
 
 @dataclass
-class TraceResult:
+class TraceResult(SavedAsJson):
     """One causal trace.
 
     ``scores[i, l]`` is the answer's score (probability, or mean
@@ -25,8 +25,14 @@ class TraceResult:
     run's.  For ``kind="head"`` the scores are ``[n_tokens, n_layers,
     n_heads]``: ``scores[i, l, h]`` restores head ``h``'s output
     (``blocks.{l}.attn.hook_z``) at token ``i``.  An attribution estimate
-    (:mod:`lens_rome.attribution`, ``meta["method"] == "attribution"``) has the
-    same layout, with estimated scores.
+    (:mod:`lens_rome.tracing.attribution`, ``method == "attribution"``) has the same
+    layout, with estimated scores.
+
+    ``method``: ``"exact"`` (restored runs) or ``"attribution"`` (a
+    first-order estimate); ``seed``: the seed of the noise draws;
+    ``contrast`` and ``contrast_tokens``: the second answer of a
+    ``"logit_diff"`` estimate per noise sample (text and token id), else
+    None.  ``meta`` holds how it ran (precision, blocks, AtP* fixes).
     """
 
     scores: Float[torch.Tensor, "n_tokens n_layers *n_heads"]
@@ -45,7 +51,13 @@ class TraceResult:
     sever: str | None = None
     noise: str = ""
     model_name: str = ""
+    method: str = "exact"
+    seed: int = 0
+    contrast: list[str] | None = None
+    contrast_tokens: list[int] | None = None
     meta: dict = field(default_factory=dict)
+
+    saved_as = "trace result"  # also reads format 1 (a class attribute, not a field)
 
     @property
     def n_layers(self) -> int:
@@ -55,11 +67,6 @@ class TraceResult:
     def n_heads(self) -> int | None:
         """Heads per layer of a per-head trace (3-D ``scores``); None for other kinds."""
         return self.scores.shape[2] if self.scores.ndim == 3 else None
-
-    @property
-    def method(self) -> str:
-        """``"exact"`` (restored runs) or ``"attribution"`` (a first-order estimate)."""
-        return self.meta.get("method", "exact")
 
     @property
     def total_effect(self) -> float:
@@ -90,7 +97,7 @@ class TraceResult:
     def to_frame(self):
         """Long-format ``pandas.DataFrame``: one row per (token, layer), or per (token,
         layer, head) with a ``head`` column for a per-head trace."""
-        import pandas as pd  # noqa: PLC0415
+        import pandas as pd  # noqa: PLC0415 (pandas loads on use)
 
         start, end = self.subject_range
         scores = self.scores if self.scores.ndim == 3 else self.scores[:, :, None]
@@ -119,13 +126,13 @@ class TraceResult:
         A per-head trace is drawn as a layer x head heatmap at token
         ``position`` (default: the token with the largest indirect effect).
         """
-        from lens_rome.views.trace import plot_trace  # noqa: PLC0415
+        from lens_rome.views.trace import plot_trace  # noqa: PLC0415 (matplotlib loads on use)
 
         return plot_trace(self, ax=ax, title=title, position=position)
 
     def show(self):
         """An inline circuitsvis view (renders offline, in Jupyter or saved as HTML)."""
-        from lens_rome.views.trace import show_trace  # noqa: PLC0415
+        from lens_rome.views.trace import show_trace  # noqa: PLC0415 (matplotlib loads on use)
 
         return show_trace(self)
 
@@ -139,23 +146,12 @@ class TraceResult:
     @classmethod
     def from_dict(cls, data: dict) -> "TraceResult":
         data = dict(data)
-        if data.pop("format", None) != SAVE_FORMAT:
-            raise ValueError("not a lens_rome trace result (missing or unknown 'format')")
+        saved_format = data.pop("format", None)
+        if saved_format not in READABLE_FORMATS:
+            raise SavedFileError("not a lens_rome trace result (missing or unknown 'format')")
+        if saved_format == 1:
+            data["meta"] = meta = dict(data.get("meta", {}))
+            data.update({key: meta.pop(key) for key in FORMER_META_KEYS if key in meta})
         data["scores"] = torch.tensor(data["scores"], dtype=torch.float32)
         data["subject_range"] = tuple(data["subject_range"])
         return cls(**data)
-
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the result as JSON; refuses to replace an existing file unless ``overwrite``."""
-        with replacing(path, overwrite=overwrite) as tmp:
-            tmp.write_text(json.dumps(self.to_dict()))
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TraceResult":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-            return cls.from_dict(data)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path} is not a readable lens_rome trace result: {error}") from None

@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from transformer_lens import HookedTransformer
 
-from lens_rome.model.adapter import adapter_for
+from lens_rome.checks import positive_int
+from lens_rome.errors import InputError, SavedFileError, WrongTypeError
+from lens_rome.model.adapter import ModelAdapter, adapter_for
 from lens_rome.model.hooks import attached
-from lens_rome.storage import replacing
 from lens_rome.tracing.attribution import (
-    VERIFY_FORMAT,
+    _UNSET,
     _check_common,
     _contrast_tokens,
     _last_logits,
     _metric,
-    _node_hook,
     _prepare,
+    _renamed_noise,
 )
 from lens_rome.tracing.engine import window_layers
 from lens_rome.tracing.interventions import patch, patch_head
 from lens_rome.tracing.kinds import HEAD
 from lens_rome.tracing.noise_rules import Gaussian, Noise, corrupt
 from lens_rome.tracing.result import TraceResult
+from lens_rome.tracing.saved import SavedAsJson
+
+VERIFY_FORMAT = 1
+BATCH_ROWS = 160  # rows of one restoring pass: sites x samples
 
 Site = tuple[int, int] | tuple[int, int, int]
 
@@ -39,14 +42,15 @@ def restore_sites(
     kind: str,
     sites: Sequence[Site],
     *,
-    corruption: float | torch.Tensor | Noise | None = None,
+    noise: float | torch.Tensor | Noise | None = None,
     samples: int = 10,
     window: int = 10,
     metric: str = "logprob",
     target: str | int | None = None,
     contrast: str | Sequence[int] | None = None,
     seed: int = 0,
-    batch_rows: int = 160,
+    batch_rows: int = BATCH_ROWS,
+    corruption: float | torch.Tensor | Noise | None = _UNSET,
 ) -> tuple[torch.Tensor, float, float]:
     """Exact restorations of chosen sites: ``(scores [n_sites], low_score, high_score)``.
 
@@ -56,42 +60,59 @@ def restore_sites(
     :func:`lens_rome.trace` (the paper's algorithm: a corrupted run with the
     site's clean values patched in; sites share batches of ``batch_rows`` rows).
     ``target`` may be a token id; ``contrast`` for ``"logit_diff"`` may also be
-    one token id per sample.
+    one token id per sample.  ``noise`` is as :func:`lens_rome.trace`'s
+    (``corruption``: its deprecated old name).
     """
-    adapter = adapter_for(model)
-    _check_common([kind], metric, samples, window)
-    prepared = _prepare(model, prompt, subject, corruption, samples, seed, target)
-    tokens, n_tokens, n_layers = prepared.tokens, prepared.tokens.shape[1], adapter.n_layers
+    noise = _renamed_noise(noise, corruption, "restore_sites")
+    return _restore_sites(adapter_for(model), prompt, subject, kind, sites, noise=noise,
+                          samples=samples, window=window, metric=metric, target=target,
+                          contrast=contrast, seed=seed, batch_rows=batch_rows)
+
+
+def _checked_sites(sites: Sequence[Site], kind: str, n_tokens: int, n_layers: int,
+                   n_heads: int) -> list[Site]:
     checked = []
     for site in sites:
         expected = 3 if kind == HEAD else 2
         if len(site) != expected or any(isinstance(v, bool) or not isinstance(v, int)
                                         for v in site):
-            raise ValueError(f"site {site!r} must be {expected} integers "
+            raise InputError(f"site {site!r} must be {expected} integers "
                              f"({'token, layer, head' if kind == HEAD else 'token, layer'})")
         if not (0 <= site[0] < n_tokens and 0 <= site[1] < n_layers) or (
-                kind == HEAD and not 0 <= site[2] < model.cfg.n_heads):
-            raise ValueError(f"site {site!r} is out of range: {n_tokens} tokens, {n_layers} "
-                             f"layers{f', {model.cfg.n_heads} heads' if kind == HEAD else ''}")
+                kind == HEAD and not 0 <= site[2] < n_heads):
+            raise InputError(f"site {site!r} is out of range: {n_tokens} tokens, {n_layers} "
+                             f"layers{f', {n_heads} heads' if kind == HEAD else ''}")
         checked.append(tuple(site))
+    return checked
+
+
+def _restore_sites(adapter: ModelAdapter, prompt, subject, kind, sites, *, noise, samples, window,
+                   metric, target, contrast, seed, batch_rows=BATCH_ROWS
+                   ) -> tuple[torch.Tensor, float, float]:
+    model = adapter.model
+    _check_common([kind], metric, samples, window)
+    prepared = _prepare(adapter, prompt, subject, noise, samples, seed, target)
+    tokens, n_tokens, n_layers = prepared.tokens, prepared.tokens.shape[1], adapter.n_layers
+    checked = _checked_sites(sites, kind, n_tokens, n_layers, adapter.n_heads)
     layers_of = (lambda layer: [layer]) if kind in ("hidden", HEAD) else (
         lambda layer: list(window_layers(layer, window, n_layers)))
-    names = sorted({_node_hook(adapter, kind, l) for s in checked for l in layers_of(s[1])})
+    names = sorted({adapter.hook_name(kind, l) for s in checked for l in layers_of(s[1])})
+    embed = adapter.hook_name("embed")
 
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(tokens, names_filter=set(names).__contains__)
         values, replace = prepared.corruption.values.to(tokens.device), prepared.corruption.replace
-        with attached(model, [corrupt(values, prepared.subject_range,
-                                                  replace=replace)]):
-            logits = _last_logits(model, tokens.expand(samples, -1))
+        with attached(model, [corrupt(values, prepared.subject_range, replace=replace,
+                                      hook_name=embed)]):
+            logits = _last_logits(adapter, tokens.expand(samples, -1))
         if metric != "logit_diff":
             contrast_tokens = None
         elif contrast is None or isinstance(contrast, str):
-            contrast_tokens = _contrast_tokens(model, contrast, logits, prepared.answer)
+            contrast_tokens = _contrast_tokens(adapter, contrast, logits, prepared.answer)
         else:
             contrast_tokens = torch.as_tensor(list(contrast), dtype=torch.long)
             if contrast_tokens.shape != (samples,):
-                raise ValueError(f"contrast token ids must be one per sample ({samples}), "
+                raise InputError(f"contrast token ids must be one per sample ({samples}), "
                                  f"got {len(contrast_tokens)}")
         low = float(_metric(logits, prepared.answer, contrast_tokens, metric).mean())
         high = float(_metric(clean_logits[:, -1].expand(samples, -1), prepared.answer,
@@ -102,26 +123,24 @@ def restore_sites(
         for first in range(0, len(checked), per_batch):
             chunk = checked[first : first + per_batch]
             fwd = [corrupt(values.repeat(len(chunk), 1, 1), prepared.subject_range,
-                                 replace=replace)]
+                           replace=replace, hook_name=embed)]
             for g, site in enumerate(chunk):  # the tracer's own hook factories, one per site
                 rows = slice(g * samples, (g + 1) * samples)
                 for layer in layers_of(site[1]):
-                    name = _node_hook(adapter, kind, layer)
+                    name = adapter.hook_name(kind, layer)
                     fwd.append(patch_head(name, cache[name][0, site[0]], site[0], site[2],
-                                                rows=rows) if kind == HEAD else
+                                          rows=rows) if kind == HEAD else
                                patch(name, cache[name][0, site[0]], site[0], rows=rows))
             with attached(model, fwd):
-                out = _last_logits(model, tokens.expand(len(chunk) * samples, -1))
+                out = _last_logits(adapter, tokens.expand(len(chunk) * samples, -1))
             rows_contrast = None if contrast_tokens is None else contrast_tokens.repeat(len(chunk))
             per_row = _metric(out, prepared.answer, rows_contrast, metric)
             scores.append(per_row.view(len(chunk), samples).mean(1).cpu())
     return (torch.cat(scores) if scores else torch.empty(0)), low, high
 
 
-
-
 @dataclass
-class Verification:
+class Verification(SavedAsJson):
     """The top sites of an attribution estimate, restored exactly, side by side.
 
     ``sites``: ``(token, layer)`` or ``(token, layer, head)`` in the estimate's
@@ -143,6 +162,8 @@ class Verification:
     window: int = 1
     meta: dict = field(default_factory=dict)
 
+    saved_as = "verification"
+
     @property
     def spearman(self) -> float:
         """Rank correlation of estimated and exact effects over the verified sites."""
@@ -156,7 +177,7 @@ class Verification:
 
     def to_frame(self):
         """One row per site: rank, position, token, layer (, head), estimated, exact, error."""
-        import pandas as pd  # noqa: PLC0415
+        import pandas as pd  # noqa: PLC0415 (pandas loads on use)
 
         rows = []
         for rank, (site, estimated, exact) in enumerate(
@@ -171,7 +192,7 @@ class Verification:
 
     def plot(self, ax=None):
         """Estimated against exact indirect effects (one point per site); returns the figure."""
-        from matplotlib.figure import Figure  # noqa: PLC0415
+        from matplotlib.figure import Figure  # noqa: PLC0415 (matplotlib loads on use)
 
         if ax is None:
             fig = Figure(figsize=(4, 4), dpi=150, layout="constrained")
@@ -194,30 +215,20 @@ class Verification:
         data["format"] = VERIFY_FORMAT
         return data
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write as JSON; refuses to replace an existing file unless ``overwrite``."""
-        with replacing(path, overwrite=overwrite) as tmp:
-            tmp.write_text(json.dumps(self.to_dict()))
-        return Path(path)
-
     @classmethod
-    def load(cls, path: str | Path) -> "Verification":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-            if data.pop("format", None) != VERIFY_FORMAT:
-                raise ValueError("missing or unknown 'format'")
-            data["sites"] = [tuple(site) for site in data["sites"]]
-            return cls(**data)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path} is not a readable lens_rome verification: {error}") from None
+    def from_dict(cls, data: dict) -> "Verification":
+        data = dict(data)
+        if data.pop("format", None) != VERIFY_FORMAT:
+            raise SavedFileError("missing or unknown 'format'")
+        data["sites"] = [tuple(site) for site in data["sites"]]
+        return cls(**data)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rank correlation of two equally long vectors (average ranks for ties)."""
     a, b = a.flatten().double(), b.flatten().double()
     if a.shape != b.shape or a.numel() < 2:
-        raise ValueError(f"need two vectors of the same length >= 2, got {tuple(a.shape)} "
+        raise InputError(f"need two vectors of the same length >= 2, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
     ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
@@ -240,7 +251,7 @@ def ranked_sites(result: TraceResult, by: str = "effect") -> list[tuple[int, ...
     """All sites of a trace from the highest score down (``by="magnitude"``: largest
     absolute indirect effect first); sites before the subject are left out."""
     if by not in ("effect", "magnitude"):
-        raise ValueError(f"by must be 'effect' or 'magnitude', got {by!r}")
+        raise InputError(f"by must be 'effect' or 'magnitude', got {by!r}")
     effect = (result.scores - result.low_score)[result.subject_range[0]:]
     key = effect.abs() if by == "magnitude" else effect
     key = torch.nan_to_num(key.float(), nan=-math.inf)
@@ -259,39 +270,43 @@ def verify(
     estimate: TraceResult,
     k: int = 10,
     *,
-    corruption: float | torch.Tensor | Noise | None = None,
+    noise: float | torch.Tensor | Noise | None = None,
     by: str = "effect",
+    corruption: float | torch.Tensor | Noise | None = _UNSET,
 ) -> Verification:
     """Restore the ``k`` top sites of an attribution ``estimate`` exactly.
 
     The sites are ranked by estimated indirect effect (``by="magnitude"``: by its
     absolute value, right for ``grad_drop`` estimates); each is then restored
-    with the same noise draws (the estimate's ``seed`` and ``corruption``, which
+    with the same noise draws (the estimate's ``seed`` and ``noise``, which
     must be the one the estimate was made with; default: the default
-    Gaussian), the same metric and second answer.
+    Gaussian), the same metric and second answer.  ``corruption``: the
+    deprecated old name of ``noise``.
     """
+    noise = _renamed_noise(noise, corruption, "verify")
     if not isinstance(estimate, TraceResult):
-        raise TypeError(f"estimate must be a TraceResult from attribute(), got "
-                        f"{type(estimate).__name__}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if corruption is None:
-        corruption = Gaussian(scale=3.0)
-    if isinstance(corruption, Noise) and str(corruption) != estimate.noise:
-        raise ValueError(f"the estimate was made with noise {estimate.noise!r}, not "
-                         f"{str(corruption)!r}: pass the same corruption to verify")
+        raise WrongTypeError(f"estimate must be a TraceResult from attribute(), got "
+                             f"{type(estimate).__name__}")
+    positive_int(k, "k")
+    if noise is None:
+        noise = Gaussian(scale=3.0)
+    if isinstance(noise, Noise) and str(noise) != estimate.noise:
+        raise InputError(f"the estimate was made with noise {estimate.noise!r}, not "
+                         f"{str(noise)!r}: pass the same noise to verify")
     sites = ranked_sites(estimate, by)[:k]
-    exact, low, _ = restore_sites(
-        model, estimate.prompt, estimate.subject, estimate.kind, sites, corruption=corruption,
+    exact, low, _ = _restore_sites(
+        adapter_for(model), estimate.prompt, estimate.subject, estimate.kind, sites, noise=noise,
         samples=estimate.samples, window=estimate.window, metric=estimate.metric,
-        target=estimate.answer_token, contrast=estimate.meta.get("contrast_tokens"),
-        seed=int(estimate.meta.get("seed", 0)),
+        target=estimate.answer_token, contrast=estimate.contrast_tokens, seed=estimate.seed,
     )
     estimated = [float(estimate.scores[site]) - estimate.low_score for site in sites]
+    about = {"method": estimate.method, "seed": estimate.seed, **estimate.meta}
+    if estimate.contrast_tokens is not None:
+        about.update(contrast=estimate.contrast, contrast_tokens=estimate.contrast_tokens)
     return Verification(
         sites=sites, estimated=estimated, exact=[float(x) - low for x in exact],
         tokens=list(estimate.tokens), kind=estimate.kind, metric=estimate.metric,
         low_score=low, high_score=estimate.high_score, prompt=estimate.prompt,
         subject=estimate.subject, answer=estimate.answer, window=estimate.window,
-        meta={"by": by, "estimate": dict(estimate.meta), "noise": estimate.noise},
+        meta={"by": by, "estimate": about, "noise": estimate.noise},
     )

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from matplotlib.figure import Figure
 
+from lens_rome.tracing.kinds import CATEGORIES
 from lens_rome.views.trace import COLORMAPS
+
+if TYPE_CHECKING:
+    from lens_rome.tracing.dataset import DatasetTrace
 
 KIND_COLORS = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
 KIND_TITLES = {"hidden": "single restored layer", "mlp": "MLP, window", "attn": "attention, window"}
 
 
-def plot_dataset_effects(result, n_boot: int = 1000) -> Figure:
-    """The paper's Figure 2 for a :class:`lens_rome.dataset_trace.DatasetTrace`.
+def plot_dataset_effects(result: DatasetTrace, n_boot: int = 1000) -> Figure:
+    """The paper's Figure 2 for a :class:`lens_rome.tracing.dataset.DatasetTrace`.
 
     Top row: average indirect effect ``[category, layer]`` per kind (heatmaps);
     bottom row: the AIE at the last subject token and at the last token across
     layers, shaded with the 95% bootstrap interval.
     """
-    from lens_rome.tracing.dataset import CATEGORIES  # noqa: PLC0415 (it imports us lazily)
-
     kinds = result.kinds
     fig = Figure(figsize=(4.2 * len(kinds), 6.4), dpi=150, layout="constrained")
     axes = fig.subplots(2, len(kinds), squeeze=False, height_ratios=[1.1, 1])
@@ -53,7 +57,7 @@ def plot_dataset_effects(result, n_boot: int = 1000) -> Figure:
     return fig
 
 
-def plot_dataset_severed(result, n_boot: int = 1000) -> Figure:
+def plot_dataset_severed(result: DatasetTrace, n_boot: int = 1000) -> Figure:
     """The paper's Figure 3: hidden-state AIE at the last subject token per layer, plain
     and with the MLP or attention outputs of that token severed (95% intervals)."""
     fig = Figure(figsize=(9, 3.4), dpi=150, layout="constrained")

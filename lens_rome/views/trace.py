@@ -33,34 +33,40 @@ import json
 import re
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.storage import replacing
 from lens_rome.tracing.kinds import HEAD, KINDS
-from lens_rome.tracing.result import TraceResult
+
+if TYPE_CHECKING:
+    from lens_rome.tracing.result import TraceResult
 
 COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "head": "Oranges"}
 KIND_NAMES = {"hidden": "state", "mlp": "MLP", "attn": "Attn", "head": "one head"}
 VIEW_KINDS = (*KINDS, HEAD)
 SHOWN_HEADS = 24  # heads offered in the inline view of a per-head trace
 SEVER_NAMES = {"mlp": "MLP", "attn": "Attn"}
+# What a view reads of a TraceResult (checked by name: views never import tracing's results).
+RESULT_FIELDS = ("scores", "kind", "tokens", "subject_range", "low_score", "high_score", "method")
 
 
 def _checked_scores(result: TraceResult) -> np.ndarray:
     """``result.scores`` as a float64 array ``[n_tokens, n_layers]`` (``[n_tokens, n_layers,
     n_heads]`` for a per-head trace), checked against the tokens."""
-    if not isinstance(result, TraceResult):
-        raise TypeError(f"expected a lens_rome TraceResult, got {type(result).__name__}")
+    if not all(hasattr(result, name) for name in RESULT_FIELDS):
+        raise WrongTypeError(f"expected a lens_rome TraceResult, got {type(result).__name__}")
     if result.kind not in VIEW_KINDS:
-        raise ValueError(f"result.kind must be one of {VIEW_KINDS}, got {result.kind!r}")
+        raise InputError(f"result.kind must be one of {VIEW_KINDS}, got {result.kind!r}")
     scores = torch.as_tensor(result.scores).detach().to("cpu", torch.float64).numpy()
     ndim, layout = (3, "[n_tokens, n_layers, n_heads]") if result.kind == HEAD else (
         2, "[n_tokens, n_layers]")
     if scores.ndim != ndim or scores.shape[0] != len(result.tokens) or 0 in scores.shape:
-        raise ValueError(
+        raise InputError(
             f"result.scores of a {result.kind!r} trace must be {layout} with n_tokens = "
             f"len(result.tokens) = {len(result.tokens)} and at least one layer; got shape "
             f"{tuple(scores.shape)}"
@@ -69,7 +75,7 @@ def _checked_scores(result: TraceResult) -> np.ndarray:
 
 
 def _is_estimate(result: TraceResult) -> bool:
-    return result.meta.get("method") == "attribution"
+    return result.method == "attribution"
 
 
 def score_label(result: TraceResult) -> str:
@@ -109,8 +115,6 @@ def token_labels(result: TraceResult) -> list[str]:
     return [token + "*" if start <= i < end else token for i, token in enumerate(result.tokens)]
 
 
-
-
 def _root_figure(ax) -> Figure:
     """The top-level figure holding ``ax`` (``ax.figure`` may be a subfigure)."""
     try:
@@ -126,7 +130,7 @@ def head_position(result: TraceResult) -> int:
     """The token whose best head restoration has the largest indirect effect."""
     scores = _checked_scores(result)
     if np.isnan(scores).all():
-        raise ValueError("the per-head trace holds no restored states (all scores are NaN)")
+        raise InputError("the per-head trace holds no restored states (all scores are NaN)")
     best = np.nanmax(np.where(np.isnan(scores), -np.inf, scores), axis=(1, 2))
     return int(np.argmax(best))
 
@@ -157,7 +161,7 @@ def plot_trace(result: TraceResult, ax=None, title: str | None = None,
     if result.kind == HEAD:
         return _plot_heads(result, scores, ax, title, position)
     if position is not None:
-        raise ValueError(f"position applies to per-head traces; this trace's kind is "
+        raise InputError(f"position applies to per-head traces; this trace's kind is "
                          f"{result.kind!r}")
     n_tokens, n_layers = scores.shape
     if ax is None:
@@ -188,7 +192,7 @@ def _plot_heads(result: TraceResult, scores: np.ndarray, ax, title, position) ->
         position = head_position(result)
     if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not (
             0 <= position < n_tokens):
-        raise ValueError(f"position must be a token index 0..{n_tokens - 1}, got {position!r}")
+        raise InputError(f"position must be a token index 0..{n_tokens - 1}, got {position!r}")
     grid = scores[position].T  # [head, layer]
     if ax is None:
         fig = Figure(figsize=(6, 1.2 + 0.24 * n_heads), dpi=150, layout="constrained")
@@ -207,8 +211,6 @@ def _plot_heads(result: TraceResult, scores: np.ndarray, ax, title, position) ->
     colorbar = ax.figure.colorbar(image, ax=ax)
     colorbar.ax.set_xlabel(score_label(result))
     return fig
-
-
 
 
 class TraceView:
@@ -252,7 +254,7 @@ class TraceView:
 @functools.lru_cache(maxsize=1)
 def circuitsvis_bundle() -> str:
     """circuitsvis's JavaScript bundle, safe to place inside a ``<script>`` element."""
-    import circuitsvis  # noqa: PLC0415
+    import circuitsvis  # noqa: PLC0415 (loads on first use)
 
     bundle = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
     if not bundle.is_file():
@@ -272,7 +274,7 @@ def render_offline(component: str, **props) -> str:
     the script element (``<`` is escaped inside the JSON).
     """
     if not component.isidentifier():
-        raise ValueError(f"component must be a circuitsvis component name such as "
+        raise InputError(f"component must be a circuitsvis component name such as "
                          f"'ColoredTokensMulti', got {component!r}")
     element_id = f"circuits-vis-{uuid.uuid4().hex[:13]}"
     props = {

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-from lens_rome.data.requests import EditRequest
-from lens_rome.editing.memit import check_requests, critical_layers, load_edit, request_keys
-from lens_rome.editing.null_space import key_gram, projector, update_left
-from lens_rome.editing.rome import Edit
-from lens_rome.editing.values import _key_and_value
-from lens_rome.editing.weights import applied_edits, edited_keys
-from lens_rome.evaluation.measures import target_log_probs
-from lens_rome.model.adapter import adapter_for
-
-from lens_rome.editing import memit
-from lens_rome.editing import rome
-
 import pytest
 import torch
 
-from lens_rome.editing.memit import MemitEdit, MemitHyperParams
+from lens_rome.data.requests import EditRequest
+from lens_rome.editing import memit, rome
 from lens_rome.editing.hparams import RomeHyperParams
+from lens_rome.editing.memit import (
+    MemitEdit,
+    MemitHyperParams,
+    check_requests,
+    critical_layers,
+    load_edit,
+    request_keys,
+)
+from lens_rome.editing.null_space import key_gram, projector, update_left
+from lens_rome.editing.rome import Edit
 from lens_rome.editing.statistics import key_statistics
+from lens_rome.editing.values import key_and_value
+from lens_rome.editing.weights import applied_edits, edited_keys
+from lens_rome.evaluation.measures import target_log_probs
+from lens_rome.model.adapter import adapter_for
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris, France.",
@@ -73,7 +76,7 @@ def target_scores(model, requests):
 def test_keys_are_romes_k_star(tiny_llama):
     hp = RomeHyperParams(layer=2, **FAST)
     request = EditRequest.parse(REQUESTS[0])
-    kv = _key_and_value(adapter_for(tiny_llama), request, hp)
+    kv = key_and_value(adapter_for(tiny_llama), request, hp)
     keys = request_keys(tiny_llama, [request], 2, hp)
     torch.testing.assert_close(keys[0], kv.key, rtol=1e-5, atol=1e-6)
 
@@ -81,7 +84,7 @@ def test_keys_are_romes_k_star(tiny_llama):
 def test_keys_with_text_prefixes_are_romes_k_star(tiny_llama):
     hp = RomeHyperParams(layer=2, v_steps=3, prefixes=("The city was quiet", "I think"))
     request = EditRequest.parse(REQUESTS[0])
-    kv = _key_and_value(adapter_for(tiny_llama), request, hp)
+    kv = key_and_value(adapter_for(tiny_llama), request, hp)
     assert kv.info["rows"] == 3  # the bare prompt and the two texts
     keys = request_keys(tiny_llama, [request], 2, hp)
     torch.testing.assert_close(keys[0], kv.key, rtol=1e-5, atol=1e-6)
@@ -94,7 +97,7 @@ def test_one_request_one_layer_is_romes_direction(tiny_llama, tmp_path, weight):
     stats = stats_for(model, (2,), tmp_path)
     value = RomeHyperParams(layer=2, **FAST)
     request = EditRequest.parse(REQUESTS[0])
-    kv = _key_and_value(adapter_for(model), request, value)
+    kv = key_and_value(adapter_for(model), request, value)
     with rome.edited(model, request, hparams=value, stats=stats[2]) as single:
         romes = single.weight_delta().double()
     with memit.edited(model, [request], hparams=MemitHyperParams(
@@ -193,7 +196,7 @@ def test_default_layers_come_from_the_mlp_trace():
     import json
     from pathlib import Path
 
-    figures = Path(__file__).resolve().parents[1] / "docs" / "figures"
+    figures = Path(__file__).resolve().parents[2] / "docs" / "figures"
     for model in ("smollm2-135m", "gemma-3-270m"):
         trace = json.loads((figures / f"editing_layer_{model}.json").read_text())
         assert critical_layers(trace["aie_last_subject_token"]) == \
@@ -226,7 +229,7 @@ def test_r_rome_maps_the_averaged_key_to_v_star(tiny_llama, tmp_path):
     model = tiny_llama
     stats = stats_for(model, (2,), tmp_path)[2]
     hp = RomeHyperParams(layer=2, update_key="average", **FAST)
-    kv = _key_and_value(adapter_for(model), EditRequest.parse(REQUESTS[0]), hp)
+    kv = key_and_value(adapter_for(model), EditRequest.parse(REQUESTS[0]), hp)
     weight = model.blocks[2].mlp.W_out.detach().double()
     with rome.edited(model, REQUESTS[0], hparams=hp, stats=stats) as change:
         moved = kv.key @ change.weight_delta().double()

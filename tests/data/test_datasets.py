@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from lens_rome.data.cases import CounterFactCase, ZsreCase, load_counterfact, load_dataset, load_zsre, save_cases
+from lens_rome.data.cases import (
+    CounterFactCase,
+    ZsreCase,
+    load_counterfact,
+    load_dataset,
+    load_zsre,
+    save_cases,
+)
 from lens_rome.data.known_facts import build_counterfact
 
 RECORD = {

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from lens_rome.cli import arguments, demo, main
-
-
-from lens_rome.cli.demo import prepare_folder
-from lens_rome.cli.output import report, trace_paths, write_trace
+import subprocess
+import sys
 
 import pytest
 import torch
+from helpers import run
 
+from lens_rome.cli import arguments, demo, main
+from lens_rome.cli.demo import prepare_folder
+from lens_rome.cli.output import report, trace_paths, write_trace
+from lens_rome.errors import InputError
 from lens_rome.tracing.result import TraceResult
 
 # Subject late in the prompt: only 4 of 8 tokens need restoring, so the trace is quick.
@@ -19,14 +21,6 @@ SUBJECT = "Vladimir Putin"
 FILES = ["trace_hidden.png", "trace_hidden.html", "trace_hidden.json"]
 
 
-def run(argv, capsys) -> tuple[int, str, str]:
-    """``main(argv)``: exit status, stdout, stderr."""
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def trace_args(out, *extra):
@@ -55,7 +49,6 @@ def no_model(monkeypatch):
     monkeypatch.setattr(arguments, "load", refuse)
 
 
-# --------------------------------------------------------------------------- writing (no model)
 
 
 def test_write_trace_writes_png_html_json_that_reload(tmp_path):
@@ -95,7 +88,6 @@ def test_report_names_scores_sites_and_files(tmp_path):
     assert "' Putin'" in subject_line and "layer   4" in subject_line  # best of rows 4..5
 
 
-# --------------------------------------------------------------------------- refusals (no model)
 
 
 def test_existing_file_is_refused_before_any_work(tmp_path, capsys, no_model):
@@ -132,6 +124,35 @@ def test_a_command_is_required(capsys):
     assert status == 2 and "usage" in err
 
 
+def test_bad_input_is_one_error_line_and_status_2(tmp_path, capsys, monkeypatch):
+    def bad_input(name):
+        raise InputError(f"no model {name!r} here")
+
+    monkeypatch.setattr(arguments, "load", bad_input)
+    assert main([str(a) for a in trace_args(tmp_path, "--model", "elsewhere")]) == 2
+    assert capsys.readouterr().err == "error: no model 'elsewhere' here\n"
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    def bug(name):
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr(arguments, "load", bug)
+    with pytest.raises(RuntimeError, match="a bug, not bad input"):
+        main([str(a) for a in trace_args(tmp_path)])
+
+
+def test_parsing_imports_no_torch():
+    code = ("import sys, contextlib, io, lens_rome.cli as cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    cli.main(['trace', '--help'])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformer_lens')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_unknown_model_exits_2(tmp_path, capsys):
     status, out, err = run(trace_args(tmp_path, "--model", "no-such-model"), capsys)
     assert status == 2
@@ -140,17 +161,13 @@ def test_unknown_model_exits_2(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-# --------------------------------------------------------------------------- the demo's folder
 
 
 def test_demo_writes_only_into_its_own_folder(tmp_path, capsys):
-
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
-    with pytest.raises(SystemExit) as exit_:
-        demo.main(["--out", str(foreign), "--samples", "1"])
-    assert exit_.value.code == 2
+    assert demo.main(["--out", str(foreign), "--samples", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "did not create" in err and "Traceback" not in err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
@@ -161,7 +178,6 @@ def test_demo_writes_only_into_its_own_folder(tmp_path, capsys):
     prepare_folder(fresh)  # the demo's own, non-empty folder: reused
 
 
-# --------------------------------------------------------------------------- on the real model
 
 
 @pytest.mark.embedded
@@ -185,7 +201,7 @@ def test_trace_writes_files_refuses_then_overwrites(tmp_path, capsys):
     status, stdout, err = run(trace_args(out, "--overwrite", "--seed", "1"), capsys)
     assert status == 0, err
     rewritten = TraceResult.load(out / "trace_hidden.json")
-    assert rewritten.meta["seed"] == 1
+    assert rewritten.seed == 1
     assert not torch.equal(rewritten.scores, result.scores)  # other noise, new file
 
 

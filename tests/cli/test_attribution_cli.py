@@ -3,23 +3,20 @@ attribution``, on tiny models."""
 
 from __future__ import annotations
 
-from lens_rome.cli import arguments
-from lens_rome.tracing import kinds
-
-
-from lens_rome.tracing.noise_rules import Gaussian
-
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import run
 
-from lens_rome.tracing.verify import Verification
+from lens_rome.cli import arguments
+from lens_rome.tracing import kinds
 from lens_rome.tracing.attribution import attribute_many
 from lens_rome.tracing.dataset import trace_dataset
+from lens_rome.tracing.noise_rules import Gaussian
 from lens_rome.tracing.result import TraceResult
-from test_cli import run
+from lens_rome.tracing.verify import Verification
 
 PROMPT = "The Space Needle is in downtown"
 SUBJECT = "The Space Needle"
@@ -106,8 +103,6 @@ def test_noise_and_swap_exclude_each_other(tmp_path, capsys, no_model):
     assert status == 2 and "not allowed with argument" in err
 
 
-# --------------------------------------------------------------------------- trace-dataset
-
 FACTS = [
     {"known_id": 3, "subject": "The Eiffel Tower", "attribute": "Paris",
      "prompt": "The Eiffel Tower is located in the city of"},
@@ -125,7 +120,7 @@ def test_dataset_attribution_rows_are_the_estimates(tiny_llama, tmp_path):
     for fact in FACTS:
         estimates = attribute_many(tiny_llama, fact["prompt"], fact["subject"], samples=2,
                                    window=3, metric="prob", seed=fact["known_id"],
-                                   corruption=Gaussian(level=level))
+                                   noise=Gaussian(level=level))
         rows = result.frame[result.frame["known_id"] == fact["known_id"]]
         for estimate in estimates:
             got = rows[rows["kind"] == estimate.kind]

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from lens_rome.model import loading
-
-
-from lens_rome.model.loading import _load_embedded
-
 import json
 
 import pytest
 import torch
 
+from lens_rome.model import loading
 from lens_rome.model.adapter import adapter_for
-from lens_rome.model.loading import load_model
 from lens_rome.model.embedded import EMBEDDED_MODELS, EmbeddedModel
-from lens_rome.model.loading import _build_from_gguf, _write_cache
+from lens_rome.model.loading import (
+    _build_from_gguf,
+    _load_embedded,
+    _write_cache,
+    load_model,
+)
 
 PROMPT = "The Eiffel Tower is located in the city of"
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from lens_rome.data.requests import EditRequest
+from lens_rome.editing import hparams, rome, values
 from lens_rome.editing.hparams import RomeHyperParams
 from lens_rome.editing.layout import lookup_position
 from lens_rome.editing.prefixes import _generate_prefixes
 from lens_rome.editing.rome import Edit
-from lens_rome.editing.values import _key_and_value, _layout
+from lens_rome.editing.statistics import key_statistics
+from lens_rome.editing.values import _layout, key_and_value
 from lens_rome.editing.weights import applied_edits
 from lens_rome.evaluation.measures import greedy_continuation, target_log_probs
 from lens_rome.model.adapter import adapter_for
-
-from lens_rome.editing import hparams, rome, values
-
-import pytest
-import torch
-
-from lens_rome.editing.statistics import key_statistics
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris, France.",
@@ -126,10 +124,10 @@ def test_lookup_positions():
 
 
 def test_prefixes_are_deterministic(tiny_llama):
-    a = _generate_prefixes(tiny_llama, 4, (3, 5), 0, 5)
-    b = _generate_prefixes(tiny_llama, 4, (3, 5), 0, 5)
+    a = _generate_prefixes(adapter_for(tiny_llama), 4, (3, 5), 0, 5)
+    b = _generate_prefixes(adapter_for(tiny_llama), 4, (3, 5), 0, 5)
     assert a == b and sorted(len(p) for p in a) == [3, 3, 5, 5]
-    assert _generate_prefixes(tiny_llama, 4, (3, 5), 1, 5) != a
+    assert _generate_prefixes(adapter_for(tiny_llama), 4, (3, 5), 1, 5) != a
 
 
 # --------------------------------------------------------------------------- the update
@@ -158,7 +156,7 @@ def test_edit_follows_the_paper_formula(tiny_llama, tmp_path):
     stats = key_statistics(model, 2, CORPUS, samples=20, token_length=16,
                            cache_dir=tmp_path, progress=False)
     hp = RomeHyperParams(layer=2, **FAST)
-    kv = _key_and_value(adapter_for(model), EditRequest.parse(REQUEST), hp)
+    kv = key_and_value(adapter_for(model), EditRequest.parse(REQUEST), hp)
     change = rome.edit(model, REQUEST, hparams=hp, stats=stats)
     try:
         u = torch.linalg.solve(stats.second_moment, kv.key)
@@ -268,7 +266,7 @@ def test_one_batch_of_lean_blocks_equals_transformer_lens_layouts(tiny_llama):
         with rome.edited(tiny_llama, REQUEST, layer=2, stats=stats, lean_blocks=lean,
                          v_steps=4, n_prefixes=6) as change:
             results[lean] = change
-    assert results[True].info["blocks"] == "lens_rome.fast_blocks"
+    assert results[True].info["blocks"] == "lens_rome.model.fast_blocks"
     assert results[False].info["blocks"] == "transformer_lens"
     for a, b in zip(results[True].info["v_history"], results[False].info["v_history"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -367,8 +365,8 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
 def test_lean_setup_states_equal_transformer_lens(tiny_llama, kl):
     """k*, the MLP output, the residual stream and the cached keys/values of the v* loop's
     setup are the same from the lean blocks as from TransformerLens' blocks."""
-    from lens_rome.model.fast_blocks import FastBlocks
     from lens_rome.model.adapter import adapter_for
+    from lens_rome.model.fast_blocks import FastBlocks
 
     adapter = adapter_for(tiny_llama)
     hp = RomeHyperParams.for_model(tiny_llama, layer=2, n_prefixes=4)

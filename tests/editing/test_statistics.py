@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
+from lens_rome.data.corpus import token_chunks, wikipedia_path
 from lens_rome.editing.statistics import key_statistics
 from lens_rome.model.adapter import model_fingerprint
-from lens_rome.data.corpus import token_chunks, wikipedia_path
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris, France.",

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from lens_rome.editing import rome
-
 import pytest
 import torch
 
-from lens_rome.editing.statistics import key_statistics
-from reference_rome import rome_weight_change
+from lens_rome.editing import key_statistics, rome
+from lens_rome.reference import rome_weight_change
 
 REQUEST = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
            "target_new": " Rome"}

@@ -3,21 +3,18 @@
 
 from __future__ import annotations
 
-from lens_rome.tracing import interventions
+import pytest
+import torch
+from transformer_lens.cache.key_value_cache_entry import (
+    TransformerLensKeyValueCacheEntry,
+)
 
-from lens_rome.tracing import engine
-
-
+from lens_rome.model.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 from lens_rome.model.hooks import attached
+from lens_rome.tracing import engine, interventions
 from lens_rome.tracing.engine import trace, trace_all
 from lens_rome.tracing.interventions import patch
 from lens_rome.tracing.kinds import KINDS
-
-import pytest
-import torch
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
-from lens_rome.model.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 
 PROMPT, SUBJECT = "The Space Needle is in downtown", "The Space Needle"
 
@@ -110,7 +107,7 @@ def test_float32_traces_take_the_fast_path_exactly_and_user_hooks_keep_transform
         tiny_llama, monkeypatch):
     calls = _spy_fast_calls(monkeypatch)
     fast = trace_all(tiny_llama, PROMPT, SUBJECT, samples=2, window=3)
-    assert calls and all(r.meta["blocks"] == "lens_rome.fast_blocks" for r in fast.values())
+    assert calls and all(r.meta["blocks"] == "lens_rome.model.fast_blocks" for r in fast.values())
     assert all(r.meta["precision"] == "float32" for r in fast.values())
     monkeypatch.setattr(engine, "unsupported_reason", lambda model: "forced off")
     slow = trace_all(tiny_llama, PROMPT, SUBJECT, samples=2, window=3)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from lens_rome.tracing.result import TraceResult
-from lens_rome.tracing.subject import locate_subject
+from lens_rome.errors import SavedFileError
 from lens_rome.tracing.engine import trace
 from lens_rome.tracing.noise_rules import Gaussian, SubjectSwap
+from lens_rome.tracing.result import TraceResult
+from lens_rome.tracing.subject import locate_subject
 
 PROMPT = "The Space Needle is in downtown"
 SUBJECT = "The Space Needle"
@@ -60,7 +63,12 @@ def test_same_seed_same_scores_and_target(tiny_llama):
 
 
 def test_noise_rules_run(tiny_gpt2):
-    from lens_rome.tracing.noise_rules import MultivariateGaussian, Replacement, StudentT, Uniform
+    from lens_rome.tracing.noise_rules import (
+        MultivariateGaussian,
+        Replacement,
+        StudentT,
+        Uniform,
+    )
 
     for rule in [Gaussian(), Gaussian(level=0.5), StudentT(), Uniform(), MultivariateGaussian(),
                  Replacement(), 0.2]:
@@ -83,12 +91,39 @@ def test_save_and_load_round_trip(tiny_llama, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         result.save(path)
     result.save(path, overwrite=True)
+    assert (loaded.method, loaded.seed, loaded.contrast, loaded.contrast_tokens) == (
+        "exact", 0, None, None)
+    assert loaded.meta == result.meta and "seed" not in loaded.meta
     path.write_text('{"scores": [1, 2')
-    with pytest.raises(ValueError, match="not a readable lens_rome trace result"):
+    with pytest.raises(SavedFileError, match="not a readable lens_rome trace result"):
         TraceResult.load(path)
 
 
-# --------------------------------------------------------------------------- bad input
+FIRST_FORMAT = {  # as lens_rome wrote results before method, seed and contrast were fields
+    "scores": [[0.1, 0.2], [0.3, 0.4]], "low_score": 0.1, "high_score": 0.5, "answer": " Paris",
+    "answer_token": 7, "tokens": ["The", " Tower"], "subject_range": [0, 1], "kind": "hidden",
+    "window": 1, "prompt": "The Tower", "subject": "The", "samples": 2, "sever": None,
+    "noise": "Gaussian(scale=3.0, level=None)", "model_name": "tiny", "format": 1,
+}
+
+
+@pytest.mark.parametrize("meta, fields, kept", [
+    ({"seed": 4, "bf16": False, "precision": "float32", "blocks": "transformer_lens"},
+     ("exact", 4, None, None), {"bf16": False, "precision": "float32", "blocks": "transformer_lens"}),
+    ({"method": "attribution", "seed": 2, "qk_fix": True, "grad_drop": False,
+      "contrast": [" Rome", " Rome"], "contrast_tokens": [9, 9]},
+     ("attribution", 2, [" Rome", " Rome"], [9, 9]), {"qk_fix": True, "grad_drop": False}),
+])
+def test_results_of_the_first_format_still_load(tmp_path, meta, fields, kept):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({**FIRST_FORMAT, "metric": "logit_diff", "meta": meta}))
+    loaded = TraceResult.load(path)
+    assert (loaded.method, loaded.seed, loaded.contrast, loaded.contrast_tokens) == fields
+    assert loaded.meta == kept and loaded.scores.shape == (2, 2)
+    rewritten = loaded.save(tmp_path / "new.json")
+    saved = json.loads(rewritten.read_text())
+    assert saved["format"] == 2 and saved["seed"] == fields[1] and "seed" not in saved["meta"]
+    assert TraceResult.load(rewritten).to_dict() == loaded.to_dict()
 
 
 @pytest.mark.parametrize(
@@ -133,9 +168,6 @@ def test_noise_tensor_must_be_finite(tiny_gpt2, bad):
 def test_noise_of_wrong_type(tiny_gpt2):
     with pytest.raises(TypeError, match="noise must be a float level, a tensor"):
         trace(tiny_gpt2, PROMPT, SUBJECT, noise="s3")
-
-
-# --------------------------------------------------------------------------- embedded model
 
 
 def _answered(model, facts, limit):

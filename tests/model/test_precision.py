@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from lens_rome.model import precision
-
-
-from lens_rome.editing.hparams import RomeHyperParams
-from lens_rome.model.precision import _FAST, _PROBES, bf16_is_fast, probe_report, resolve_bf16
-
-from lens_rome.editing import rome
-
 import warnings
 
 import pytest
 import torch
 
+from lens_rome.editing import rome
+from lens_rome.editing.hparams import RomeHyperParams
+from lens_rome.model import precision
+from lens_rome.model.precision import (
+    _FAST,
+    _PROBES,
+    bf16_is_fast,
+    probe_report,
+    resolve_bf16,
+)
 from lens_rome.tracing.engine import trace
 
 PROMPT, SUBJECT = "The Space Needle is in downtown", "The Space Needle"
@@ -82,7 +84,7 @@ def test_rome_defaults_to_float32_where_bf16_is_slow(tiny_llama, bf16_slow):
                            stats=torch.eye(tiny_llama.cfg.d_mlp, dtype=torch.float64))
     change.revert()
     assert change.info["precision"] == "float32"
-    assert change.info["blocks"] == "lens_rome.fast_blocks"
+    assert change.info["blocks"] == "lens_rome.model.fast_blocks"
 
 
 @pytest.mark.parametrize("fast", [False, True])

@@ -32,9 +32,6 @@ def colorbar_of(fig: Figure) -> Colorbar:
     return colorbars[0]
 
 
-# --------------------------------------------------------------------------- plot
-
-
 def test_plot_is_one_heatmap_with_a_colorbar():
     result = make_result()
     fig = result.plot()
@@ -104,9 +101,6 @@ def test_views_reject_scores_that_do_not_match_tokens():
         show_trace(make_result(kind="resid"))
 
 
-# --------------------------------------------------------------------------- show
-
-
 def test_show_contains_tokens_and_header():
     result = make_result()
     view = result.show()
@@ -148,9 +142,6 @@ def test_save_refuses_to_overwrite(tmp_path):
     path.write_text("old")
     view.save(path, overwrite=True)
     assert path.read_text(encoding="utf-8") == text
-
-
-# --------------------------------------------------------------------------- a real trace
 
 
 def test_views_of_a_real_trace(tiny_gpt2, tmp_path):

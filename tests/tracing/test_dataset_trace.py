@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from lens_rome.tracing import dataset as dataset_trace
-
-
-from lens_rome.tracing.noise_rules import Gaussian
-
 import json
 
 import numpy as np
@@ -15,8 +10,18 @@ import pytest
 from matplotlib.figure import Figure
 
 from lens_rome.data.known_facts import answered_correctly, load_known_facts
-from lens_rome.tracing.dataset import CATEGORIES, DatasetTrace, FactStore, TraceSettings, token_categories, trace_dataset, trace_fact
+from lens_rome.tracing import dataset as dataset_trace
+from lens_rome.tracing.dataset import (
+    CATEGORIES,
+    DatasetTrace,
+    FactStore,
+    TraceSettings,
+    token_categories,
+    trace_dataset,
+    trace_fact,
+)
 from lens_rome.tracing.engine import trace
+from lens_rome.tracing.noise_rules import Gaussian
 
 FACTS = [
     {"known_id": 3, "subject": "The Eiffel Tower", "attribute": "Paris",
@@ -240,7 +245,9 @@ def test_cli_rejects_a_bad_facts_file(tmp_path, capsys):
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"known_id": 1, "subject": "x"}]))
-    with pytest.raises(SystemExit) as stop:
-        main(["trace-dataset", "--facts", str(bad), "--out", str(tmp_path / "o")])
-    assert stop.value.code == 2
+    try:  # bad input: exit status 2, whether argparse or the command reports it
+        status = main(["trace-dataset", "--facts", str(bad), "--out", str(tmp_path / "o")])
+    except SystemExit as stop:
+        status = stop.code
+    assert status == 2
     assert "fact 1 of " in (err := capsys.readouterr().err) and "lacks 'attribute'" in err

@@ -51,10 +51,10 @@ def test_top_sites_skip_unrestored_states():
 
 
 def test_head_result_round_trips(tmp_path):
-    result = head_result(meta={"method": "attribution", "seed": 3})
+    result = head_result(method="attribution", seed=3)
     loaded = TraceResult.load(result.save(tmp_path / "heads.json"))
     assert torch.equal(loaded.scores, result.scores) and loaded.n_heads == N_HEADS
-    assert loaded.method == "attribution"
+    assert loaded.method == "attribution" and loaded.seed == 3
 
 
 def test_head_heatmap_is_heads_by_layers_at_the_strongest_token():
@@ -94,7 +94,7 @@ def test_head_view_offers_the_strongest_heads():
 
 def test_estimates_say_so_and_logit_difference_is_labelled():
     result = head_result(kind="hidden", scores=torch.rand(5, 6),
-                         meta={"method": "attribution"}, metric="logit_diff")
+                         method="attribution", metric="logit_diff")
     fig = result.plot()
     assert fig.axes[0].get_title().startswith("Estimated impact of restoring state")
     assert fig.axes[-1].get_xlabel() == "logit diff(' Paris')"

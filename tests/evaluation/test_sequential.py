@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-from lens_rome.cli import main
-from lens_rome.evaluation import runner
-from lens_rome.model import loading
-
-
-from lens_rome.editing.registry import NoEdit, apply_batch, make_method
-from lens_rome.evaluation.runner import checkpoint_samples, load_records
-
 import json
 
 import pytest
 import torch
+from helpers import CASES, FAST
 
-from lens_rome.evaluation.runner import COUNTERFACT_KEYS, RUN_KEYS, SEQUENTIAL_KEYS, evaluate, measure_cases, summarize
-from lens_rome.editing.memit import MemitHyperParams
+from lens_rome.cli import main
 from lens_rome.editing.hparams import RomeHyperParams
+from lens_rome.editing.memit import MemitHyperParams
+from lens_rome.editing.registry import NoEdit, apply_batch, make_method
 from lens_rome.editing.statistics import key_statistics
-from test_evaluation import CASES, FAST
+from lens_rome.evaluation import runner
+from lens_rome.evaluation.runner import (
+    COUNTERFACT_KEYS,
+    RUN_KEYS,
+    SEQUENTIAL_KEYS,
+    checkpoint_samples,
+    evaluate,
+    load_records,
+    measure_cases,
+    summarize,
+)
+from lens_rome.model import loading
 
 TINY = dict(v_steps=2, n_prefixes=2, prefix_lengths=(3,))
 CORPUS = ["The Eiffel Tower is located in the city of Paris, France.",
@@ -132,7 +137,7 @@ def test_run_errors(tiny_gpt2, tmp_path):
                  checkpoints=[3], **FAST)
     with pytest.raises(ValueError, match="checkpoints are for sequential runs"):
         evaluate(tiny_gpt2, CASES, "none", tmp_path, checkpoints=[1], **FAST)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         evaluate(tiny_gpt2, CASES, "none", tmp_path, batch_size=0, **FAST)
     with pytest.raises(ValueError, match="batch of edit requests is empty"):
         apply_batch(NoEdit(), tiny_gpt2, [])
@@ -208,6 +213,6 @@ def test_sampled_run_extends_to_more_cases(tiny_llama, stats, tmp_path, monkeypa
     with pytest.raises(ValueError, match="checkpoint_sample is for sequential runs"):
         evaluate(tiny_llama, CASES, "rome", tmp_path / "x", checkpoint_sample=2,
                  method_options=rome_options(stats), **FAST)
-    with pytest.raises(ValueError, match="checkpoint_sample must be a positive integer"):
+    with pytest.raises(ValueError, match="checkpoint_sample must be an integer >= 1"):
         evaluate(tiny_llama, CASES, "rome", tmp_path / "x", sequential=True,
                  checkpoint_sample=0, method_options=rome_options(stats), **FAST)

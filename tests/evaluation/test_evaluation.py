@@ -2,45 +2,39 @@
 
 from __future__ import annotations
 
-from lens_rome.cli import main
-from lens_rome.evaluation import runner as evaluation
-from lens_rome.model import loading
-
-
-from lens_rome.evaluation.measures import generate, target_log_probs
-from lens_rome.evaluation.runner import evaluate_case, load_records
-from lens_rome.evaluation.text import fluency
-
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import CASES, FAST
 
-from lens_rome.editing.finetune import METHODS
-from lens_rome.editing.finetune import FineTune
-from lens_rome.editing.registry import make_method
-from lens_rome.data.cases import CounterFactCase, load_zsre
+from lens_rome.cli import main
+from lens_rome.data.cases import load_zsre
 from lens_rome.data.known_facts import build_counterfact
-from lens_rome.evaluation.runner import COUNTERFACT_KEYS, RUN_KEYS, ZSRE_KEYS, evaluate, summarize
-from lens_rome.evaluation.text import Consistency, TfIdf, harmonic_mean, ngram_entropy
+from lens_rome.editing.finetune import FineTune
+from lens_rome.editing.registry import METHODS, make_method
 from lens_rome.editing.statistics import key_statistics
-
-# Made of the tiny tokenizer's training words, so every prompt tokenizes.
-CASES = [
-    CounterFactCase(i, "{} is located in the city of", subject, new, true, "P131",
-                    (f"{subject} is in the city of",), ("The Colosseum is in the city of",
-                                                       "The Space Needle is in"),
-                    (), (f"{subject} is in", f"{subject} is located"))
-    for i, (subject, new, true) in enumerate([
-        ("The Eiffel Tower", "Rome", "Paris"), ("The Space Needle", "Paris", "Seattle"),
-        ("The Colosseum", "Seattle", "Rome"), ("Miles Davis", "Paris", "Seattle"),
-    ])
-]
-REFERENCE = {"Rome": "Rome is a city. The Colosseum is in Rome.",
-             "Paris": "Paris is a city. The Eiffel Tower is in Paris."}
-FAST = dict(max_new_tokens=6, consistency=Consistency(REFERENCE), progress=False)
+from lens_rome.evaluation import runner as evaluation
+from lens_rome.evaluation.measures import generate, target_log_probs
+from lens_rome.evaluation.runner import (
+    COUNTERFACT_KEYS,
+    RUN_KEYS,
+    ZSRE_KEYS,
+    evaluate,
+    evaluate_case,
+    load_records,
+    summarize,
+)
+from lens_rome.evaluation.text import (
+    Consistency,
+    TfIdf,
+    fluency,
+    harmonic_mean,
+    ngram_entropy,
+)
+from lens_rome.model import loading
 
 
 def snapshot(model):

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from lens_rome.tracing import engine
-
-
-
 import pytest
 import torch
 
-from lens_rome.tracing.subject import locate_subject
-from lens_rome.tracing.engine import trace
-from lens_rome.tracing.noise_rules import Replacement
-from reference import reference_trace
+from lens_rome import locate_subject, trace
+from lens_rome.reference import reference_trace
+from lens_rome.tracing import Replacement, engine
 
 TOLERANCE = 1e-4
 CASES = [

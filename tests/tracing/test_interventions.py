@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from lens_rome.tracing import noise_rules
-
-from lens_rome.model.hooks import attached
-from lens_rome.tracing.interventions import record, restore, restore_window, sever
-from lens_rome.tracing.noise_rules import corrupt
-
 import torch
 
-from lens_rome.tracing.subject import locate_subject
+from lens_rome.model.hooks import attached
+from lens_rome.tracing import noise_rules
 from lens_rome.tracing.engine import trace
+from lens_rome.tracing.interventions import record, restore, restore_window, sever
+from lens_rome.tracing.noise_rules import corrupt
+from lens_rome.tracing.subject import locate_subject
 
 PROMPT = "The Space Needle is in downtown"
 SUBJECT = "The Space Needle"

@@ -5,14 +5,12 @@ Meng et al.'s repository onto TransformerLens hooks: batch row 0 runs clean,
 rows 1.. run corrupted; a restored state is copied from row 0 into the other
 rows during the same pass; the score is the answer's probability averaged
 over the corrupted rows.  Slow on purpose: it is the yardstick for
-``lens_rome.trace``.
+``lens_rome.trace``, and imports nothing of lens_rome's tracing code.
 """
 
 from __future__ import annotations
 
 import torch
-
-from lens_rome.tracing.engine import window_layers
 
 HOOK = {
     "hidden": "blocks.{}.hook_resid_post",
@@ -81,7 +79,9 @@ def reference_trace(model, tokens, subject_range, answer, noise, kind="hidden", 
         if sever is not None:
             unpatch = [(t, HOOK[sever].format(layer)) for layer in range(n_layers)]
         for layer in range(n_layers) if layers is None else layers:
-            restored = [layer] if kind == "hidden" else window_layers(layer, window, n_layers)
+            # trace_important_window's centring
+            restored = [layer] if kind == "hidden" else range(
+                max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
             patch = [(t, HOOK[kind].format(l)) for l in restored]
             scores[t, layer] = trace_with_patch(model, tokens, patch, answer, subject_range,
                                                 noise, replace, unpatch, metric)

@@ -4,24 +4,31 @@ hook, and verify()."""
 
 from __future__ import annotations
 
-from lens_rome.tracing import noise_rules
-
-from lens_rome.tracing import interventions
-
-from lens_rome.tracing.engine import trace
-from lens_rome.tracing.interventions import restore
-from lens_rome.tracing.noise_rules import Gaussian, SubjectSwap, Uniform, corrupt, draw_corruption
-
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from lens_rome.tracing.subject import locate_subject
-from lens_rome.tracing.verify import Verification, ranked_sites, restore_sites, spearman, verify
+from lens_rome.errors import InputError
+from lens_rome.model.adapter import adapter_for
+from lens_rome.tracing import interventions, noise_rules
 from lens_rome.tracing.attribution import attribute, attribute_many, recompute_qkv
+from lens_rome.tracing.engine import trace, window_layers
+from lens_rome.tracing.noise_rules import (
+    Gaussian,
+    SubjectSwap,
+    Uniform,
+    corrupt,
+    draw_corruption,
+)
 from lens_rome.tracing.result import TraceResult
-from lens_rome.tracing.subject import answer_token
-from lens_rome.tracing.engine import window_layers
+from lens_rome.tracing.subject import answer_token, locate_subject
+from lens_rome.tracing.verify import (
+    Verification,
+    ranked_sites,
+    restore_sites,
+    spearman,
+    verify,
+)
 
 PROMPT = "Where is The Eiffel Tower? It is in the city of"
 SUBJECT = "The Eiffel Tower"
@@ -38,9 +45,6 @@ def all_sites(result: TraceResult) -> list[tuple[int, ...]]:
 
 def estimated_effects(result: TraceResult, sites) -> torch.Tensor:
     return torch.tensor([float(result.scores[s]) - result.low_score for s in sites])
-
-
-# --------------------------------------------------------------------------- a linear model
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,7 @@ def linear_model(tiny_tokenizer):
     return model.eval()
 
 
-LINEAR = dict(samples=3, corruption=Gaussian(level=5.0), metric="logit_diff",
+LINEAR = dict(samples=3, noise=Gaussian(level=5.0), metric="logit_diff",
               target=" Paris", contrast=" Rome")
 
 
@@ -96,7 +100,7 @@ def test_attribution_is_exact_for_a_linear_metric_on_a_linear_model(linear_model
 def additive_patch_effects(model, kind, sites, window, samples=3):
     """Exact effect of *adding* clean - corrupted at every layer of each site's window."""
     tokens, subject_range = locate_subject(model, PROMPT, SUBJECT)
-    drawn, _ = draw_corruption(LINEAR["corruption"], model,
+    drawn, _ = draw_corruption(LINEAR["noise"], adapter_for(model),
                                      tokens[0, subject_range[0]:subject_range[1]], samples, 0)
     corrupt = noise_rules.corrupt(drawn.values, subject_range)
     paris, rome = (answer_token(model, t) for t in (" Paris", " Rome"))
@@ -128,14 +132,11 @@ def test_a_window_estimate_adds_the_layers_differences(linear_model, kind):
     assert (exact - low - added).abs().max() > 1e-3
 
 
-# --------------------------------------------------------------------------- nonlinear models
-
-
 def finite_difference(model, kind, site, *, samples=2, eps=1e-2, metric="logprob"):
     """d metric / d epsilon of adding epsilon * (clean - corrupted) at one node (central
     difference), with the attribution's default noise and the model's clean answer."""
     tokens, subject_range = locate_subject(model, PROMPT, SUBJECT)
-    drawn, _ = draw_corruption(Gaussian(level=0.3), model,
+    drawn, _ = draw_corruption(Gaussian(level=0.3), adapter_for(model),
                                      tokens[0, subject_range[0]:subject_range[1]], samples, 0)
     corrupt = noise_rules.corrupt(drawn.values, subject_range)
     with torch.no_grad():
@@ -165,7 +166,7 @@ def test_estimate_is_the_derivative_on_a_nonlinear_model(architecture, kind, req
     (checked by central differences at a few sites)."""
     model = request.getfixturevalue(architecture)
     estimate = attribute(model, PROMPT, SUBJECT, kind, samples=2, window=1,
-                         corruption=Gaussian(level=0.3))
+                         noise=Gaussian(level=0.3))
     start, end = estimate.subject_range
     sites = [(start + 1, 1), (end - 1, 3), (len(estimate.tokens) - 1, 4)]
     if kind == "head":
@@ -206,9 +207,9 @@ def test_qk_fix_is_exact_through_the_next_attention_pattern(architecture, reques
     model = request.getfixturevalue(architecture)
     samples, layer = 2, 2
     estimate = attribute(model, PROMPT, SUBJECT, "hidden", samples=samples, qk_fix=True,
-                         corruption=Gaussian(level=0.3))
+                         noise=Gaussian(level=0.3))
     tokens, subject_range = locate_subject(model, PROMPT, SUBJECT)
-    drawn, _ = draw_corruption(Gaussian(level=0.3), model,
+    drawn, _ = draw_corruption(Gaussian(level=0.3), adapter_for(model),
                                      tokens[0, subject_range[0]:subject_range[1]], samples, 0)
     corrupt = noise_rules.corrupt(drawn.values, subject_range)
     block = f"blocks.{layer + 1}"
@@ -247,7 +248,7 @@ def test_grad_drop_follows_its_definition(tiny_gpt2):
     plain = attribute_many(model, PROMPT, SUBJECT, ["hidden", "mlp"], samples=samples,
                            window=1)
     tokens, subject_range = locate_subject(model, PROMPT, SUBJECT)
-    drawn, _ = draw_corruption(Gaussian(), model,
+    drawn, _ = draw_corruption(Gaussian(), adapter_for(model),
                                      tokens[0, subject_range[0]:subject_range[1]], samples, 0)
     _, clean = model.run_with_cache(tokens)
     names = [NODE[k].format(l) for k in ("hidden", "mlp") for l in range(model.cfg.n_layers)]
@@ -278,9 +279,6 @@ def test_grad_drop_follows_its_definition(tiny_gpt2):
         # a node in the last layer has no block above it to drop: plain estimate
         torch.testing.assert_close(result.scores[:, -1], reference.scores[:, -1], atol=1e-5,
                                    rtol=1e-5)
-
-
-# --------------------------------------------------------------------------- per-head restoration
 
 
 def hand_written_head_scores(model, kind_sites, samples=2, level=0.3):
@@ -315,7 +313,7 @@ def test_per_head_restoration_equals_a_hand_written_hook_on_hook_z(architecture,
     sites = [(t, l, h) for t in (start, end - 1, n_tokens - 1) for l in (0, 3, 5)
              for h in range(model.cfg.n_heads)]
     scores, _, _ = restore_sites(model, PROMPT, SUBJECT, "head", sites, samples=2,
-                                 corruption=0.3, batch_rows=20)  # several batches
+                                 noise=0.3, batch_rows=20)  # several batches
     torch.testing.assert_close(scores, hand_written_head_scores(model, sites), atol=1e-5,
                                rtol=1e-5)
 
@@ -333,13 +331,10 @@ def test_exact_head_trace_equals_a_hand_written_hook_on_hook_z(tiny_llama):
                                rtol=1e-4)
 
 
-# --------------------------------------------------------------------------- metrics and verify
-
-
 def test_subject_swap_logit_difference_uses_each_samples_corrupted_answer(tiny_llama):
     prompt = "The Eiffel Tower is in the city of"  # the subject tokenizes as on its own
     swap = SubjectSwap(["The Seattle Tower", "Miles Davis Tower"])
-    result = attribute(tiny_llama, prompt, SUBJECT, "hidden", samples=2, corruption=swap,
+    result = attribute(tiny_llama, prompt, SUBJECT, "hidden", samples=2, noise=swap,
                        metric="logit_diff")
     tokens, subject_range = locate_subject(tiny_llama, prompt, SUBJECT)
     drawn = swap.draw(tiny_llama, tokens[0, subject_range[0]:subject_range[1]], 2, None)
@@ -348,7 +343,8 @@ def test_subject_swap_logit_difference_uses_each_samples_corrupted_answer(tiny_l
     contrast = logits.clone()
     contrast[:, result.answer_token] = -torch.inf
     contrast = contrast.argmax(-1)
-    assert result.meta["contrast_tokens"] == contrast.tolist()
+    assert result.contrast_tokens == contrast.tolist()
+    assert result.contrast == [tiny_llama.tokenizer.decode([t]) for t in contrast.tolist()]
     expected = (logits[:, result.answer_token] - logits.gather(1, contrast[:, None])[:, 0]).mean()
     assert result.low_score == pytest.approx(expected.item(), abs=1e-4)
     assert "SubjectSwap" in result.noise
@@ -365,7 +361,7 @@ def test_verify_restores_the_top_sites_exactly(tiny_gpt2, metric):
     assert checked.estimated == sorted(checked.estimated, reverse=True)
     exact, low, _ = restore_sites(tiny_gpt2, PROMPT, SUBJECT, "mlp", checked.sites, samples=2,
                                   window=3, metric=metric,
-                                  contrast=estimate.meta.get("contrast_tokens"))
+                                  contrast=estimate.contrast_tokens)
     assert checked.exact == pytest.approx((exact - low).tolist(), abs=1e-6)
     frame = checked.to_frame()
     assert list(frame.columns) == ["rank", "position", "token", "layer", "estimated", "exact",
@@ -374,8 +370,8 @@ def test_verify_restores_the_top_sites_exactly(tiny_gpt2, metric):
 
 
 def test_verify_heads_and_round_trip(tiny_llama, tmp_path):
-    estimate = attribute(tiny_llama, PROMPT, SUBJECT, "head", samples=2, corruption=0.3)
-    checked = verify(tiny_llama, estimate, k=4, corruption=0.3, by="magnitude")
+    estimate = attribute(tiny_llama, PROMPT, SUBJECT, "head", samples=2, noise=0.3)
+    checked = verify(tiny_llama, estimate, k=4, noise=0.3, by="magnitude")
     assert all(len(site) == 3 for site in checked.sites)
     assert "head" in checked.to_frame().columns
     expected = hand_written_head_scores(tiny_llama, checked.sites) - checked.low_score
@@ -389,8 +385,8 @@ def test_verify_heads_and_round_trip(tiny_llama, tmp_path):
 
 def test_verify_refuses_another_noise_rule(tiny_gpt2):
     estimate = attribute(tiny_gpt2, PROMPT, SUBJECT, samples=2)
-    with pytest.raises(ValueError, match="pass the same corruption"):
-        verify(tiny_gpt2, estimate, k=2, corruption=Uniform())
+    with pytest.raises(ValueError, match="pass the same noise"):
+        verify(tiny_gpt2, estimate, k=2, noise=Uniform())
 
 
 def test_spearman_with_ties():
@@ -409,8 +405,28 @@ def test_estimate_has_the_trace_layout(tiny_llama, tmp_path):
     assert result.scores.shape == (len(result.tokens), tiny_llama.cfg.n_layers)
     start = result.subject_range[0]
     assert torch.all(result.scores[:start] == result.low_score)
+    assert (result.seed, result.contrast, result.contrast_tokens) == (0, None, None)
+    assert result.meta == {"qk_fix": False, "grad_drop": False}
     loaded = TraceResult.load(result.save(tmp_path / "estimate.json"))
     assert torch.equal(loaded.scores, result.scores) and loaded.meta == result.meta
+    assert loaded.method == "attribution"
+
+
+def test_corruption_is_the_deprecated_name_of_noise(tiny_gpt2):
+    estimate = attribute(tiny_gpt2, PROMPT, SUBJECT, samples=2, noise=0.3)
+    with pytest.warns(DeprecationWarning, match=r"corruption=.*deprecated.*noise="):
+        old = attribute(tiny_gpt2, PROMPT, SUBJECT, samples=2, corruption=0.3)
+    assert torch.equal(old.scores, estimate.scores) and old.noise == estimate.noise
+    with pytest.warns(DeprecationWarning, match=r"verify\(corruption="):
+        checked = verify(tiny_gpt2, estimate, k=2, corruption=0.3)
+    assert checked.exact == verify(tiny_gpt2, estimate, k=2, noise=0.3).exact
+    with pytest.warns(DeprecationWarning, match=r"restore_sites\(corruption="):
+        scores, _, _ = restore_sites(tiny_gpt2, PROMPT, SUBJECT, "hidden", [(1, 2)], samples=2,
+                                     corruption=0.3)
+    assert torch.equal(scores, restore_sites(tiny_gpt2, PROMPT, SUBJECT, "hidden", [(1, 2)],
+                                             samples=2, noise=0.3)[0])
+    with pytest.raises(InputError, match="both noise= and corruption="):
+        attribute(tiny_gpt2, PROMPT, SUBJECT, samples=2, noise=0.3, corruption=0.3)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,33 @@
+"""What several test files share: running the CLI, and tiny CounterFact cases."""
+
+from __future__ import annotations
+
+from lens_rome.cli import main
+from lens_rome.data import CounterFactCase
+from lens_rome.evaluation.text import Consistency
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    """``main(argv)``: exit status, stdout, stderr."""
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# Made of the tiny tokenizer's training words, so every prompt tokenizes.
+CASES = [
+    CounterFactCase(i, "{} is located in the city of", subject, new, true, "P131",
+                    (f"{subject} is in the city of",), ("The Colosseum is in the city of",
+                                                       "The Space Needle is in"),
+                    (), (f"{subject} is in", f"{subject} is located"))
+    for i, (subject, new, true) in enumerate([
+        ("The Eiffel Tower", "Rome", "Paris"), ("The Space Needle", "Paris", "Seattle"),
+        ("The Colosseum", "Seattle", "Rome"), ("Miles Davis", "Paris", "Seattle"),
+    ])
+]
+REFERENCE = {"Rome": "Rome is a city. The Colosseum is in Rome.",
+             "Paris": "Paris is a city. The Eiffel Tower is in Paris."}
+FAST = dict(max_new_tokens=6, consistency=Consistency(REFERENCE), progress=False)
