@@ -54,13 +54,15 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         def __getattr__(name: str):
             if name.startswith("__"):
                 raise AttributeError(name)
-            for target in targets:
-                new = importlib.import_module(target)
-                if hasattr(new, name):
-                    warnings.warn(f"{old}.{name} moved to {target}.{name}; import it from "
-                                  f"there ({old} goes in lens_rome 0.3)",
-                                  DeprecationWarning, stacklevel=2)
-                    return getattr(new, name)
+            found = [(target, getattr(importlib.import_module(target), name))
+                     for target in targets if hasattr(importlib.import_module(target), name)]
+            if found:  # name the module that defines it, not one that imports it
+                target, value = next(((t, v) for t, v in found
+                                      if getattr(v, "__module__", None) == t), found[0])
+                warnings.warn(f"{old}.{name} moved to {target}.{name}; import it from "
+                              f"there ({old} goes in lens_rome 0.3)",
+                              DeprecationWarning, stacklevel=2)
+                return value
             raise AttributeError(f"module {old!r} has no attribute {name!r}")
 
         module.__getattr__ = __getattr__

@@ -85,7 +85,6 @@ class ModelAdapter:
             _STATES[self.model] = ModelState()
         return _STATES[self.model]
 
-    # ------------------------------------------------------------- config
 
     @property
     def config(self):
@@ -221,7 +220,6 @@ class ModelAdapter:
 
         return TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
 
-    # ------------------------------------------------------------- tokens and BOS
 
     @property
     def n_bos(self) -> int:

@@ -17,7 +17,7 @@ Only the hook points the tracing engine patches exist here,
 uses this path for a supported model with no user hooks attached, in float32
 or bfloat16; a model with hooks attached runs TransformerLens' own blocks, so
 the hooks see every activation.  In float32 the two agree to ~1e-6
-(tests/test_fast_blocks.py).
+(tests/model/test_fast_blocks.py).
 """
 
 from __future__ import annotations
