@@ -1,7 +1,7 @@
 """The house rules, checked on the source: no import cycles, and one model seam.
 
 Both read the package's source with :mod:`ast`, so they see function-local
-imports too (but not ``if TYPE_CHECKING:`` blocks, which never run).
+imports and ``if TYPE_CHECKING:`` blocks too: a type-only import is an arrow as well.
 """
 
 from __future__ import annotations
@@ -29,23 +29,11 @@ def package_modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node, skipping the bodies of ``if TYPE_CHECKING:``."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            stack.extend(node.orelse)
-            continue
-        yield node
-        stack.extend(ast.iter_child_nodes(node))
-
-
 def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The lens_rome modules that ``name`` imports anywhere in its source."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name in modules}
         elif isinstance(node, ast.ImportFrom):

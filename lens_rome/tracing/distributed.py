@@ -17,7 +17,7 @@ store (any HookedTransformer, edited or not).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -27,9 +27,7 @@ from transformer_lens import HookedTransformer
 from lens_rome.checks import positive_int
 from lens_rome.model.loading import load_model
 from lens_rome.tracing.fact import TraceSettings, trace_fact
-
-if TYPE_CHECKING:
-    from lens_rome.tracing.dataset import FactStore
+from lens_rome.tracing.store import FactStore
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -10,14 +10,24 @@ from matplotlib.figure import Figure
 from lens_rome.tracing.kinds import CATEGORIES
 from lens_rome.views.trace import COLORMAPS
 
-if TYPE_CHECKING:
-    from lens_rome.tracing.dataset import DatasetTrace
+
+class DatasetLike(Protocol):
+    """What the plots read of a :class:`lens_rome.tracing.dataset.DatasetTrace`."""
+
+    kinds: list[str]
+    n_layers: int
+    n_facts: int
+    settings: dict
+
+    def total_effect(self) -> dict[str, float]: ...
+
+    def average(self, kind: str, sever: str = "none", *, n_boot: int = 1000, seed: int = 0): ...
 
 KIND_COLORS = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
 KIND_TITLES = {"hidden": "single restored layer", "mlp": "MLP, window", "attn": "attention, window"}
 
 
-def plot_dataset_effects(result: DatasetTrace, n_boot: int = 1000) -> Figure:
+def plot_dataset_effects(result: DatasetLike, n_boot: int = 1000) -> Figure:
     """The paper's Figure 2 for a :class:`lens_rome.tracing.dataset.DatasetTrace`.
 
     Top row: average indirect effect ``[category, layer]`` per kind (heatmaps);
@@ -57,7 +67,7 @@ def plot_dataset_effects(result: DatasetTrace, n_boot: int = 1000) -> Figure:
     return fig
 
 
-def plot_dataset_severed(result: DatasetTrace, n_boot: int = 1000) -> Figure:
+def plot_dataset_severed(result: DatasetLike, n_boot: int = 1000) -> Figure:
     """The paper's Figure 3: hidden-state AIE at the last subject token per layer, plain
     and with the MLP or attention outputs of that token severed (95% intervals)."""
     fig = Figure(figsize=(9, 3.4), dpi=150, layout="constrained")

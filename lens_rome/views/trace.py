@@ -33,7 +33,7 @@ import json
 import re
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -43,8 +43,17 @@ from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.storage import replacing
 from lens_rome.tracing.kinds import HEAD, KINDS
 
-if TYPE_CHECKING:
-    from lens_rome.tracing.result import TraceResult
+
+class TraceLike(Protocol):
+    """What a view reads of a :class:`lens_rome.tracing.TraceResult` (views import no results)."""
+
+    scores: torch.Tensor  # [n_tokens, n_layers], or [n_tokens, n_layers, n_heads] for "head"
+    kind: str
+    tokens: list[str]
+    subject_range: tuple[int, int]
+    low_score: float
+    high_score: float
+    method: str
 
 COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "head": "Oranges"}
 KIND_NAMES = {"hidden": "state", "mlp": "MLP", "attn": "Attn", "head": "one head"}
@@ -55,7 +64,7 @@ SEVER_NAMES = {"mlp": "MLP", "attn": "Attn"}
 RESULT_FIELDS = ("scores", "kind", "tokens", "subject_range", "low_score", "high_score", "method")
 
 
-def _checked_scores(result: TraceResult) -> np.ndarray:
+def _checked_scores(result: TraceLike) -> np.ndarray:
     """``result.scores`` as a float64 array ``[n_tokens, n_layers]`` (``[n_tokens, n_layers,
     n_heads]`` for a per-head trace), checked against the tokens."""
     if not all(hasattr(result, name) for name in RESULT_FIELDS):
@@ -74,18 +83,18 @@ def _checked_scores(result: TraceResult) -> np.ndarray:
     return scores
 
 
-def _is_estimate(result: TraceResult) -> bool:
+def _is_estimate(result: TraceLike) -> bool:
     return result.method == "attribution"
 
 
-def score_label(result: TraceResult) -> str:
+def score_label(result: TraceLike) -> str:
     """What a score measures, e.g. ``p(' Paris')``, ``log p(' Paris')`` or
     ``logit diff(' Paris')`` (the answer's logit minus a second answer's)."""
     prefix = {"logprob": "log p", "logit_diff": "logit diff"}.get(result.metric, "p")
     return f"{prefix}({result.answer!r})"
 
 
-def default_title(result: TraceResult, position: int | None = None) -> str:
+def default_title(result: TraceLike, position: int | None = None) -> str:
     """The paper's panel title, e.g. ``Impact of restoring MLP after corrupted input``;
     an attribution estimate's starts with ``Estimated``."""
     if result.kind == HEAD:
@@ -100,7 +109,7 @@ def default_title(result: TraceResult, position: int | None = None) -> str:
     return title
 
 
-def layer_axis_label(result: TraceResult) -> str:
+def layer_axis_label(result: TraceLike) -> str:
     """The paper's x label: which layers one column restores."""
     if result.kind == HEAD:
         return f"layer within {result.model_name or 'the model'}"
@@ -109,7 +118,7 @@ def layer_axis_label(result: TraceResult) -> str:
     return f"center of interval of {result.window} restored {KIND_NAMES[result.kind]} layers"
 
 
-def token_labels(result: TraceResult) -> list[str]:
+def token_labels(result: TraceLike) -> list[str]:
     """The prompt's tokens with ``*`` after each subject token, as in the paper."""
     start, end = result.subject_range
     return [token + "*" if start <= i < end else token for i, token in enumerate(result.tokens)]
@@ -126,7 +135,7 @@ def _root_figure(ax) -> Figure:
         return fig
 
 
-def head_position(result: TraceResult) -> int:
+def head_position(result: TraceLike) -> int:
     """The token whose best head restoration has the largest indirect effect."""
     scores = _checked_scores(result)
     if np.isnan(scores).all():
@@ -135,7 +144,7 @@ def head_position(result: TraceResult) -> int:
     return int(np.argmax(best))
 
 
-def plot_trace(result: TraceResult, ax=None, title: str | None = None,
+def plot_trace(result: TraceLike, ax=None, title: str | None = None,
                position: int | None = None) -> Figure:
     """Heatmap of ``result.scores`` in the style of the paper's Figure 1.
 
@@ -185,7 +194,7 @@ def plot_trace(result: TraceResult, ax=None, title: str | None = None,
     return fig
 
 
-def _plot_heads(result: TraceResult, scores: np.ndarray, ax, title, position) -> Figure:
+def _plot_heads(result: TraceLike, scores: np.ndarray, ax, title, position) -> Figure:
     """Heads x layers heatmap of a per-head trace at one token."""
     n_tokens, n_layers, n_heads = scores.shape
     if position is None:
@@ -295,7 +304,7 @@ def _format_score(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _header(result: TraceResult) -> str:
+def _header(result: TraceLike) -> str:
     """Prompt, answer, clean and corrupted scores, and what the colours mean."""
     esc = html.escape
     start, end = result.subject_range
@@ -333,7 +342,7 @@ def _header(result: TraceResult) -> str:
     return f'<div class="lens-rome-trace-header" style="{style}">{body}</div>'
 
 
-def show_trace(result: TraceResult) -> TraceView:
+def show_trace(result: TraceLike) -> TraceView:
     """The prompt's tokens coloured by the indirect effect of restoring them, layer by layer.
 
     Renders circuitsvis's ``ColoredTokensMulti`` (one button per layer) under a
