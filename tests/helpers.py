@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from lens_rome.cli import main
 from lens_rome.data import CounterFactCase
 from lens_rome.evaluation.text import Consistency
@@ -31,3 +34,10 @@ CASES = [
 REFERENCE = {"Rome": "Rome is a city. The Colosseum is in Rome.",
              "Paris": "Paris is a city. The Eiffel Tower is in Paris."}
 FAST = dict(max_new_tokens=6, consistency=Consistency(REFERENCE), progress=False)
+
+
+def counterfact_file(folder: Path) -> Path:
+    """:data:`CASES` written as a CounterFact JSON file in ``folder``."""
+    path = folder / "cf.json"
+    path.write_text(json.dumps([c.to_dict() for c in CASES]))
+    return path

@@ -144,7 +144,7 @@ class ModelAdapter:
 
     @property
     def name(self) -> str:
-        return self.state.name or getattr(self.model, "lens_rome_name", None) or self.model.cfg.model_name
+        return self.state.name or self.model.cfg.model_name
 
     @property
     def prepend_bos(self) -> bool:

@@ -195,7 +195,7 @@ def _write_cache(spec: EmbeddedModel, cache: Path, model: HookedTransformer, tok
         manifest = {
             "format": CACHE_FORMAT,
             "name": spec.name,
-            "config": model.lens_rome_config,
+            "config": adapter_for(model).state.memo["constructor_config"],
             "weights_bytes": weights.stat().st_size,
             "weights_sha256": _sha256(weights),
         }
@@ -249,7 +249,7 @@ def _build_from_gguf(spec: EmbeddedModel, cache: Path):
         fold_value_biases=False,
         refactor_factored_attn_matrices=False,
     )
-    model.lens_rome_config = _constructor_config(config)
+    adapter_for(model).state.memo["constructor_config"] = _constructor_config(config)
     return model, tokenizer, hf_model
 
 

@@ -11,7 +11,6 @@ import torch
 from helpers import run
 
 from lens_rome.cli import arguments
-from lens_rome.tracing import kinds
 from lens_rome.tracing.attribution import attribute_many
 from lens_rome.tracing.dataset import trace_dataset
 from lens_rome.tracing.noise_rules import Gaussian
@@ -76,9 +75,6 @@ def test_attribution_of_heads_with_swap_and_logit_difference(tiny_cli, tmp_path,
 
 
 def test_exact_head_trace_from_the_command_line(tiny_cli, tmp_path, capsys):
-
-    if getattr(kinds, "HEAD", None) != "head":
-        pytest.skip("this checkout's tracing engine has no per-head kind yet")
     status, out, err = run(args(tmp_path, "--kind", "head"), capsys)
     assert status == 0, err
     assert TraceResult.load(tmp_path / "trace_head.json").scores.ndim == 3

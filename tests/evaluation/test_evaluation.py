@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import CASES, FAST
+from helpers import CASES, FAST, counterfact_file
 
 from lens_rome.cli import main
 from lens_rome.data.cases import load_zsre
@@ -244,10 +244,8 @@ def test_zsre_through_the_harness(tiny_gpt2, tmp_path):
 
 
 def test_cli(tiny_gpt2, tmp_path, monkeypatch, capsys):
-
     monkeypatch.setattr(loading, "load_model", lambda name: tiny_gpt2)
-    data = tmp_path / "cf.json"
-    data.write_text(json.dumps([c.to_dict() for c in CASES]))
+    data = counterfact_file(tmp_path)
     out = tmp_path / "out"
     args = ["evaluate", "--dataset", str(data), "--format", "counterfact", "--method", "none",
             "--limit", "3", "--out", str(out), "--max-new-tokens", "4"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import CASES, FAST
+from helpers import CASES, FAST, counterfact_file
 
 from lens_rome.cli import main
 from lens_rome.editing.hparams import RomeHyperParams
@@ -148,10 +148,8 @@ def test_run_errors(tiny_gpt2, tmp_path):
 
 
 def test_cli_sequential(tiny_gpt2, tmp_path, monkeypatch, capsys):
-
     monkeypatch.setattr(loading, "load_model", lambda name: tiny_gpt2)
-    data = tmp_path / "cf.json"
-    data.write_text(json.dumps([c.to_dict() for c in CASES]))
+    data = counterfact_file(tmp_path)
     out = tmp_path / "out"
     args = ["evaluate", "--dataset", str(data), "--format", "counterfact", "--method", "none",
             "--out", str(out), "--max-new-tokens", "3", "--batch-size", "2", "--sequential",
