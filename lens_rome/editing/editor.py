@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
     from lens_rome.editing.weights import WeightEdit
+    from lens_rome.model.backend import Model
 
 
 @runtime_checkable
@@ -22,9 +21,9 @@ class Editor(Protocol):
 
     name: str
 
-    def apply(self, model: HookedTransformer, request: Any) -> WeightEdit: ...
+    def apply(self, model: Model, request: Any) -> WeightEdit: ...
 
-    def apply_batch(self, model: HookedTransformer, requests: Sequence[Any]) -> list[WeightEdit]: ...
+    def apply_batch(self, model: Model, requests: Sequence[Any]) -> list[WeightEdit]: ...
 
     def describe(self) -> dict: ...
 
@@ -34,10 +33,10 @@ class OneAtATime:
 
     name: str
 
-    def apply(self, model: HookedTransformer, request: Any) -> WeightEdit:
+    def apply(self, model: Model, request: Any) -> WeightEdit:
         raise NotImplementedError
 
-    def apply_batch(self, model: HookedTransformer, requests: Sequence[Any]) -> list[WeightEdit]:
+    def apply_batch(self, model: Model, requests: Sequence[Any]) -> list[WeightEdit]:
         """One edit per request, in order, each on top of the ones before.  If an edit
         fails, those already made are reverted before the error propagates."""
         changes = []
@@ -61,7 +60,7 @@ class PartialEditor(OneAtATime):
     def __init__(self, method: Any):
         self.method, self.name = method, method.name
 
-    def apply(self, model: HookedTransformer, request: Any) -> WeightEdit:
+    def apply(self, model: Model, request: Any) -> WeightEdit:
         return self.method.apply(model, request)
 
     def describe(self) -> dict:

@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from transformer_lens import HookedTransformer
 
 from lens_rome.checks import positive_int
 from lens_rome.data.requests import EditRequest
@@ -15,6 +14,7 @@ from lens_rome.editing.hparams import RomeHyperParams
 from lens_rome.editing.weights import WeightEdit, record_change
 from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.model.adapter import adapter_for
+from lens_rome.model.backend import Model
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ FT_L_FALLBACK = 5e-4
 class FineTune(OneAtATime):
     """``ft`` and ``ft-l``: Adam on one layer's ``W_out`` for the edit prompt's target."""
 
-    def __init__(self, model: HookedTransformer, params: FineTuneParams | None = None, *,
+    def __init__(self, model: Model, params: FineTuneParams | None = None, *,
                  constrained: bool = False, **overrides):
         name = adapter_for(model).name
         if params is None:
@@ -85,7 +85,7 @@ class FineTune(OneAtATime):
     def describe(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self.params)}
 
-    def apply(self, model: HookedTransformer, request) -> WeightEdit:
+    def apply(self, model: Model, request) -> WeightEdit:
         """Tune ``W_out`` of the layer in place; the change records the loss of each step."""
         request = EditRequest.parse(request)
         p = self.params

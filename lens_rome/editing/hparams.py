@@ -7,13 +7,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from transformer_lens import HookedTransformer
-
 from lens_rome.checks import positive_int
 from lens_rome.editing.null_space import NULL_SPACE_L2, NULL_SPACE_THRESHOLD
 from lens_rome.editing.statistics import DEFAULT_SAMPLES, DEFAULT_TOKEN_LENGTH
 from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.model.adapter import adapter_for
+from lens_rome.model.backend import Model
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ class RomeHyperParams:
                              self.null_space_l2)
 
     @classmethod
-    def for_model(cls, model: HookedTransformer | str, **overrides) -> "RomeHyperParams":
+    def for_model(cls, model: Model | str, **overrides) -> "RomeHyperParams":
         """The defaults for ``model`` (or a model name), with ``overrides`` applied."""
         adapter = None if isinstance(model, str) else adapter_for(model)
         name = model if adapter is None else adapter.name

@@ -58,7 +58,6 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lens_rome.data.requests import EditRequest
 from lens_rome.editing.hparams import RomeHyperParams, check_update_options
@@ -76,6 +75,7 @@ from lens_rome.editing.values import key_and_value
 from lens_rome.editing.weights import WeightEdit, edited_keys
 from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
+from lens_rome.model.backend import Model
 from lens_rome.model.hooks import attached
 from lens_rome.storage import load_saved, metadata_keys, save_tensors
 
@@ -180,7 +180,7 @@ class MemitHyperParams:
         object.__setattr__(self, "value", value)
 
     @classmethod
-    def for_model(cls, model: HookedTransformer | str, **overrides) -> "MemitHyperParams":
+    def for_model(cls, model: Model | str, **overrides) -> "MemitHyperParams":
         """The defaults for ``model`` (or its name), with ``overrides`` applied.
 
         ``overrides`` may name fields of this class or of
@@ -319,7 +319,7 @@ def _states_at(adapter: ModelAdapter, rows: list[list[int]], positions: list[int
     return torch.cat(out)
 
 
-def request_keys(model: HookedTransformer, requests: Sequence[EditRequest], layer: int,
+def request_keys(model: Model, requests: Sequence[EditRequest], layer: int,
                  hp: RomeHyperParams) -> Float[torch.Tensor, "n d_mlp"]:
     """Each request's MLP key at ``layer``, averaged over its prompt and ROME's prefixes
     (ROME's ``k*`` when ``layer`` is its edit layer); float64."""
@@ -342,7 +342,7 @@ def _request_keys(adapter: ModelAdapter, requests: Sequence[EditRequest], layer:
     return total / counts[:, None]
 
 
-def hidden_at_lookup(model: HookedTransformer, requests: Sequence[EditRequest], layer: int,
+def hidden_at_lookup(model: Model, requests: Sequence[EditRequest], layer: int,
                      hp: RomeHyperParams) -> Float[torch.Tensor, "n d_model"]:
     """The residual stream after block ``layer`` at each bare prompt's lookup token (float64)."""
     return _hidden_at_lookup(adapter_for(model), requests, layer, hp)
@@ -367,7 +367,7 @@ class TargetDeltas:
     info: list[dict]
 
 
-def target_deltas(model: HookedTransformer, requests: Sequence[EditRequest | Mapping],
+def target_deltas(model: Model, requests: Sequence[EditRequest | Mapping],
                   hparams: MemitHyperParams | None = None, *, progress: bool = False
                   ) -> TargetDeltas:
     """ROME's ``v*`` optimisation at the last MEMIT layer, once per request.
@@ -516,7 +516,7 @@ def _second_moment(adapter: ModelAdapter, layer: int, hp: MemitHyperParams,
 
 
 def edit(
-    model: HookedTransformer,
+    model: Model,
     requests: Sequence[EditRequest | Mapping[str, Any]],
     layers: Sequence[int] | None = None,
     *,
@@ -607,7 +607,7 @@ def edit(
 
 
 @contextlib.contextmanager
-def edited(model: HookedTransformer, requests: Sequence[EditRequest | Mapping[str, Any]],
+def edited(model: Model, requests: Sequence[EditRequest | Mapping[str, Any]],
            layers: Sequence[int] | None = None, **kwargs) -> Iterator[MemitEdit]:
     """Apply a MEMIT edit for the duration of a ``with`` block; reverted on exit, errors too."""
     change = edit(model, requests, layers, **kwargs)

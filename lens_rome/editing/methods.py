@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from transformer_lens import HookedTransformer
-
 from lens_rome.data.requests import EditRequest
 from lens_rome.editing import memit, rome
 from lens_rome.editing.editor import OneAtATime
@@ -16,6 +14,7 @@ from lens_rome.editing.rome import Edit
 from lens_rome.editing.statistics import key_statistics
 from lens_rome.editing.weights import WeightEdit, record_change
 from lens_rome.model.adapter import adapter_for
+from lens_rome.model.backend import Model
 
 
 class NoEdit(OneAtATime):
@@ -23,7 +22,7 @@ class NoEdit(OneAtATime):
 
     name = "none"
 
-    def apply(self, model: HookedTransformer, request) -> WeightEdit:
+    def apply(self, model: Model, request) -> WeightEdit:
         EditRequest.parse(request)
         return record_change(model, {})
 
@@ -35,7 +34,7 @@ class RomeMethod(OneAtATime):
     The key statistics are loaded (or computed and cached) at the first edit.
     """
 
-    def __init__(self, model: HookedTransformer, hparams: RomeHyperParams | None = None, *,
+    def __init__(self, model: Model, hparams: RomeHyperParams | None = None, *,
                  stats=None, corpus: str | Iterable[str] | None = None,
                  cache_dir: str | Path | None = None, **overrides):
         if hparams is None:
@@ -45,7 +44,7 @@ class RomeMethod(OneAtATime):
         self.hparams, self.stats, self.corpus, self.cache_dir = hparams, stats, corpus, cache_dir
         self.name = "r-rome" if hparams.update_key == "average" else "rome"
 
-    def apply(self, model: HookedTransformer, request) -> Edit:
+    def apply(self, model: Model, request) -> Edit:
         if self.stats is None:
             hp = self.hparams
             self.stats = key_statistics(model, hp.layer, self.corpus, samples=hp.stats_samples,
@@ -65,7 +64,7 @@ class MemitMethod:
     first edit.
     """
 
-    def __init__(self, model: HookedTransformer, hparams: MemitHyperParams | None = None,
+    def __init__(self, model: Model, hparams: MemitHyperParams | None = None,
                  *, stats=None, corpus: str | Iterable[str] | None = None,
                  cache_dir: str | Path | None = None, **overrides):
         if hparams is None:
@@ -77,7 +76,7 @@ class MemitMethod:
         self.hparams, self.stats, self.corpus, self.cache_dir = hparams, stats, corpus, cache_dir
         self.name = "alphaedit" if hparams.null_space else "memit"
 
-    def _load_stats(self, model: HookedTransformer) -> None:
+    def _load_stats(self, model: Model) -> None:
         if self.stats is None:
             value = self.hparams.value
             self.stats = {layer: key_statistics(model, layer, self.corpus,
@@ -86,12 +85,12 @@ class MemitMethod:
                                                 cache_dir=self.cache_dir, progress=True)
                           for layer in self.hparams.layers}
 
-    def apply_batch(self, model: HookedTransformer, requests: Sequence) -> list[MemitEdit]:
+    def apply_batch(self, model: Model, requests: Sequence) -> list[MemitEdit]:
         """The whole batch in one edit: ``[change]``."""
         self._load_stats(model)
         return [memit.edit(model, requests, hparams=self.hparams, stats=self.stats)]
 
-    def apply(self, model: HookedTransformer, request) -> MemitEdit:
+    def apply(self, model: Model, request) -> MemitEdit:
         return self.apply_batch(model, [request])[0]
 
     def describe(self) -> dict:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from transformer_lens import HookedTransformer
 
 from lens_rome.model.adapter import ModelAdapter, adapter_for
+from lens_rome.model.backend import Model
 
 # The first words of the generated texts (the paper's code), taken in turn.
 PREFIX_STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -20,7 +20,7 @@ MEMO_KEY = "context_prefixes"  # where ModelState.memo keeps them
 
 
 def context_prefixes(
-    model: HookedTransformer, n: int = 20, lengths: Sequence[int] = (5, 10), seed: int = 0,
+    model: Model, n: int = 20, lengths: Sequence[int] = (5, 10), seed: int = 0,
     top_k: int = 5,
 ) -> list[list[int]]:
     """``n`` short texts the model writes itself (token ids, no BOS), for averaging ``k*``.

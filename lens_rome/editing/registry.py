@@ -44,50 +44,49 @@ from lens_rome.editing.editor import Editor, as_editor
 from lens_rome.errors import InputError, WrongTypeError
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
     from lens_rome.editing.finetune import FineTune
     from lens_rome.editing.methods import MemitMethod, NoEdit, RomeMethod
     from lens_rome.editing.weights import WeightEdit
+    from lens_rome.model.backend import Model
 
 # the editor classes (``from lens_rome.editing.registry import NoEdit``), loaded at first use
 _CLASSES = {".methods": ("NoEdit", "RomeMethod", "MemitMethod"), ".finetune": ("FineTune",)}
 _, __getattr__, __dir__ = lazy_exports(__name__, _CLASSES)
 
 
-def _rome(model: HookedTransformer, **options: Any) -> Editor:
+def _rome(model: Model, **options: Any) -> Editor:
     from lens_rome.editing.methods import RomeMethod  # noqa: PLC0415 (torch, at the first editor)
 
     return RomeMethod(model, **options)
 
 
-def _r_rome(model: HookedTransformer, **options: Any) -> Editor:
+def _r_rome(model: Model, **options: Any) -> Editor:
     if options.get("update_key", "average") != "average":
         raise InputError("method 'r-rome' is ROME with update_key='average'; use method 'rome' "
                          "for the other update")
     return _rome(model, **{**options, "update_key": "average"})
 
 
-def _memit(model: HookedTransformer, **options: Any) -> Editor:
+def _memit(model: Model, **options: Any) -> Editor:
     from lens_rome.editing.methods import MemitMethod  # noqa: PLC0415 (torch, at the first editor)
 
     return MemitMethod(model, **options)
 
 
-def _alphaedit(model: HookedTransformer, **options: Any) -> Editor:
+def _alphaedit(model: Model, **options: Any) -> Editor:
     if options.get("null_space", True) is not True:
         raise InputError("method 'alphaedit' is MEMIT with null_space=True; use method 'memit' "
                          "for MEMIT's own update")
     return _memit(model, **{**options, "null_space": True})
 
 
-def _fine_tune(constrained: bool, model: HookedTransformer, /, **options: Any) -> Editor:
+def _fine_tune(constrained: bool, model: Model, /, **options: Any) -> Editor:
     from lens_rome.editing.finetune import FineTune  # noqa: PLC0415 (torch, at the first editor)
 
     return FineTune(model, constrained=constrained, **options)
 
 
-def _no_edit(model: HookedTransformer, **options: Any) -> Editor:
+def _no_edit(model: Model, **options: Any) -> Editor:
     if options:
         raise WrongTypeError(f"method 'none' takes no options, got {sorted(options)}")
     from lens_rome.editing.methods import NoEdit  # noqa: PLC0415 (torch, at the first editor)
@@ -108,7 +107,7 @@ EDITORS: dict[str, Callable[..., Editor]] = {
 METHODS = tuple(EDITORS)
 
 
-def make_method(name: str, model: HookedTransformer, **options: Any) -> Editor:
+def make_method(name: str, model: Model, **options: Any) -> Editor:
     """The editing method ``name`` (one of :data:`METHODS`) for ``model``.
 
     ``options`` go to the method: ROME hyper-parameters (``hparams=...``,
@@ -140,7 +139,7 @@ def describe(method: Any) -> Mapping:
     return as_editor(method).describe()
 
 
-def apply_batch(method: Any, model: HookedTransformer, requests) -> list[WeightEdit]:
+def apply_batch(method: Any, model: Model, requests) -> list[WeightEdit]:
     """Apply ``requests`` with ``method``; the changes made, oldest first.
 
     One edit for methods with a batch update (MEMIT, AlphaEdit); otherwise

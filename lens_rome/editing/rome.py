@@ -49,7 +49,6 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
 
 from lens_rome.data.requests import EditRequest
 from lens_rome.editing.hparams import RomeHyperParams
@@ -59,6 +58,7 @@ from lens_rome.editing.values import KeyValue, key_and_value
 from lens_rome.editing.weights import WeightEdit, edited_keys
 from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
+from lens_rome.model.backend import Model
 from lens_rome.storage import load_saved, save_tensors
 
 SAVE_FORMAT = 1
@@ -148,7 +148,7 @@ class Edit(WeightEdit):
 
 
 def edit(
-    model: HookedTransformer,
+    model: Model,
     request: EditRequest | Mapping[str, Any],
     *,
     hparams: RomeHyperParams | None = None,
@@ -223,7 +223,7 @@ def _rank_one_update(adapter: ModelAdapter, hp: RomeHyperParams,
 
 
 @contextlib.contextmanager
-def edited(model: HookedTransformer, request: EditRequest | Mapping[str, Any],
+def edited(model: Model, request: EditRequest | Mapping[str, Any],
            **kwargs) -> Iterator[Edit]:
     """Apply an edit for the duration of a ``with`` block; reverted on exit, errors included."""
     change = edit(model, request, **kwargs)

@@ -37,12 +37,12 @@ from typing import Iterable
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lens_rome.checks import positive_int
 from lens_rome.data.corpus import corpus_texts, packed_chunks
 from lens_rome.errors import InputError
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
+from lens_rome.model.backend import Model
 from lens_rome.model.embedded import default_cache_dir
 from lens_rome.model.hooks import attached
 from lens_rome.storage import read_tensors, save_tensors
@@ -77,7 +77,7 @@ class KeyStatistics:
 
 
 def key_statistics(
-    model: HookedTransformer,
+    model: Model,
     layer: int,
     corpus: str | Iterable[str] | None = None,
     *,

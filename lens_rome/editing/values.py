@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from transformer_lens import HookedTransformer
 
 from lens_rome.data.requests import EditRequest
 from lens_rome.editing.hparams import RomeHyperParams
 from lens_rome.editing.layout import context_prompts, lookup_position, subject_prompt
 from lens_rome.errors import PromptError
 from lens_rome.model.adapter import ModelAdapter
+from lens_rome.model.backend import Model
 from lens_rome.model.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 from lens_rome.model.precision import precision_name, resolve_bf16
 
@@ -229,7 +229,7 @@ def _divergence(edited: torch.Tensor, original: torch.Tensor, direction: str) ->
 
 
 @contextlib.contextmanager
-def _frozen_parameters(model: HookedTransformer) -> Iterator[None]:
+def _frozen_parameters(model: Model) -> Iterator[None]:
     """Gradients flow to activations only (half the backward work, and no ``.grad`` left)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:

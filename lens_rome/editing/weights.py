@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-from transformer_lens import HookedTransformer
 
 from lens_rome.errors import InputError, ModelMismatchError
 from lens_rome.model.adapter import adapter_for, model_fingerprint
+from lens_rome.model.backend import Model
 
 
 class WeightEdit:
@@ -30,7 +30,7 @@ class WeightEdit:
         self.d_mlp, self.d_model = d_mlp, d_model
         self.hparams = hparams or {}
         self.info = info or {}
-        self._model: HookedTransformer | None = None
+        self._model: Model | None = None
         self._originals: dict[int, torch.Tensor] = {}
         self._layers: tuple[int, ...] = ()
 
@@ -69,11 +69,11 @@ class WeightEdit:
         return self._model is not None
 
     @property
-    def model(self) -> HookedTransformer | None:
+    def model(self) -> Model | None:
         """The model the edit is applied to, if any."""
         return self._model
 
-    def check_model(self, model: HookedTransformer) -> None:
+    def check_model(self, model: Model) -> None:
         """Raise ``ModelMismatchError`` unless ``model`` is the model this edit was made for."""
         adapter = adapter_for(model)
         theirs = (adapter.name, model_fingerprint(model))
@@ -87,7 +87,7 @@ class WeightEdit:
         for layer in self.layers:
             adapter.check_layer(layer)
 
-    def apply(self, model: HookedTransformer) -> WeightEdit:
+    def apply(self, model: Model) -> WeightEdit:
         """Add the change to ``model``'s ``W_out`` in place (after checking it is the right model)."""
         if self.applied:
             raise RuntimeError(f"{self!r} is already applied; revert() it first")
@@ -104,7 +104,7 @@ class WeightEdit:
         self._attach(model, originals)
         return self
 
-    def _attach(self, model: HookedTransformer, originals: dict[int, torch.Tensor]) -> None:
+    def _attach(self, model: Model, originals: dict[int, torch.Tensor]) -> None:
         """Record that the change is in ``model``, whose ``W_out`` were ``originals`` before."""
         self._model, self._originals = model, originals
         adapter_for(model).state.edits.append(self)
@@ -135,7 +135,7 @@ class WeightEdit:
             self.revert()
 
 
-def record_change(model: HookedTransformer, originals: Mapping[int, torch.Tensor], *,
+def record_change(model: Model, originals: Mapping[int, torch.Tensor], *,
                   info: dict | None = None) -> WeightEdit:
     """The change already made in place to ``model``'s ``W_out`` of the layers in
     ``originals`` (layer -> ``W_out`` before, ``[d_mlp, d_model]``), applied and
@@ -148,12 +148,12 @@ def record_change(model: HookedTransformer, originals: Mapping[int, torch.Tensor
     return change
 
 
-def applied_edits(model: HookedTransformer) -> list[WeightEdit]:
+def applied_edits(model: Model) -> list[WeightEdit]:
     """The edits currently applied to ``model`` (ROME's, MEMIT's, fine-tuning's), oldest first."""
     return list(adapter_for(model).state.edits)
 
 
-def edited_keys(model: HookedTransformer, layer: int) -> list[torch.Tensor]:
+def edited_keys(model: Model, layer: int) -> list[torch.Tensor]:
     """The keys ``[n, d_mlp]`` written at ``layer`` by the edits applied to ``model``."""
     keys = [e.keys_at(layer) for e in adapter_for(model).state.edits]
     return [k for k in keys if k is not None]

@@ -7,17 +7,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
 
 from lens_rome.errors import InputError, PromptError
 from lens_rome.model.adapter import adapter_for
+from lens_rome.model.backend import Model
 
 DEFAULT_NEW_TOKENS = 100  # the paper's generation length
 DEFAULT_TOP_K = 5  # the paper's sampling
 
 
 @torch.no_grad()
-def generate(model: HookedTransformer, prompts: str | Sequence[str],
+def generate(model: Model, prompts: str | Sequence[str],
              max_new_tokens: int = DEFAULT_NEW_TOKENS, *, top_k: int = DEFAULT_TOP_K,
              seed: int | Sequence[int] = 0) -> str | list[str]:
     """Each prompt followed by a top-``k`` sampled continuation of at most ``max_new_tokens``.
@@ -66,7 +66,7 @@ def generate(model: HookedTransformer, prompts: str | Sequence[str],
 
 
 @torch.no_grad()
-def token_accuracy(model: HookedTransformer, prompt: str, answer: str) -> list[bool]:
+def token_accuracy(model: Model, prompt: str, answer: str) -> list[bool]:
     """For each token of ``answer``: is it the model's top prediction after ``prompt`` and
     the answer's previous tokens (teacher forcing)?"""
     adapter = adapter_for(model)
@@ -86,7 +86,7 @@ def probabilities(log_probs: Any) -> np.ndarray:
 
 @torch.no_grad()
 def target_log_probs(
-    model: HookedTransformer, prompts: Sequence[str], targets: Sequence[str],
+    model: Model, prompts: Sequence[str], targets: Sequence[str],
     batch_size: int = 32,
 ) -> Float[torch.Tensor, "n_prompts n_targets"]:
     """Mean per-token log-probability of each target continuing each prompt.
@@ -117,7 +117,7 @@ def target_log_probs(
 
 
 @torch.no_grad()
-def next_token_probs(model: HookedTransformer, prompt: str, k: int = 5,
+def next_token_probs(model: Model, prompt: str, k: int = 5,
                      targets: Sequence[str] = ()) -> list[tuple[str, float]]:
     """The ``k`` most likely next tokens, then the first token of each of ``targets``."""
     adapter = adapter_for(model)
@@ -132,7 +132,7 @@ def next_token_probs(model: HookedTransformer, prompt: str, k: int = 5,
 
 
 @torch.no_grad()
-def greedy_continuation(model: HookedTransformer, prompt: str, max_new_tokens: int = 20) -> str:
+def greedy_continuation(model: Model, prompt: str, max_new_tokens: int = 20) -> str:
     """The model's most likely continuation of ``prompt`` (deterministic)."""
     adapter = adapter_for(model)
     tokens = adapter.tokenize(prompt)[0]

@@ -48,7 +48,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lens_rome.checks import positive_int
 from lens_rome.data.cases import CounterFactCase, ZsreCase
@@ -65,6 +64,7 @@ from lens_rome.evaluation.measures import (
 )
 from lens_rome.evaluation.text import Consistency, fluency, harmonic_mean
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
+from lens_rome.model.backend import Model
 from lens_rome.storage import RUN_FILE, check_resumable, replacing, write_json
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def case_seed(seed: int, case_id: int | str) -> int:
     return zlib.crc32(f"{seed}:{case_id}".encode())
 
 
-def evaluate_case(model: HookedTransformer, case: CounterFactCase | ZsreCase, method, *,
+def evaluate_case(model: Model, case: CounterFactCase | ZsreCase, method, *,
                   max_new_tokens: int = DEFAULT_NEW_TOKENS, top_k: int = DEFAULT_TOP_K,
                   seed: int = 0, consistency: Consistency | None = None) -> dict:
     """Apply ``method`` for ``case``, measure, revert; returns the case's record (JSON-ready).
@@ -117,7 +117,7 @@ def evaluate_case(model: HookedTransformer, case: CounterFactCase | ZsreCase, me
             "edit_seconds": edit_seconds, "seconds": time.perf_counter() - start}
 
 
-def w_out_snapshot(model: HookedTransformer) -> list[torch.Tensor]:
+def w_out_snapshot(model: Model) -> list[torch.Tensor]:
     """A copy of every layer's ``W_out`` (what editing methods change)."""
     return _w_out_snapshot(adapter_for(model))
 
@@ -126,7 +126,7 @@ def _w_out_snapshot(adapter: ModelAdapter) -> list[torch.Tensor]:
     return [adapter.w_out(layer).detach().clone() for layer in range(adapter.n_layers)]
 
 
-def change_norm(model: HookedTransformer, snapshot: Sequence[torch.Tensor]) -> float:
+def change_norm(model: Model, snapshot: Sequence[torch.Tensor]) -> float:
     """Frobenius norm of the change of all ``W_out`` since ``snapshot`` (all layers together)."""
     return _change_norm(adapter_for(model), snapshot)
 
@@ -138,7 +138,7 @@ def _change_norm(adapter: ModelAdapter, snapshot: Sequence[torch.Tensor]) -> flo
     return math.sqrt(total)
 
 
-def measure_cases(model: HookedTransformer, cases: Sequence[CounterFactCase | ZsreCase], *,
+def measure_cases(model: Model, cases: Sequence[CounterFactCase | ZsreCase], *,
                   max_new_tokens: int = DEFAULT_NEW_TOKENS, top_k: int = DEFAULT_TOP_K,
                   seed: int = 0, consistency: Consistency | None = None,
                   generation_batch: int = GENERATION_BATCH, progress: bool = False
@@ -290,7 +290,7 @@ def _read_record(path: Path) -> dict | None:
 
 
 def evaluate(
-    model: HookedTransformer,
+    model: Model,
     cases: Sequence[CounterFactCase | ZsreCase],
     method: str | Any = "rome",
     out_dir: str | Path = "evaluation",

@@ -1,323 +1,41 @@
 """The model seam: the one place that knows how a model is laid out.
 
 Tracing and editing never touch hook names, ``W_out``, the config or BOS
-handling directly: they ask the :class:`ModelAdapter` that :func:`adapter_for`
-builds once per entry point.  Supporting another kind of model (a
-``TransformerBridge``) means one more adapter, not changes to tracing or editing.
+handling directly: they ask the adapter that :func:`adapter_for` builds once
+per entry point, a :class:`ModelAdapter` for a ``HookedTransformer``
+(:mod:`lens_rome.model.hooked`) or a :class:`BridgeAdapter` for a
+``TransformerBridge`` (:mod:`lens_rome.model.bridge`).  Hook names are data,
+:data:`HOOK_NAMES` (:mod:`lens_rome.model.hook_names`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import weakref
-from dataclasses import dataclass, field
-from typing import Iterator
 
-import torch
-from transformer_lens import HookedTransformer
+from lens_rome.errors import WrongTypeError
+from lens_rome.model.backend import HookedTransformer, Model, TransformerBridge
+from lens_rome.model.bridge import BridgeAdapter
+from lens_rome.model.hook_names import HOOK_NAMES
+from lens_rome.model.hooked import ModelAdapter, ModelState
 
-from lens_rome.errors import InputError, PromptError, WrongTypeError
-
-# Hook point names per backend, as data: kind -> template (``{layer}`` filled in).
-# Kinds a trace restores: "hidden" (residual stream after a block), "mlp" (MLP
-# output), "attn" (attention output), "head" (each head's output before W_O,
-# ``[batch, pos, head, d_head]``); "key" is the MLP hidden activation, the input
-# of W_out.  The rest are the inner points attribution's QK fix reads.
-HOOK_NAMES: dict[str, dict[str, str]] = {
-    "HookedTransformer": {
-        "embed": "hook_embed",
-        "resid_pre": "blocks.{layer}.hook_resid_pre",
-        "resid_mid": "blocks.{layer}.hook_resid_mid",
-        "hidden": "blocks.{layer}.hook_resid_post",
-        "mlp": "blocks.{layer}.hook_mlp_out",
-        "attn": "blocks.{layer}.hook_attn_out",
-        "key": "blocks.{layer}.mlp.hook_post",
-        "head": "blocks.{layer}.attn.hook_z",
-        "q": "blocks.{layer}.attn.hook_q",
-        "k": "blocks.{layer}.attn.hook_k",
-        "rot_q": "blocks.{layer}.attn.hook_rot_q",
-        "rot_k": "blocks.{layer}.attn.hook_rot_k",
-        "v": "blocks.{layer}.attn.hook_v",
-        "attn_scores": "blocks.{layer}.attn.hook_attn_scores",
-        "pattern": "blocks.{layer}.attn.hook_pattern",
-    },
-}
+__all__ = ["HOOK_NAMES", "BridgeAdapter", "ModelAdapter", "ModelState", "adapter_for",
+           "model_fingerprint"]
 
 
-@dataclass
-class ModelState:
-    """What lens_rome remembers about one model: its name and the edits applied to it."""
-
-    name: str | None = None
-    edits: list = field(default_factory=list)  # WeightEdit objects, oldest first
-    memo: dict = field(default_factory=dict)  # per-model caches (e.g. generated prefixes)
-
-
-_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, ModelState]" = weakref.WeakKeyDictionary()
-
-
-@dataclass(frozen=True)
-class ModelAdapter:
-    """What tracing and editing need to know about a ``HookedTransformer``.
-
-    Everything that depends on how the model is built goes through here: hook
-    names (:data:`HOOK_NAMES`), config fields, blocks, BOS handling, where
-    ``W_out`` lives, and the per-model :class:`ModelState`.
-    """
-
-    model: HookedTransformer
-    backend: str = "HookedTransformer"
-
-    @property
-    def HOOKS(self) -> dict[str, str]:  # noqa: N802 (kept from 0.1's class attribute)
-        return HOOK_NAMES[self.backend]
-
-    @property
-    def EMBED_HOOK(self) -> str:  # noqa: N802
-        return HOOK_NAMES[self.backend]["embed"]
-
-    @property
-    def state(self) -> ModelState:
-        """This model's :class:`ModelState` (created on first use, dropped with the model)."""
-        if self.model not in _STATES:
-            _STATES[self.model] = ModelState()
-        return _STATES[self.model]
-
-
-    @property
-    def config(self):
-        """The backend's config object (for TransformerLens internals such as KV caches)."""
-        return self.model.cfg
-
-    @property
-    def d_mlp(self) -> int:
-        return self.model.cfg.d_mlp
-
-    @property
-    def d_vocab(self) -> int:
-        return self.model.cfg.d_vocab
-
-    @property
-    def d_head(self) -> int:
-        return self.model.cfg.d_head
-
-    @property
-    def device(self) -> torch.device | str:
-        return self.model.cfg.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.cfg.dtype
-
-    @property
-    def rotary(self) -> bool:
-        """Whether positions enter through rotary embeddings of queries and keys."""
-        return self.model.cfg.positional_embedding_type == "rotary"
-
-    @property
-    def n_layers(self) -> int:
-        return self.model.cfg.n_layers
-
-    @property
-    def d_model(self) -> int:
-        return self.model.cfg.d_model
-
-    @property
-    def n_heads(self) -> int:
-        return self.model.cfg.n_heads
-
-    @property
-    def n_ctx(self) -> int:
-        """The longest token sequence the model accepts."""
-        return self.model.cfg.n_ctx
-
-    def check_length(self, n_tokens: int, what: str) -> None:
-        """Raise ``ValueError`` if ``n_tokens`` tokens (``what`` they are) exceed the context."""
-        if n_tokens > self.n_ctx:
-            raise PromptError(
-                f"{what} is {n_tokens} tokens long, but {self.name} accepts at most "
-                f"{self.n_ctx} tokens (its context length); shorten it by "
-                f"{n_tokens - self.n_ctx} tokens"
-            )
-
-    @property
-    def name(self) -> str:
-        return self.state.name or self.model.cfg.model_name
-
-    @property
-    def prepend_bos(self) -> bool:
-        return bool(self.model.cfg.default_prepend_bos)
-
-    def check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise WrongTypeError(f"layer must be an int, got {layer!r}")
-        if not 0 <= layer < self.n_layers:
-            raise InputError(
-                f"layer {layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}"
-            )
-        return layer
-
-    def hook_name(self, kind: str, layer: int | None = None) -> str:
-        """The hook point for a kind of state (at ``layer``; ``"embed"`` has none)."""
-        hooks = HOOK_NAMES[self.backend]
-        if kind not in hooks:
-            raise InputError(f"unknown kind {kind!r}; expected one of {sorted(hooks)}")
-        if "{layer}" not in hooks[kind]:
-            return hooks[kind]
-        if layer is None:
-            raise WrongTypeError(f"hook {kind!r} needs a layer")
-        return hooks[kind].format(layer=self.check_layer(layer))
-
-    def layer_hook_names(self, kind: str) -> list[str]:
-        """The hook point of ``kind`` at every layer, bottom to top."""
-        return [self.hook_name(kind, layer) for layer in range(self.n_layers)]
-
-    def w_out(self, layer: int) -> torch.nn.Parameter:
-        """The MLP output projection of ``layer``, shape ``[d_mlp, d_model]``."""
-        return self.model.blocks[self.check_layer(layer)].mlp.W_out
-
-    def block(self, layer: int) -> torch.nn.Module:
-        """Transformer block ``layer`` (call it as ``block(resid, past_kv_cache_entry=...)``)."""
-        return self.model.blocks[self.check_layer(layer)]
-
-    def w_o(self, layer: int) -> torch.Tensor:
-        """Attention output weights of ``layer``, ``[head, d_head, d_model]``."""
-        return self.block(layer).attn.W_O
-
-    @property
-    def w_e(self) -> torch.Tensor:
-        """The token embedding matrix, ``[d_vocab, d_model]``."""
-        return self.model.embed.W_E
-
-    def final_logits(self, resid: torch.Tensor) -> torch.Tensor:
-        """Logits from the residual stream after the last block: ``[..., d_model] -> [..., d_vocab]``.
-
-        As the model's forward computes them: the final norm (if the model has
-        one), the unembedding, and the output soft cap (if set).
-        """
-        if hasattr(self.model, "ln_final"):
-            resid = self.model.ln_final(resid)
-        logits = self.model.unembed(resid)
-        cap = getattr(self.model.cfg, "output_logits_soft_cap", 0.0) or 0.0
-        if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
-        return logits
-
-    def kv_cache(self, batch: int):
-        """An empty TransformerLens key-value cache for ``batch`` rows."""
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415
-
-        return TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, batch)
-
-    def kv_entry(self, keys: torch.Tensor, values: torch.Tensor):
-        """A frozen cache entry of earlier positions' ``keys`` and ``values``
-        ``[batch, pos, head, d_head]``, for ``block(layer)(resid, past_kv_cache_entry=...)``."""
-        from transformer_lens.cache.key_value_cache_entry import (  # noqa: PLC0415 (lazy, as kv_cache)
-            TransformerLensKeyValueCacheEntry,
-        )
-
-        return TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
-
-
-    @property
-    def n_bos(self) -> int:
-        """How many tokens the model puts before a text (1 with a BOS token, else 0)."""
-        return int(self.prepend_bos)
-
-    @property
-    def bos(self) -> list[int]:
-        """The ids put before every text: ``[bos_token_id]`` or ``[]``."""
-        return [self.model.tokenizer.bos_token_id] if self.prepend_bos else []
-
-    def token_ids(self, text: str) -> list[int]:
-        """The ids of ``text`` alone, with no BOS token."""
-        return self.tokenize(text)[0][0, self.n_bos:].tolist()
-
-    def as_tokens(self, rows: list[list[int]] | list[int]) -> torch.Tensor:
-        """``rows`` of ids as a long tensor on the model's device (``[rows, pos]`` or ``[pos]``)."""
-        return torch.tensor(rows, device=self.device)
-
-    def tokenize(self, text: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Tokens ``[1, pos]`` and each token's character span in ``text``.
-
-        A prepended BOS token gets the empty span ``(0, 0)``.
-        """
-        tokenizer = self.model.tokenizer
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(encoding["input_ids"])
-        spans = [tuple(span) for span in encoding["offset_mapping"]]
-        if self.prepend_bos:
-            ids = [tokenizer.bos_token_id] + ids
-            spans = [(0, 0)] + spans
-        return torch.tensor([ids], device=self.model.cfg.device), spans
-
-    def token_strings(self, tokens: torch.Tensor) -> list[str]:
-        """Decoded text of each token in ``tokens`` ``[1, pos]``."""
-        return [self.model.tokenizer.decode([int(t)]) for t in tokens[0]]
-
-    def decode(self, ids: list[int]) -> str:
-        """The text of token ``ids``."""
-        return self.model.tokenizer.decode(ids)
-
-    @property
-    def pad_id(self) -> int:
-        """The id that pads rows to one length (the tokenizer's pad token, else 0)."""
-        pad = self.model.tokenizer.pad_token_id
-        return pad if pad is not None else 0
-
-    @property
-    def eos_id(self) -> int | None:
-        """The end-of-text id (None when the tokenizer has none)."""
-        return self.model.tokenizer.eos_token_id
-
-    @property
-    def special_ids(self) -> list[int]:
-        """The ids of the tokenizer's special tokens (BOS, EOS, padding, ...), sorted."""
-        return sorted({i for i in self.model.tokenizer.all_special_ids if i is not None})
-
-    @contextlib.contextmanager
-    def cast(self, dtype: torch.dtype) -> Iterator[HookedTransformer]:
-        """Run the model in ``dtype`` inside the block; the original tensors come back after.
-
-        The float32 parameters are set aside, not converted back, so the model
-        leaves the block bit for bit as it entered.
-        """
-        model = self.model
-        if dtype == model.cfg.dtype:
-            yield model
-            return
-        originals = [(t, t.data) for t in [*model.parameters(), *model.buffers()]
-                     if t.is_floating_point()]
-        original_dtype = model.cfg.dtype
-        try:
-            for tensor, data in originals:
-                tensor.data = data.to(dtype)
-            model.cfg.dtype = dtype
-            yield model
-        finally:
-            for tensor, data in originals:
-                tensor.data = data
-            model.cfg.dtype = original_dtype
-
-    def embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
-        """What ``hook_embed`` sees for ``tokens`` ``[batch, pos]``: ``[batch, pos, d_model]``."""
-        return self.model.embed(tokens)
-
-
-def adapter_for(model: HookedTransformer) -> ModelAdapter:
+def adapter_for(model: Model) -> ModelAdapter:
     """The adapter that lets tracing and editing work on ``model``."""
-    if isinstance(model, HookedTransformer):
+    if HookedTransformer is not None and isinstance(model, HookedTransformer):
         return ModelAdapter(model)
+    if isinstance(model, TransformerBridge):
+        return BridgeAdapter(model)
     raise WrongTypeError(
-        f"lens_rome works on transformer_lens.HookedTransformer models, got {type(model).__name__}"
+        "lens_rome works on transformer_lens.HookedTransformer and "
+        f"transformer_lens.model_bridge.TransformerBridge models, got {type(model).__name__}"
     )
 
 
-
-
-def model_fingerprint(model: HookedTransformer) -> str:
+def model_fingerprint(model: Model) -> str:
     """A short hash of ``model``'s shape and of weights that ROME never edits.
 
     Covers the config's shape fields, the token embeddings and every MLP's
@@ -331,8 +49,7 @@ def model_fingerprint(model: HookedTransformer) -> str:
         "normalization_type", "positional_embedding_type",
     )}
     digest.update(json.dumps(shape, sort_keys=True, default=str).encode())
-    tensors = [model.embed.W_E] + [block.mlp.W_in for block in model.blocks]
-    for tensor in tensors:
+    for tensor in adapter_for(model).fingerprint_tensors():
         sample = tensor.detach().float().cpu().contiguous().flatten()[::97]
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]

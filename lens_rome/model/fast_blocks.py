@@ -11,9 +11,12 @@ as two batched products over the grouped heads, and cached keys rotated once.
 In the last block it can compute the last position only (``last_only``): that
 is all the logits need.
 
-Only the hook points the tracing engine patches exist here,
+Only the hook points the tracing engine patches exist here (the model's
+``"head"``, ``"attn"`` and ``"mlp"`` points of :data:`HOOK_NAMES`:
 ``blocks.{i}.attn.hook_z``, ``blocks.{i}.hook_attn_out`` and
-``blocks.{i}.hook_mlp_out``, called as ``fn(activation, None)``.  The engine
+``blocks.{i}.hook_mlp_out`` on a ``HookedTransformer``), called as
+``fn(activation, None)``.  On a ``TransformerBridge`` of a Llama-style model
+the weights come from the Hugging Face modules.  The engine
 uses this path for a supported model with no user hooks attached, in float32
 or bfloat16; a model with hooks attached runs TransformerLens' own blocks, so
 the hooks see every activation.  In float32 the two agree to ~1e-6
@@ -27,16 +30,22 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
 
 from lens_rome.errors import InputError
+from lens_rome.model.adapter import adapter_for
+from lens_rome.model.backend import Model
+from lens_rome.model.hook_names import BRIDGE, HOOK_NAMES
 from lens_rome.model.hooks import Hook
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", None)  # None: a config built by hand
 
 
-def unsupported_reason(model: HookedTransformer) -> str | None:
+def unsupported_reason(model: Model) -> str | None:
     """Why :class:`FastBlocks` cannot stand in for ``model``'s blocks, or None."""
+    adapter = adapter_for(model)
+    if adapter.backend == BRIDGE:
+        return adapter.lean_unsupported()
     cfg = model.cfg
     checks = {
         "a Llama architecture": cfg.original_architecture in SUPPORTED_ARCHITECTURES,
@@ -69,9 +78,16 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
     return None
 
 
-def has_user_hooks(model: HookedTransformer) -> bool:
-    """Whether any module of ``model`` has a forward hook (``with model.hooks(...)`` adds some)."""
-    return any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+def has_user_hooks(model: Model) -> bool:
+    """Whether any module of ``model`` has a forward hook (``with model.hooks(...)`` adds some).
+
+    On a ``TransformerBridge``, the hook points only: the bridge itself keeps
+    hooks on the Hugging Face modules it wraps.
+    """
+    modules = model.modules()
+    if adapter_for(model).backend == BRIDGE:
+        modules = (m for m in modules if isinstance(m, HookPoint))
+    return any(module._forward_hooks or module._forward_pre_hooks for module in modules)
 
 
 def _kv(attn, name: str) -> torch.Tensor:
@@ -93,10 +109,20 @@ class FastBlocks:
     built from are unchanged.
     """
 
-    def __init__(self, model: HookedTransformer):
+    def __init__(self, model: Model):
         reason = unsupported_reason(model)
         if reason is not None:
             raise InputError(f"FastBlocks does not support this model ({reason})")
+        adapter = adapter_for(model)
+        self.hook_names = {kind: HOOK_NAMES[adapter.backend][kind] for kind in ("head", "attn", "mlp")}
+        if adapter.backend == BRIDGE:  # the Hugging Face weights, already in F.linear's layout
+            self.n_heads, self.n_kv_heads, self.d_head, self.d_model = adapter.lean_heads
+            self.layers = [{
+                "ln1": w["ln1"], "ln2": w["ln2"], "qkv": torch.cat([w["q"], w["k"], w["v"]]),
+                "o": w["o"], "gate_up": torch.cat([w["gate"], w["up"]]), "out": w["out"],
+                "cos": w["cos"], "sin": w["sin"], "scale": w["scale"],
+            } for w in adapter.lean_weights()]
+            return
         cfg = model.cfg
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
         self.d_head, self.d_model = cfg.d_head, cfg.d_model
@@ -222,10 +248,8 @@ class FastBlocks:
     def _mlp(cls, weights: dict, resid: torch.Tensor) -> torch.Tensor:
         return F.linear(cls._post(weights, resid), weights["out"])
 
-    @staticmethod
-    def _split_hooks(layer: int, hooks: Sequence[Hook]) -> tuple[list[Hook], ...]:
-        names = (f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out",
-                 f"blocks.{layer}.hook_mlp_out")
+    def _split_hooks(self, layer: int, hooks: Sequence[Hook]) -> tuple[list[Hook], ...]:
+        names = tuple(self.hook_names[kind].format(layer=layer) for kind in ("head", "attn", "mlp"))
         unknown = [name for name, _ in hooks if name not in names]
         if unknown:
             raise InputError(f"FastBlocks only has {', '.join(names)}; got hooks at {unknown}")

@@ -6,8 +6,9 @@ import contextlib
 from typing import Callable, Iterator, Sequence
 
 import torch
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
+
+from lens_rome.model.backend import Model
 
 HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor]
 Hook = tuple[str, HookFn]
@@ -17,7 +18,7 @@ Positions = int | Sequence[int] | slice
 
 
 @contextlib.contextmanager
-def attached(model: HookedTransformer, fwd_hooks: Sequence[Hook]) -> Iterator[HookedTransformer]:
+def attached(model: Model, fwd_hooks: Sequence[Hook]) -> Iterator[Model]:
     """Like ``model.hooks(fwd_hooks)``, but removes only its own hooks on exit.
 
     ``model.hooks`` resets every hook point of the model when it exits, which

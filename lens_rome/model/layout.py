@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer
+
+from lens_rome.model.backend import Model
 
 # Each weight that TransformerLens hands to ``F.linear`` through a transpose or
 # rearrange followed by ``.contiguous()``, with the view that gives the
@@ -22,7 +23,7 @@ _LINEAR_VIEWS = {
 }
 
 
-def use_linear_layout(model: HookedTransformer) -> HookedTransformer:
+def use_linear_layout(model: Model) -> Model:
     """Store weights so that TransformerLens' per-call weight copies cost nothing.
 
     TransformerLens computes e.g. ``F.linear(x, W_in.T.contiguous())``: a copy

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lens_rome.errors import InputError, ModelUnavailableError
 from lens_rome.model.adapter import adapter_for
+from lens_rome.model.backend import BACKENDS, DEFAULT_BACKEND, Model, require_hooked
 from lens_rome.model.embedded import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
@@ -47,35 +47,106 @@ CACHE_FORMAT = 1
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
+    backend: str | None = None,
     cache_dir: str | Path | None = None,
     device: str = "cpu",
     rebuild: bool = False,
     linear_layout: bool = True,
-) -> HookedTransformer:
-    """A float32 ``HookedTransformer`` in eval mode, with no weight processing.
+) -> Model:
+    """A float32 model in eval mode, with no weight processing.
 
     ``name`` is an embedded model (``"smollm2-135m"``, ``"gemma-3-270m"``),
     loaded offline from its pip package and cached under ``cache_dir``; or any
-    name ``HookedTransformer.from_pretrained`` knows (needs a network the first
-    time).  ``rebuild=True`` ignores the cache.  ``linear_layout`` stores the
+    name TransformerLens knows (needs a network the first time).
+    ``backend``: ``"hooked"`` (a ``HookedTransformer``, the default on
+    TransformerLens 3.x) or ``"bridge"`` (a ``TransformerBridge`` around the
+    Hugging Face model, the default on 4.x, which has no ``HookedTransformer``).
+    ``rebuild=True`` ignores the cache.  ``linear_layout`` (hooked only) stores the
     weights in the memory order ``F.linear`` reads (see :func:`use_linear_layout`;
     the same values, faster on small batches).
     """
     if not isinstance(name, str) or not name:
         raise InputError(f"model name must be a non-empty string, got {name!r}")
-    if name in EMBEDDED_MODELS:
-        spec = EMBEDDED_MODELS[name]
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    backend = DEFAULT_BACKEND if backend is None else backend
+    if backend not in ("hooked", "bridge"):
+        raise InputError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if backend == "hooked":
+        require_hooked("backend='hooked'")
+    spec = EMBEDDED_MODELS.get(name)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if backend == "bridge":
+        model = _load_bridge(name, spec, root / "models" / name, rebuild=rebuild)
+    elif spec is not None:
         model = _load_embedded(spec, root / "models" / name, rebuild=rebuild)
     else:
         model = _load_from_hub(name)
     adapter_for(model).state.name = name
     model.eval()
+    if backend == "bridge":
+        return model.to(device)
     model = model.to(device, print_details=False)
     return use_linear_layout(model) if linear_layout else model
 
 
-def _load_from_hub(name: str) -> HookedTransformer:
+def _load_bridge(name: str, spec: EmbeddedModel | None, cache: Path, *, rebuild: bool):
+    """A ``TransformerBridge`` around the Hugging Face model: the embedded one from its
+    cached float32 weights (built from the GGUF file once), any other from the hub."""
+    from transformer_lens.model_bridge import TransformerBridge  # noqa: PLC0415
+
+    if spec is None:
+        return TransformerBridge.boot_transformers(name, device="cpu", dtype=torch.float32)
+    _require_package(spec)
+    hf_model, tokenizer = _load_embedded_hf(spec, cache / "hf", rebuild=rebuild)
+    bridge = TransformerBridge.boot_transformers(
+        spec.transformer_lens_name or spec.name, hf_model=hf_model, tokenizer=tokenizer,
+        device="cpu", dtype=torch.float32)
+    bridge.cfg.default_prepend_bos = spec.prepend_bos
+    return bridge
+
+
+def _load_embedded_hf(spec: EmbeddedModel, cache: Path, *, rebuild: bool):
+    """The Hugging Face model and tokenizer, from the cache or built once (as the hooked
+    cache is: checksummed, written whole or not at all, one builder at a time)."""
+    seen = _manifest_stamp(cache)
+    if not rebuild:
+        found = _read_hf_cache(spec, cache)
+        if found is not None:
+            return found
+    with _build_lock(cache):
+        if not rebuild and _manifest_stamp(cache) != seen:
+            found = _read_hf_cache(spec, cache)
+            if found is not None:
+                return found
+        tokenizer, hf_model = _hf_from_gguf(spec, cache.parent)
+        state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+        if getattr(hf_model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # the embedding matrix itself
+        _write_files(cache, state, tokenizer, {
+            "format": CACHE_FORMAT, "name": spec.name, "hf_config": hf_model.config.to_dict()})
+    return hf_model.eval(), tokenizer
+
+
+def _read_hf_cache(spec: EmbeddedModel, cache: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    try:
+        manifest, state = _read_files(spec, cache)
+        if manifest is None:
+            return None
+        config = AutoConfig.for_model(**manifest["hf_config"])
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = hf_model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise ValueError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+        hf_model.tie_weights()
+        return hf_model.eval(), AutoTokenizer.from_pretrained(cache / "tokenizer")
+    except Exception as error:  # any damage means: rebuild from the package
+        log.warning("model cache %s is unusable (%s); rebuilding it", cache, error)
+        return None
+
+
+def _load_from_hub(name: str):
+    from transformer_lens import HookedTransformer  # noqa: PLC0415
     from transformer_lens.loading_from_pretrained import get_official_model_name  # noqa: PLC0415
 
     try:
@@ -112,7 +183,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_embedded(spec: EmbeddedModel, cache: Path, *, rebuild: bool) -> HookedTransformer:
+def _load_embedded(spec: EmbeddedModel, cache: Path, *, rebuild: bool):
     """Read the cache, or build it once: a process that finds another one building waits
     for it (``.lock``) and reads what it wrote, rather than building a second copy."""
     _require_package(spec)
@@ -156,49 +227,37 @@ def _build_lock(cache: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _read_cache(spec: EmbeddedModel, cache: Path) -> HookedTransformer | None:
-    """The cached model, or None (with a log line saying why) when it must be rebuilt."""
+def _read_files(spec: EmbeddedModel, cache: Path) -> tuple[dict | None, dict]:
+    """The manifest and the checked weights of a cache folder (``(None, {})`` without one);
+    raises ``ValueError`` on any damage."""
     from safetensors.torch import load_file  # noqa: PLC0415
-    from transformers import AutoTokenizer  # noqa: PLC0415
 
     manifest_path = cache / _MANIFEST
     if not manifest_path.exists():
-        return None
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        weights = cache / _WEIGHTS
-        if manifest.get("format") != CACHE_FORMAT or manifest.get("name") != spec.name:
-            raise ValueError("cache written by another version")
-        if weights.stat().st_size != manifest["weights_bytes"]:
-            raise ValueError(f"{weights} has {weights.stat().st_size} bytes, expected {manifest['weights_bytes']}")
-        if _sha256(weights) != manifest["weights_sha256"]:
-            raise ValueError(f"{weights} does not match its checksum")
-        cfg = HookedTransformerConfig(**_config_from_json(manifest["config"]))
-        tokenizer = AutoTokenizer.from_pretrained(cache / "tokenizer")
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-        model.load_state_dict(load_file(weights), strict=True)
-        return model
-    except Exception as error:  # any damage means: rebuild from the package
-        log.warning("model cache %s is unusable (%s); rebuilding it", cache, error)
-        return None
+        return None, {}
+    manifest = json.loads(manifest_path.read_text())
+    weights = cache / _WEIGHTS
+    if manifest.get("format") != CACHE_FORMAT or manifest.get("name") != spec.name:
+        raise ValueError("cache written by another version")
+    if weights.stat().st_size != manifest["weights_bytes"]:
+        raise ValueError(f"{weights} has {weights.stat().st_size} bytes, expected {manifest['weights_bytes']}")
+    if _sha256(weights) != manifest["weights_sha256"]:
+        raise ValueError(f"{weights} does not match its checksum")
+    return manifest, load_file(weights)
 
 
-def _write_cache(spec: EmbeddedModel, cache: Path, model: HookedTransformer, tokenizer) -> None:
+def _write_files(cache: Path, state: dict[str, torch.Tensor], tokenizer, manifest: dict) -> None:
+    """Write weights, tokenizer and manifest (last: the folder is valid only with it)."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
     try:
         weights = staging / _WEIGHTS
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        save_file(state, str(weights))
         tokenizer.save_pretrained(staging / "tokenizer")
-        manifest = {
-            "format": CACHE_FORMAT,
-            "name": spec.name,
-            "config": adapter_for(model).state.memo["constructor_config"],
-            "weights_bytes": weights.stat().st_size,
-            "weights_sha256": _sha256(weights),
-        }
+        manifest = {**manifest, "weights_bytes": weights.stat().st_size,
+                    "weights_sha256": _sha256(weights)}
         (cache / _MANIFEST).unlink(missing_ok=True)  # invalid until every file is in place
         shutil.rmtree(cache / "tokenizer", ignore_errors=True)
         os.replace(staging / "tokenizer", cache / "tokenizer")
@@ -210,9 +269,35 @@ def _write_cache(spec: EmbeddedModel, cache: Path, model: HookedTransformer, tok
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _build_from_gguf(spec: EmbeddedModel, cache: Path):
-    """Dequantise the GGUF file and convert it to a TransformerLens model."""
-    from transformer_lens.loading_from_pretrained import convert_hf_model_config  # noqa: PLC0415
+def _read_cache(spec: EmbeddedModel, cache: Path):
+    """The cached HookedTransformer, or None (with a log line saying why) when it must be rebuilt."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: PLC0415
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    try:
+        manifest, state = _read_files(spec, cache)
+        if manifest is None:
+            return None
+        cfg = HookedTransformerConfig(**_config_from_json(manifest["config"]))
+        tokenizer = AutoTokenizer.from_pretrained(cache / "tokenizer")
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+        model.load_state_dict(state, strict=True)
+        return model
+    except Exception as error:  # any damage means: rebuild from the package
+        log.warning("model cache %s is unusable (%s); rebuilding it", cache, error)
+        return None
+
+
+def _write_cache(spec: EmbeddedModel, cache: Path, model, tokenizer) -> None:
+    _write_files(cache, {k: v.contiguous() for k, v in model.state_dict().items()}, tokenizer, {
+        "format": CACHE_FORMAT,
+        "name": spec.name,
+        "config": adapter_for(model).state.memo["constructor_config"],
+    })
+
+
+def _hf_from_gguf(spec: EmbeddedModel, cache: Path):
+    """The tokenizer and the float32 Hugging Face model, dequantised from the GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     gguf = spec.locate_gguf(cache)
@@ -225,6 +310,15 @@ def _build_from_gguf(spec: EmbeddedModel, cache: Path):
     hf_model.config.quantization_config = None
     del hf_model.config.quantization_config
     hf_model.config.architectures = [spec.architecture]
+    return tokenizer, hf_model
+
+
+def _build_from_gguf(spec: EmbeddedModel, cache: Path):
+    """Dequantise the GGUF file and convert it to a TransformerLens model."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: PLC0415
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config  # noqa: PLC0415
+
+    tokenizer, hf_model = _hf_from_gguf(spec, cache)
     with tempfile.TemporaryDirectory() as config_dir:
         hf_model.config.save_pretrained(config_dir)
         config = convert_hf_model_config(spec.transformer_lens_name or config_dir)
@@ -330,6 +424,8 @@ _WEIGHT_CONVERSIONS = {"LlamaForCausalLM": _convert_llama, "Gemma3ForCausalLM": 
 def _constructor_config(config: dict) -> dict:
     """The JSON-safe arguments of ``HookedTransformerConfig`` in ``config``."""
     import dataclasses  # noqa: PLC0415
+
+    from transformer_lens import HookedTransformerConfig  # noqa: PLC0415
 
     fields = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
     out = {}

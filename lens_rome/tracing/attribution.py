@@ -63,11 +63,11 @@ from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
 
 from lens_rome.checks import positive_int
 from lens_rome.errors import InputError, PromptError
 from lens_rome.model.adapter import ModelAdapter, adapter_for
+from lens_rome.model.backend import Model
 from lens_rome.model.hooks import attached
 from lens_rome.tracing.engine import window_layers
 from lens_rome.tracing.kinds import ATTRIBUTION_KINDS, ATTRIBUTION_METRICS, HEAD, KINDS
@@ -268,7 +268,7 @@ def _run(adapter: ModelAdapter, prepared: _Prepared, names: Sequence[str], metri
                  float(clean_rows.mean()), contrast_tokens)
 
 
-def qk_fix_unsupported(model: HookedTransformer) -> str | None:
+def qk_fix_unsupported(model: Model) -> str | None:
     """Why the QK fix cannot recompute this model's attention exactly, or None."""
     return _qk_fix_unsupported(adapter_for(model))
 
@@ -293,7 +293,7 @@ def _qk_fix_unsupported(adapter: ModelAdapter) -> str | None:
     return ", ".join(reasons) if reasons else None
 
 
-def recompute_qkv(model: HookedTransformer, layer: int, resid: Float[torch.Tensor, "rows pos d_model"]):
+def recompute_qkv(model: Model, layer: int, resid: Float[torch.Tensor, "rows pos d_model"]):
     """Block ``layer``'s queries, keys and values (rotated where the model rotates them) for
     the residual stream ``resid`` entering it: ``q [rows, pos, head, d_head]``, ``k`` and
     ``v [rows, pos, kv_head, d_head]``; position ``i`` depends on ``resid[:, i]`` only."""
@@ -400,7 +400,7 @@ def _estimate(adapter: ModelAdapter, kind, runs: _Runs, qk_fix: bool, grad_drop:
 
 
 def attribute(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     subject: str,
     kind: str = "hidden",
@@ -418,7 +418,7 @@ def attribute(
 
 
 def attribute_many(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     subject: str,
     kinds: Sequence[str] = KINDS,

@@ -38,12 +38,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lens_rome.checks import positive_int
 from lens_rome.data.known_facts import answered_correctly, load_known_facts
 from lens_rome.errors import InputError, SavedFileError
 from lens_rome.model.adapter import adapter_for
+from lens_rome.model.backend import Model
 from lens_rome.model.loading import load_model
 from lens_rome.model.precision import resolve_bf16
 from lens_rome.tracing.distributed import trace_on_ray
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 SEVERED = ("none", "mlp", "attn")
 def trace_dataset(
-    model: HookedTransformer | str,
+    model: Model | str,
     facts: str | Path | Sequence[Mapping[str, Any]],
     out: str | Path,
     kinds: Sequence[str] = KINDS,

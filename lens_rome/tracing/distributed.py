@@ -22,9 +22,9 @@ from typing import Mapping, Sequence
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lens_rome.checks import positive_int
+from lens_rome.model.backend import Model
 from lens_rome.model.loading import load_model
 from lens_rome.tracing.fact import TraceSettings, trace_fact
 from lens_rome.tracing.store import FactStore
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class FactTracer:
     """A Ray actor's state: one model, traced fact after fact."""
 
-    def __init__(self, model: HookedTransformer | str, settings: TraceSettings, threads: int):
+    def __init__(self, model: Model | str, settings: TraceSettings, threads: int):
         torch.set_num_threads(threads)
         self.model = load_model(model) if isinstance(model, str) else model
         self.settings = settings
@@ -56,7 +56,7 @@ def _import_ray():
 
 
 def trace_on_ray(
-    model: HookedTransformer | str,
+    model: Model | str,
     facts: Sequence[Mapping],
     settings: TraceSettings,
     store: FactStore,

@@ -35,11 +35,11 @@ from typing import Sequence
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from lens_rome.checks import positive_int
 from lens_rome.errors import InputError
 from lens_rome.model.adapter import ModelAdapter, adapter_for
+from lens_rome.model.backend import Model
 from lens_rome.model.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 from lens_rome.model.hooks import Hook, attached
 from lens_rome.model.precision import precision_name, resolve_bf16
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 
 def trace(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     subject: str,
     kind: str = "hidden",
@@ -109,7 +109,7 @@ def trace(
 
 
 def trace_many(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     subject: str,
     traces: Sequence[tuple[str, str | None, Sequence[int] | None]],
@@ -172,7 +172,8 @@ def _trace_many(adapter: ModelAdapter, prompt, subject, traces, *, samples, wind
                 "hooks are attached" if has_user_hooks(model) else None)
             if reason is None:
                 engine.fast = FastBlocks(model)
-            blocks = "lens_rome.model.fast_blocks" if reason is None else "transformer_lens"
+            blocks = ("lens_rome.model.fast_blocks" if reason is None else
+                      "transformer_lens" if adapter.has_kv_cache else "whole forward passes")
             log.info("tracing %r in %s on %s blocks%s", prompt, precision_name(bf16), blocks,
                      "" if reason is None else f" ({reason})")
             all_scores = [engine.run(kind, 1 if kind in ("hidden", HEAD) else window, sever,
@@ -273,20 +274,27 @@ class _TraceEngine:
                       *(adapter.hook_name(k, layer) for k in KINDS)}
             if with_heads:
                 names.add(adapter.hook_name(HEAD, layer))
+            if not adapter.has_kv_cache:  # the prefix's keys and values, read from hooks
+                names |= {adapter.hook_name("k", layer), adapter.hook_name("v", layer)}
         keep = names.__contains__
 
         logits, self.clean = model.run_with_cache(tokens, names_filter=keep)
         self.high_score = float(self.score(logits[:, -1]).mean())
 
         batch = tokens.expand(self.samples, -1)
-        corrupting = corrupt(corruption.values.to(tokens.device), subject_range,
-                             replace=corruption.replace, hook_name=adapter.hook_name("embed"))
-        self.kv = adapter.kv_cache(self.samples)
-        with model.hooks(fwd_hooks=[corrupting]):
+        self.corrupting = corrupt(corruption.values.to(tokens.device), subject_range,
+                                  replace=corruption.replace, hook_name=adapter.hook_name("embed"))
+        self.corruption = corruption
+        kv = adapter.kv_cache(self.samples) if adapter.has_kv_cache else None
+        with model.hooks(fwd_hooks=[self.corrupting]):
             logits, self.corrupted = model.run_with_cache(
-                batch, names_filter=keep, past_kv_cache=self.kv
+                batch, names_filter=keep, **({} if kv is None else {"past_kv_cache": kv})
             )
         self.low_score = float(self.score(logits[:, -1]).mean())
+        # per block: the corrupted run's (unrotated) keys and values [samples, pos, kv_head, d_head]
+        self.corrupted_kv = [(e.past_keys, e.past_values) for e in kv.entries] if kv else [
+            (self.corrupted[adapter.hook_name("k", layer)],
+             self.corrupted[adapter.hook_name("v", layer)]) for layer in range(n_layers)]
         self.fast: FastBlocks | None = None
 
     def score(self, logits: Float[torch.Tensor, "rows d_vocab"]) -> Float[torch.Tensor, "rows"]:
@@ -308,15 +316,16 @@ class _TraceEngine:
             scores[[p for p in range(n_tokens) if p not in positions]] = float("nan")
             restored = [p for p in positions if p >= self.subject_range[0]]
         self.dtype = dtype
-        self.prefix_kv = [(e.past_keys.to(self.dtype), e.past_values.to(self.dtype))
-                          for e in self.kv.entries]
+        self.prefix_kv = [(keys.to(dtype), values.to(dtype)) for keys, values in self.corrupted_kv]
         if self.fast is not None:
             self.prefix_kv = [(self.fast.rotated_keys(layer, keys), values)
                               for layer, (keys, values) in enumerate(self.prefix_kv)]
         finals = []
         bar = tqdm(restored, desc=f"trace {kind}", disable=not progress, leave=False)
+        restore = self._restore_token if self.fast is not None or self.adapter.has_kv_cache else (
+            self._restore_token_whole)
         for position in bar:
-            finals.append(self._restore_token(position, kind, groups, sever))
+            finals.append(restore(position, kind, groups, sever))
         per_row = self._final_scores(torch.cat(finals)) if finals else torch.empty(0)
         per_group = per_row.view(len(restored), len(groups), self.samples).mean(-1)
         for position, row in zip(restored, per_group):
@@ -332,8 +341,7 @@ class _TraceEngine:
     def _final_scores(self, final: Float[torch.Tensor, "rows d_model"], chunk: int = 512
                       ) -> Float[torch.Tensor, "rows"]:
         """The metric for each row's last-position residual after the last block."""
-        model, n_layers = self.model, self.adapter.n_layers
-        out = [self.score(model(final[i:i + chunk, None], start_at_layer=n_layers)[:, -1])
+        out = [self.score(self.adapter.after_blocks(final[i:i + chunk, None])[:, -1])
                for i in range(0, len(final), chunk)]
         return torch.cat(out).float().cpu()
 
@@ -377,6 +385,43 @@ class _TraceEngine:
             with attached(model, block_hooks):
                 residual = adapter.block(block_index)(residual, past_kv_cache_entry=entry)
         return residual[:, -1]
+
+    def _restore_token_whole(self, t: int, kind: str, groups: list[_Group], sever: str | None,
+                             chunk: int = 256) -> Float[torch.Tensor, "rows d_model"]:
+        """As :meth:`_restore_token`, with whole forward passes (the paper's way, batched).
+
+        For a model whose blocks cannot run one at a time (a ``TransformerBridge``
+        that is not Llama-style, or that has hooks attached): each row runs
+        every block on every position, corrupted, with its restoration patched.
+        """
+        adapter, samples = self.adapter, self.samples
+        per_chunk = max(1, chunk // samples)
+        finals = []
+        for first in range(0, len(groups), per_chunk):
+            part = groups[first:first + per_chunk]
+            hooks = [corrupt(self.corruption.values.to(self.tokens.device).repeat(len(part), 1, 1),
+                             self.subject_range, replace=self.corruption.replace,
+                             hook_name=adapter.hook_name("embed"))]
+            for g, group in enumerate(part):
+                rows = _group_rows([g], samples)
+                if kind == "hidden":
+                    name = adapter.hook_name("hidden", group.layer)
+                    hooks.append(patch(name, self.clean[name][0, t], t, rows=rows))
+                elif kind == HEAD:
+                    name = adapter.hook_name(HEAD, group.layer)
+                    hooks.append(patch_head(name, self.clean[name][0, t], t, group.head, rows=rows))
+                else:
+                    for layer in group.patched:
+                        name = adapter.hook_name(kind, layer)
+                        hooks.append(patch(name, self.clean[name][0, t], t, rows=rows))
+            if sever is not None:
+                for layer in range(adapter.n_layers):
+                    name = adapter.hook_name(sever, layer)
+                    frozen = self.corrupted[name][:, t].repeat(len(part), 1)
+                    hooks.append(patch(name, frozen, t))
+            batch = self.tokens.expand(len(part) * samples, -1)
+            finals.append(adapter.resid_before(batch, adapter.n_layers, hooks=hooks)[:, -1])
+        return torch.cat(finals)
 
     def _patches(self, block_index: int, t: int, kind: str, groups: list[_Group],
                  sever: str | None) -> list[Hook]:
@@ -471,7 +516,7 @@ def _group_rows(groups: Sequence[int], samples: int) -> slice:
     return slice(first * samples, (last + 1) * samples)
 
 
-def trace_all(model: HookedTransformer, prompt: str, subject: str, kinds: Sequence[str] = KINDS,
+def trace_all(model: Model, prompt: str, subject: str, kinds: Sequence[str] = KINDS,
               **kwargs) -> dict[str, TraceResult]:
     """``trace`` for several kinds with the same noise: ``{kind: result}``."""
     results = trace_many(model, prompt, subject, [(kind, None, None) for kind in kinds], **kwargs)

@@ -12,9 +12,9 @@ from typing import Mapping
 
 import numpy as np
 import pandas as pd
-from transformer_lens import HookedTransformer
 
 from lens_rome.model.adapter import adapter_for
+from lens_rome.model.backend import Model
 from lens_rome.tracing.attribution import _attribute_many
 from lens_rome.tracing.engine import _trace_many
 from lens_rome.tracing.kinds import KINDS
@@ -42,7 +42,7 @@ class TraceSettings:
         return data
 
 
-def trace_fact(model: HookedTransformer, fact: Mapping, settings: TraceSettings) -> pd.DataFrame:
+def trace_fact(model: Model, fact: Mapping, settings: TraceSettings) -> pd.DataFrame:
     """Trace one fact for every kind (and the severed experiment): long-format rows.
 
     Columns: known_id, kind, sever, token, layer, score, low_score, high_score,

@@ -24,11 +24,12 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
-from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens import ActivationCache
 from transformer_lens.hook_points import HookPoint
 
 from lens_rome.errors import InputError
 from lens_rome.model.adapter import adapter_for
+from lens_rome.model.backend import Model
 from lens_rome.model.hooks import Hook, Positions
 
 
@@ -113,7 +114,7 @@ def restore(
 
 
 def restore_window(
-    model: HookedTransformer,
+    model: Model,
     kind: str,
     layers: Iterable[int],
     positions: Positions,
@@ -129,7 +130,7 @@ def restore_window(
 
 
 def sever(
-    model: HookedTransformer,
+    model: Model,
     kind: str,
     positions: Positions,
     corrupted: ActivationCache,

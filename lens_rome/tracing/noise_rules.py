@@ -8,11 +8,11 @@ from typing import Sequence
 
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.model.adapter import HOOK_NAMES, ModelAdapter, adapter_for
+from lens_rome.model.backend import Model
 from lens_rome.model.hooks import Hook
 
 
@@ -67,7 +67,7 @@ class Noise:
 
     def draw(
         self,
-        model: HookedTransformer,
+        model: Model,
         subject_tokens: torch.Tensor,
         samples: int,
         generator: torch.Generator,
@@ -78,7 +78,7 @@ class Noise:
         return repr(self)
 
 
-def embedding_std(model: HookedTransformer, subjects: Sequence[str] | None = None) -> float:
+def embedding_std(model: Model, subjects: Sequence[str] | None = None) -> float:
     """Standard deviation of token embeddings: of the subjects' tokens (the paper's
     ``collect_embedding_std``) when ``subjects`` are given, else of the whole vocabulary."""
     return _embedding_std(adapter_for(model), subjects)
@@ -104,7 +104,7 @@ class Gaussian(Noise):
     scale: float = 3.0
     level: float | None = None
 
-    def std(self, model: HookedTransformer) -> float:
+    def std(self, model: Model) -> float:
         return self._std(adapter_for(model))
 
     def _std(self, adapter: ModelAdapter) -> float:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformer_lens import HookedTransformer
 
 from lens_rome.errors import PromptError
 from lens_rome.model.adapter import ModelAdapter, adapter_for
+from lens_rome.model.backend import Model
 
 log = logging.getLogger(__name__)
 
 
 def locate_subject(
-    model: HookedTransformer, prompt: str, subject: str
+    model: Model, prompt: str, subject: str
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Tokens ``[1, pos]`` of ``prompt`` and the token range ``[start, end)`` of ``subject``.
 
@@ -43,7 +43,7 @@ def _locate_subject(
     return tokens, (touched[0], touched[-1] + 1)
 
 
-def answer_token(model: HookedTransformer, target: str) -> int:
+def answer_token(model: Model, target: str) -> int:
     """The token whose probability a trace measures for the answer ``target``."""
     return _answer_token(adapter_for(model), target)
 

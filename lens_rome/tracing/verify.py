@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
-from transformer_lens import HookedTransformer
 
 from lens_rome.checks import positive_int
 from lens_rome.errors import InputError, SavedFileError, WrongTypeError
 from lens_rome.model.adapter import ModelAdapter, adapter_for
+from lens_rome.model.backend import Model
 from lens_rome.model.hooks import attached
 from lens_rome.tracing.attribution import (
     _UNSET,
@@ -36,7 +36,7 @@ Site = tuple[int, int] | tuple[int, int, int]
 
 
 def restore_sites(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     subject: str,
     kind: str,
@@ -266,7 +266,7 @@ def ranked_sites(result: TraceResult, by: str = "effect") -> list[tuple[int, ...
 
 
 def verify(
-    model: HookedTransformer,
+    model: Model,
     estimate: TraceResult,
     k: int = 10,
     *,
