@@ -90,15 +90,15 @@ class FineTune(OneAtATime):
         request = EditRequest.parse(request)
         p = self.params
         adapter = adapter_for(model)
-        weight = adapter.w_out(p.layer)
+        weight = adapter.w_out_parameter(p.layer)  # a leaf, in the backend's own layout
         original = weight.detach().clone()
+        before = adapter.w_out(p.layer).detach().clone()  # [d_mlp, d_model], as edits record it
         prompt = adapter.tokenize(request.text)[0][0].tolist()
         target = model.tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
         tokens = adapter.as_tokens([prompt + target[:-1]])
         positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target))
         target_ids = adapter.as_tokens(target)
-        with torch.no_grad():  # the blocks below the tuned layer do not change
-            resid = model(tokens, stop_at_layer=p.layer)
+        upper_logits = adapter.upper_logits(tokens, p.layer)  # blocks below: once, no grads
         optimiser = torch.optim.Adam([weight], lr=p.lr)
         trainable = weight.requires_grad
         losses = []
@@ -106,7 +106,7 @@ class FineTune(OneAtATime):
             weight.requires_grad_(True)
             for _ in range(p.steps):
                 with torch.enable_grad():
-                    logits = model(resid, start_at_layer=p.layer)[0, positions]
+                    logits = upper_logits()[0, positions]
                     loss = -torch.log_softmax(logits.float(), -1)[
                         torch.arange(len(target)), target_ids].mean()
                     losses.append(float(loss.detach()))
@@ -126,4 +126,4 @@ class FineTune(OneAtATime):
         finally:
             weight.grad = None
             weight.requires_grad_(trainable)
-        return record_change(model, {p.layer: original}, info={"losses": losses})
+        return record_change(model, {p.layer: before}, info={"losses": losses})

@@ -76,7 +76,6 @@ from lens_rome.editing.weights import WeightEdit, edited_keys
 from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
 from lens_rome.model.backend import Model
-from lens_rome.model.hooks import attached
 from lens_rome.storage import load_saved, metadata_keys, save_tensors
 
 log = logging.getLogger(__name__)
@@ -312,8 +311,7 @@ def _states_at(adapter: ModelAdapter, rows: list[list[int]], positions: list[int
         chunk, where = rows[i:i + batch_size], positions[i:i + batch_size]
         width = max(map(len, chunk))
         tokens = adapter.as_tokens([r + [pad] * (width - len(r)) for r in chunk])
-        with attached(model, [(hook, keep)]):
-            model(tokens, stop_at_layer=stop)
+        adapter.resid_before(tokens, stop, hooks=[(hook, keep)])
         states = store.pop("a")
         out.append(states[torch.arange(len(chunk)), torch.tensor(where)].to(torch.float64))
     return torch.cat(out)

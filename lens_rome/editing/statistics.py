@@ -44,7 +44,6 @@ from lens_rome.errors import InputError
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
 from lens_rome.model.backend import Model
 from lens_rome.model.embedded import default_cache_dir
-from lens_rome.model.hooks import attached
 from lens_rome.storage import read_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -200,8 +199,7 @@ def _accumulate(adapter: ModelAdapter, layer: int, texts: Iterable[str], samples
             if not batch:
                 break
             tokens = torch.stack(batch).to(adapter.device)
-            with attached(model, [(name, keep)]):
-                model(tokens, stop_at_layer=layer + 1)
+            adapter.resid_before(tokens, layer + 1, hooks=[(name, keep)])
             keys = store.pop("keys").reshape(-1, d_mlp).to(torch.float64)
             total += keys.T @ keys
             count += keys.shape[0]

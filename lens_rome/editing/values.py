@@ -26,6 +26,7 @@ from lens_rome.errors import PromptError
 from lens_rome.model.adapter import ModelAdapter
 from lens_rome.model.backend import Model
 from lens_rome.model.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
+from lens_rome.model.hooks import attached
 from lens_rome.model.precision import precision_name, resolve_bf16
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,13 @@ class _Group:
             raise ValueError("the lookup token lies after the predicted tokens")
         self.loss_targets = loss_targets
         self.rotated = fast is not None
+        self.tokens = None  # set when each step runs the whole model (no cache entries)
         if fast is not None:
             logits = self._run_lean(fast, tokens, loss_targets is None)
-        else:
+        elif adapter.has_kv_cache:
             logits = self._run_transformer_lens(tokens, loss_targets is None)
+        else:
+            logits = self._run_whole(tokens, loss_targets is None)
         self.original = None if logits is None else torch.log_softmax(
             logits[:, self.loss_positions].float(), -1)
 
@@ -88,10 +92,23 @@ class _Group:
                        for b in range(layer + 1, adapter.n_layers)}
         return logits
 
+    def _run_whole(self, tokens: torch.Tensor, kl: bool) -> torch.Tensor | None:
+        """The states the loop needs from one whole forward pass (a model whose blocks
+        cannot run from cache entries); each step then runs the whole model again."""
+        adapter, layer, p = self.adapter, self.layer, self.p
+        names = {adapter.hook_name("key", layer), adapter.hook_name("mlp", layer),
+                 adapter.hook_name("hidden", layer)}
+        logits, cache = adapter.model.run_with_cache(tokens, names_filter=names.__contains__)
+        self.keys = cache[adapter.hook_name("key", layer)][:, p].double()
+        self.mlp_out = cache[adapter.hook_name("mlp", layer)][:, p]
+        self.resid = cache[adapter.hook_name("hidden", layer)][:, p:].clone()
+        self.prefix, self.tokens = {}, tokens
+        return logits[:, p:] if kl else None
+
     def _run_lean(self, fast: FastBlocks, tokens: torch.Tensor, kl: bool) -> torch.Tensor | None:
         """The same states from the lean blocks (one pass per group, no hook machinery)."""
         adapter, layer, p, model = self.adapter, self.layer, self.p, self.adapter.model
-        resid = model(tokens, stop_at_layer=0)  # the embedded tokens, as block 0 sees them
+        resid = adapter.resid_before(tokens, 0)  # the embedded tokens, as block 0 sees them
         for b in range(layer):
             resid = fast(b, resid)
         seen = {}
@@ -132,6 +149,16 @@ class _Group:
     def log_probs(self, delta: torch.Tensor) -> torch.Tensor:
         """Log-probabilities ``[rows, loss_positions, d_vocab]`` with ``delta`` added."""
         adapter = self.adapter
+        if self.tokens is not None:  # the whole model, with delta added after the edited block
+            p = self.p
+
+            def add(activation, hook):
+                return torch.cat([activation[:, :p], activation[:, p:p + 1] + delta.to(
+                    activation.dtype), activation[:, p + 1:]], 1)
+
+            with attached(adapter.model, [(adapter.hook_name("hidden", self.layer), add)]):
+                logits = adapter.model(self.tokens)
+            return torch.log_softmax(logits[:, [p + q for q in self.loss_positions]].float(), -1)
         resid = torch.cat([self.resid[:, :1] + delta.to(self.resid.dtype), self.resid[:, 1:]], 1)
         for b in range(self.layer + 1, adapter.n_layers):
             keys, values = self.prefix[b]

@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float
 
 from lens_rome.errors import InputError, PromptError
-from lens_rome.model.adapter import adapter_for
+from lens_rome.model.adapter import ModelAdapter, adapter_for
 from lens_rome.model.backend import Model
 
 DEFAULT_NEW_TOKENS = 100  # the paper's generation length
@@ -42,8 +42,8 @@ def generate(model: Model, prompts: str | Sequence[str],
     tokens = adapter.as_tokens([[pad] * (width - len(r)) + r for r in rows])
     mask = adapter.as_tokens([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    cache = adapter.kv_cache(len(rows))
-    logits = model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
+    step_logits = _incremental(adapter, tokens, mask)
+    logits = next(step_logits)
     eos = adapter.eos_id
     new: list[list[int]] = [[] for _ in rows]
     finished = [False] * len(rows)
@@ -59,10 +59,29 @@ def generate(model: Model, prompts: str | Sequence[str],
         if all(finished) or step == steps - 1:
             break
         token = adapter.as_tokens(chosen).view(-1, 1)
-        logits = model(token, attention_mask=torch.ones_like(token),
-                       past_kv_cache=cache)[:, -1]
+        logits = step_logits.send(token)
     texts = [p + adapter.decode(ids) for p, ids in zip(prompts, new)]
     return texts[0] if single else texts
+
+
+def _incremental(adapter: ModelAdapter, tokens: torch.Tensor, mask: torch.Tensor):
+    """A generator of next-token logits ``[rows, d_vocab]``: first for ``tokens`` ``[rows, pos]``
+    (``mask`` marks the real ones), then for each token ``[rows, 1]`` sent to it.
+
+    With TransformerLens cache entries each step runs the new position only;
+    otherwise (a ``TransformerBridge``) each step runs the whole sequence so far.
+    """
+    model = adapter.model
+    if adapter.has_kv_cache:
+        cache = adapter.kv_cache(len(tokens))
+        token = yield model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
+        while True:
+            token = yield model(token, attention_mask=torch.ones_like(token),
+                                past_kv_cache=cache)[:, -1]
+    token = yield model(tokens, attention_mask=mask)[:, -1]
+    while True:
+        tokens, mask = torch.cat([tokens, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        token = yield model(tokens, attention_mask=mask)[:, -1]
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ class BridgeAdapter(ModelAdapter):
         return self.model.original_model
 
     @property
-    def has_kv_cache(self) -> bool:
+    def native_blocks(self) -> bool:
         return False
 
     @property

@@ -283,10 +283,16 @@ class ModelAdapter:
     # -- what differs between backends ---------------------------------------------------
 
     @property
-    def has_kv_cache(self) -> bool:
-        """Whether blocks run one at a time with TransformerLens cache entries
-        (:meth:`kv_cache`, :meth:`kv_entry`, :meth:`block`)."""
+    def native_blocks(self) -> bool:
+        """Whether the blocks are TransformerLens' own modules: callable one at a time
+        with cache entries (:meth:`kv_cache`, :meth:`kv_entry`, :meth:`block`), with
+        their attention methods (attribution's QK fix)."""
         return True
+
+    @property
+    def has_kv_cache(self) -> bool:
+        """Whether blocks run one at a time from TransformerLens cache entries."""
+        return self.native_blocks
 
     def w_out_parameter(self, layer: int) -> torch.nn.Parameter:
         """The parameter that holds ``W_out`` of ``layer`` (what an optimiser takes)."""

@@ -111,9 +111,7 @@ def _metric(
 def _last_logits(adapter: ModelAdapter, tokens: Float[torch.Tensor, "rows pos"]
                  ) -> Float[torch.Tensor, "rows d_vocab"]:
     """Logits at the last position only (the unembedding of every position is wasted work)."""
-    model, n_layers = adapter.model, adapter.n_layers
-    residual = model(tokens, stop_at_layer=n_layers)
-    return model(residual[:, -1:], start_at_layer=n_layers)[:, -1]
+    return adapter.last_logits(tokens)
 
 
 def _check_common(kinds, metric, samples, window) -> None:
@@ -274,6 +272,8 @@ def qk_fix_unsupported(model: Model) -> str | None:
 
 
 def _qk_fix_unsupported(adapter: ModelAdapter) -> str | None:
+    if not adapter.native_blocks:
+        return f"{adapter.backend}: the fix recomputes attention with TransformerLens' blocks"
     cfg = adapter.config
     checks = [
         (cfg.positional_embedding_type in ("standard", "rotary"),
