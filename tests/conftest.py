@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from lens_rome.model.backend import HAS_HOOKED
 from lens_rome.model.layout import use_linear_layout
+
+if HAS_HOOKED:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 KNOWN_FACTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "known_facts.json"
 
@@ -56,7 +59,9 @@ def tiny_tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(folder)  # TransformerLens reloads it by path
 
 
-def _tiny_model(tokenizer, **architecture) -> HookedTransformer:
+def _tiny_model(tokenizer, **architecture) -> "HookedTransformer":
+    if not HAS_HOOKED:
+        pytest.skip("this TransformerLens has no HookedTransformer (4.x): bridge tests only")
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
         n_layers=6, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=64,
@@ -95,3 +100,66 @@ def known_facts():
     if not KNOWN_FACTS.exists():
         pytest.skip(f"{KNOWN_FACTS} is absent (the shared data folder is not beside the project)")
     return json.loads(KNOWN_FACTS.read_text())
+
+
+# Tiny random Hugging Face models of four families, built offline from configs
+TINY_HF = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config",
+             dict(n_layer=4, n_embd=64, n_head=4, n_positions=64)),
+    "neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig",
+             dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=64)),
+    "llama": ("LlamaForCausalLM", "LlamaConfig",
+              dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",
+               dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                    max_position_embeddings=64, sliding_window=8)),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_bridges(tiny_tokenizer):
+    """``(family, plain=False)`` -> a ``TransformerBridge`` around a tiny random Hugging Face
+    model (built on first use), or with ``plain=True`` an unwrapped copy of that HF model
+    (booting a bridge replaces the modules of the model it wraps)."""
+    import copy
+
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    built = {}
+
+    def build(family, plain=False):
+        if family not in built:
+            architecture, config_class, sizes = TINY_HF[family]
+            config = getattr(transformers, config_class)(
+                vocab_size=len(tiny_tokenizer), initializer_range=0.3, **sizes)
+            config.architectures = [architecture]
+            torch.manual_seed(0)
+            hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            unwrapped = copy.deepcopy(hf)
+            bridge = TransformerBridge.boot_transformers(  # it may add tokens to its tokenizer
+                f"tiny-{family}", hf_model=hf, tokenizer=copy.deepcopy(tiny_tokenizer), device="cpu",
+                dtype=torch.float32)
+            bridge.cfg.default_prepend_bos = False
+            built[family] = (bridge.eval(), unwrapped)
+        return built[family][1 if plain else 0]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def smollm_bridge():
+    from lens_rome.model.loading import load_model
+
+    return load_model("smollm2-135m", backend="bridge")
+
+
+@pytest.fixture(scope="session")
+def smollm_hf():
+    """The plain Hugging Face SmolLM2 (not wrapped by any bridge)."""
+    from lens_rome.model.loading import load_hf_model
+
+    return load_hf_model("smollm2-135m")[0]

@@ -249,8 +249,10 @@ class ModelAdapter:
 
     @property
     def special_ids(self) -> list[int]:
-        """The ids of the tokenizer's special tokens (BOS, EOS, padding, ...), sorted."""
-        return sorted({i for i in self.model.tokenizer.all_special_ids if i is not None})
+        """The ids of the tokenizer's special tokens (BOS, EOS, padding, ...) that the
+        model has, sorted (a bridge's tokenizer may have gained a pad token past them)."""
+        ids = self.model.tokenizer.all_special_ids
+        return sorted({i for i in ids if i is not None and i < self.d_vocab})
 
     @contextlib.contextmanager
     def cast(self, dtype: torch.dtype) -> Iterator[Model]:

@@ -29,10 +29,23 @@ def attached(model: Model, fwd_hooks: Sequence[Hook]) -> Iterator[Model]:
     try:
         for name, fn in fwd_hooks:
             point = model.hook_dict[name]
-            handles.append(point.register_forward_hook(
-                lambda module, inputs, output, fn=fn, point=point: fn(output, hook=point)
-            ))
+            handles.append(point.register_forward_hook(_calling(fn, point)))
         yield model
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _calling(fn: HookFn, point: HookPoint):
+    """A PyTorch forward hook that calls ``fn(activation, hook=point)`` as TransformerLens
+    would: through the point's ``hook_conversion`` where it has one (a bridge's
+    ``attn.o.hook_in`` shows ``[batch, pos, head, d_head]``, its module sees ``[batch, pos, d_model]``)."""
+    conversion = getattr(point, "hook_conversion", None)
+    if conversion is None:
+        return lambda module, inputs, output: fn(output, hook=point)
+
+    def converted(module, inputs, output):
+        result = fn(conversion.convert(output), hook=point)
+        return None if result is None else conversion.revert(result)
+
+    return converted

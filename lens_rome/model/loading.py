@@ -88,6 +88,17 @@ def load_model(
     return use_linear_layout(model) if linear_layout else model
 
 
+def load_hf_model(name: str = DEFAULT_MODEL, *, cache_dir: str | Path | None = None):
+    """The plain Hugging Face model (float32, eval mode) and tokenizer of an embedded model,
+    offline: what a ``TransformerBridge`` of it wraps, for comparing with Hugging Face code."""
+    if name not in EMBEDDED_MODELS:
+        raise InputError(f"unknown embedded model {name!r}; expected one of {sorted(EMBEDDED_MODELS)}")
+    spec = EMBEDDED_MODELS[name]
+    _require_package(spec)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _load_embedded_hf(spec, root / "models" / name / "hf", rebuild=False)
+
+
 def _load_bridge(name: str, spec: EmbeddedModel | None, cache: Path, *, rebuild: bool):
     """A ``TransformerBridge`` around the Hugging Face model: the embedded one from its
     cached float32 weights (built from the GGUF file once), any other from the hub."""

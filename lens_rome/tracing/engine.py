@@ -418,7 +418,7 @@ class _TraceEngine:
                 for layer in range(adapter.n_layers):
                     name = adapter.hook_name(sever, layer)
                     frozen = self.corrupted[name][:, t].repeat(len(part), 1)
-                    hooks.append(patch(name, frozen, t))
+                    hooks.append(patch(name, frozen[:, None], t))
             batch = self.tokens.expand(len(part) * samples, -1)
             finals.append(adapter.resid_before(batch, adapter.n_layers, hooks=hooks)[:, -1])
         return torch.cat(finals)
