@@ -139,7 +139,7 @@ def run_edits(args) -> None:
     from lens_rome.editing.prefixes import context_prefixes
     from lens_rome.model.precision import precision_name, probe_report, resolve_bf16
 
-    model = load_model(args.model)
+    model = load_model(args.model, backend=args.backend)
     hp = RomeHyperParams.for_model(model, **{
         k: v for k, v in {
             "layer": args.layer, "lookup": args.lookup, "v_steps": args.v_steps,
@@ -152,7 +152,10 @@ def run_edits(args) -> None:
                         args.max_prompts)[args.skip:]
     probe = probe_report()
     precision = precision_name(resolve_bf16(hp.bf16, what="benchmarks/rome_edits.py"))
-    print(f"model {args.model}, {len(cases)} cases; CPU {probe['cpu']}, torch threads "
+    from lens_rome.model.backend import TRANSFORMER_LENS_VERSION
+
+    print(f"model {args.model} ({type(model).__name__}, transformer-lens "
+          f"{TRANSFORMER_LENS_VERSION}), {len(cases)} cases; CPU {probe['cpu']}, torch threads "
           f"{torch.get_num_threads()}")
     print(f"bfloat16 probe: {'fast' if probe['bf16_fast'] else 'slow'} ({probe['rule']}); "
           f"v* loop precision: {precision} (bf16={hp.bf16})")
@@ -232,7 +235,7 @@ def choose_layer(args) -> None:
 
     from lens_rome import load_model, trace
 
-    model = load_model(args.model)
+    model = load_model(args.model, backend=args.backend)
     facts = answered_correctly(model, load_facts(Path(args.facts)))
     random.Random(args.seed).shuffle(facts)
     facts = facts[:args.n]
@@ -273,6 +276,8 @@ def choose_layer(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--backend", choices=("hooked", "bridge"), default=None,
+                        help="default: hooked on TransformerLens 3.x, bridge on 4.x")
     parser.add_argument("--facts", default=str(KNOWN_FACTS))
     parser.add_argument("--n", type=int, default=30, help="cases (facts) to edit or trace")
     parser.add_argument("--seed", type=int, default=0, help="picks the facts and new objects")

@@ -13,6 +13,12 @@ the city of" (subject "The Eiffel Tower", 10 samples, window 10):
 - with ``--default-layout``, the reference again on TransformerLens' default
   weight layout (what a plain ``HookedTransformer`` runs).
 
+``--backend bridge`` times ``trace`` on a ``TransformerBridge`` instead, and
+the paper's algorithm runs on the plain Hugging Face model
+(:func:`lens_rome.reference.trace.reference_trace_hf`: PyTorch hooks, no
+TransformerLens); ``--backend both`` times both backends side by side, kind by
+kind, with that one Hugging Face reference and their deviation from each other.
+
 It prints the CPU, the torch threads and the bfloat16 probe's answer first.
 Run: ``.venv/bin/python benchmarks/trace_speed.py --threads 2`` (about 10
 minutes on a 2-core CPU).  Nothing else should run on the machine meanwhile.
@@ -26,8 +32,11 @@ import time
 import torch
 
 from lens_rome import load_model, locate_subject, trace
+from lens_rome.model.backend import DEFAULT_BACKEND, TRANSFORMER_LENS_VERSION
+from lens_rome.model.loading import load_hf_model
 from lens_rome.model.precision import probe_report
 from lens_rome.reference import reference_trace
+from lens_rome.reference.trace import reference_trace_hf
 from lens_rome.tracing import Gaussian
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -53,10 +62,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice; use 1 when another job "
                              "shares the CPU, where spinning threads slow each other down)")
+    parser.add_argument("--backend", choices=("hooked", "bridge", "both"), default=DEFAULT_BACKEND)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",")
+    if args.backend != "hooked":
+        bridge_main(args, kinds)
+        return
 
     probe = probe_report()
     with_bf16 = probe["bf16_fast"] if args.bf16 is None else args.bf16
@@ -119,6 +132,56 @@ def main() -> None:
     if "reference_default" in total:
         print(f"  paper's algorithm, TransformerLens layout: {total['reference_default']:7.1f} s"
               f"   ratio {total['reference_default'] / total['trace']:.1f}x")
+
+
+def bridge_main(args, kinds) -> None:
+    """``--backend bridge`` or ``both``: the bridge (beside the hooked model), against the
+    paper's algorithm on the plain Hugging Face model."""
+    backends = ["hooked", "bridge"] if args.backend == "both" else ["bridge"]
+    models = {backend: load_model("smollm2-135m", backend=backend) for backend in backends}
+    bridge = models["bridge"]
+    tokens, subject_range = locate_subject(bridge, PROMPT, SUBJECT)
+    subject_tokens = tokens[0, subject_range[0]:subject_range[1]]
+    noise = Gaussian().draw(bridge, subject_tokens, args.samples,
+                            torch.Generator().manual_seed(0)).values
+    probe = probe_report()
+    print(f"machine: {probe['cpu']}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__} ({probe['cpu_capability']}); "
+          f"transformer-lens {TRANSFORMER_LENS_VERSION}")
+    print(f"prompt {PROMPT!r}, subject {SUBJECT!r}: {tokens.shape[1]} tokens, "
+          f"{bridge.cfg.n_layers} layers, {args.samples} samples, window 10, float32\n")
+    for model in models.values():
+        trace(model, PROMPT, SUBJECT, "hidden", samples=2)  # warm-up
+    hf_model = None if args.skip_reference else load_hf_model("smollm2-135m")[0]
+    totals = {key: 0.0 for key in [*backends, "reference"]}
+    for kind in kinds:
+        results = {}
+        for backend, model in models.items():  # side by side, kind by kind
+            results[backend], seconds = timed(trace, model, PROMPT, SUBJECT, kind,
+                                              samples=args.samples, noise=noise)
+            totals[backend] += seconds
+            print(f"{kind:>6}: {backend:>6} trace ({results[backend].meta['blocks']}) "
+                  f"{seconds:6.1f} s   p clean {results[backend].high_score:.4f}, "
+                  f"corrupted {results[backend].low_score:.4f}", flush=True)
+        if len(results) == 2:
+            gap = (results["hooked"].scores - results["bridge"].scores).abs().max().item()
+            print(f"{'':>6}  max |bridge - hooked| = {gap:.1e}")
+        if hf_model is not None:
+            (expected, _), seconds = timed(reference_trace_hf, hf_model, tokens, subject_range,
+                                           results["bridge"].answer_token, noise, kind, 10)
+            totals["reference"] += seconds
+            deviations = ", ".join(f"{backend} {(expected - r.scores).abs().max().item():.1e}"
+                                   for backend, r in results.items())
+            print(f"{'':>6}  paper's algorithm on the plain HF model: {seconds:6.1f} s; "
+                  f"max |reference - trace|: {deviations}", flush=True)
+    print(f"\nall kinds together ({', '.join(kinds)}):")
+    for backend in backends:
+        print(f"  {backend} trace: {totals[backend]:7.1f} s")
+    if len(backends) == 2:
+        print(f"  bridge / hooked: {totals['bridge'] / totals['hooked']:.2f}x")
+    if hf_model is not None:
+        print(f"  paper's algorithm on the plain HF model: {totals['reference']:7.1f} s "
+              f"(ratio to the bridge trace {totals['reference'] / totals['bridge']:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -76,11 +76,15 @@ def noise_level(text: str) -> float:
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
-    """``--model``: an embedded model or a TransformerLens name."""
+    """``--model``: an embedded model or a TransformerLens name; ``--backend``: how it runs."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"an embedded model that loads offline "
                              f"({', '.join(sorted(EMBEDDED_MODELS))}) or a TransformerLens model "
                              f"name, which downloads weights (default: %(default)s)")
+    parser.add_argument("--backend", choices=("hooked", "bridge"), default=None,
+                        help="hooked: a HookedTransformer (the default on TransformerLens 3.x); "
+                             "bridge: a TransformerBridge around the Hugging Face model (the "
+                             "default on 4.x, which has no HookedTransformer)")
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
@@ -97,13 +101,13 @@ def set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def load(name: str):
-    """``load_model(name)``, without TransformerLens' printed chatter ("Moving model to ...")."""
+def load(name: str, backend: str | None = None):
+    """``load_model(name, backend=...)``, without TransformerLens' printed chatter."""
     from lens_rome.model.loading import load_model  # noqa: PLC0415 (heavy import after parsing)
 
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter):
-        model = load_model(name)
+        model = load_model(name, backend=backend)
     if chatter.getvalue().strip():
         log.debug("load_model printed: %s", chatter.getvalue().strip())
     return model

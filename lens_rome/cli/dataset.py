@@ -108,7 +108,8 @@ def run_trace_dataset(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
     started = time.perf_counter()
-    model = args.model if (args.workers or args.address) else arguments.load(args.model)
+    model = args.model if (args.workers or args.address) else arguments.load(args.model,
+                                                                             args.backend)
     precision = precision_name(resolve_bf16(args.bf16, what="trace-dataset"))
     print(f"model {args.model}; {len(facts)} facts in {args.facts}; kinds {', '.join(kinds)}"
           f"{' + severed' if severed else ''}; method {args.method}; {precision}; out {out}")
@@ -117,6 +118,7 @@ def run_trace_dataset(args: argparse.Namespace) -> int:
         samples=args.samples, window=args.window,
         noise_scale=args.noise_scale, severed=severed, seed=args.seed,
         bf16=args.bf16, workers=args.workers, address=args.address, method=args.method,
+        backend=args.backend,
     )
     elapsed = time.perf_counter() - started
     report = result.report

@@ -64,7 +64,7 @@ def run_edit(args: argparse.Namespace) -> int:
         check_lookup(lookup)
     if args.save and Path(args.save).exists() and not args.overwrite:
         raise FileExistsError(f"{args.save} already exists; pass --overwrite to replace it")
-    model = arguments.load(args.model)
+    model = arguments.load(args.model, args.backend)
     prompts = [request.text]
     if args.generate:
         prompts.append(fill("{} is", request.subject))

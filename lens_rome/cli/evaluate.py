@@ -111,7 +111,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise InputError("--checkpoints needs --sequential")
     if args.checkpoint_sample is not None and not args.sequential:
         raise InputError("--checkpoint-sample needs --sequential")
-    model = arguments.load(args.model)
+    model = arguments.load(args.model, args.backend)
     options = {}
     if args.layer is not None and args.method != "none":
         options["layer"] = args.layer

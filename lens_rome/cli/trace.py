@@ -134,7 +134,7 @@ def run_trace(args: argparse.Namespace) -> int:
         if args.verify:
             check_free([verify_path(out, kind) for kind in kinds])
 
-    model = arguments.load(args.model)
+    model = arguments.load(args.model, args.backend)
     print(f"model {args.model}; prompt {args.prompt!r}; subject {args.subject!r}")
     noise = args.noise
     if args.swap:

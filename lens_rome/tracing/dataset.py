@@ -73,6 +73,7 @@ def trace_dataset(
     address: str | None = None,
     progress: bool = True,
     method: str = "exact",
+    backend: str | None = None,
 ) -> "DatasetTrace":
     """Trace every fact ``model`` answers correctly; results go to ``out`` as they finish.
 
@@ -97,6 +98,8 @@ def trace_dataset(
         method: ``"exact"`` (restored runs) or ``"attribution"`` (attribution-
             patching estimates of the same probabilities, in float32; needs
             ``severed=False``).
+        backend: with a model name, ``"hooked"`` or ``"bridge"`` (see
+            :func:`lens_rome.load_model`); Ray workers load that backend too.
 
     Returns the aggregate over all facts in ``out`` (:class:`DatasetTrace`).
     """
@@ -121,7 +124,7 @@ def trace_dataset(
     positive_int(limit, "limit", optional=True)
     facts = load_known_facts(facts)
     given = model  # Ray workers load a name themselves, or receive this model
-    adapter = adapter_for(load_model(model) if isinstance(model, str) else model)
+    adapter = adapter_for(load_model(model, backend=backend) if isinstance(model, str) else model)
     model = adapter.model
     model_name = given if isinstance(given, str) else adapter.name
 
@@ -147,7 +150,7 @@ def trace_dataset(
 
     if workers is not None or address is not None:
         trace_on_ray(given, todo, settings, store, workers=workers, address=address,
-                     progress=progress)
+                     progress=progress, backend=backend)
     else:
         bar = tqdm(todo, desc="facts", unit="fact", disable=not progress)
         last = None

@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 class FactTracer:
     """A Ray actor's state: one model, traced fact after fact."""
 
-    def __init__(self, model: Model | str, settings: TraceSettings, threads: int):
+    def __init__(self, model: Model | str, settings: TraceSettings, threads: int,
+                 backend: str | None = None):
         torch.set_num_threads(threads)
-        self.model = load_model(model) if isinstance(model, str) else model
+        self.model = load_model(model, backend=backend) if isinstance(model, str) else model
         self.settings = settings
 
     def trace(self, fact: Mapping) -> tuple[int, pd.DataFrame]:
@@ -65,11 +66,13 @@ def trace_on_ray(
     address: str | None = None,
     threads_per_worker: int = 1,
     progress: bool = True,
+    backend: str | None = None,
 ) -> None:
     """Trace ``facts`` on Ray actors and write each result to ``store`` as it arrives.
 
     Args:
-        model: a model name (workers load it) or a loaded model (shipped to them).
+        model: a model name (workers load it, as ``backend``) or a loaded model
+            (shipped to them).
         workers: actors to start; with ``address`` None, also the CPUs of the
             local runtime started here (and shut down at the end).
         address: an existing cluster; ``workers`` defaults to its CPU count.
@@ -96,7 +99,7 @@ def trace_on_ray(
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
         shipped = model if isinstance(model, str) else ray.put(model)
         actor = ray.remote(num_cpus=threads_per_worker)(FactTracer)
-        pool = ActorPool([actor.remote(shipped, settings, threads_per_worker)
+        pool = ActorPool([actor.remote(shipped, settings, threads_per_worker, backend)
                           for _ in range(min(workers, len(facts)))])
         log.info("tracing %d facts on %d Ray workers", len(facts), workers)
         results = pool.map_unordered(lambda a, fact: a.trace.remote(fact), list(facts))

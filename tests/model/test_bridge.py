@@ -174,3 +174,33 @@ def test_smollm_bridge_edit_equals_hooked_and_reverts(smollm_bridge, request, tm
             relative = float((hooked - delta).norm() / hooked.norm())
         print(f"ROME weight change, bridge vs hooked: {relative:.1e} relative")
         assert relative < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_edits_on_a_processed_bridge_apply_to_the_processed_weights(tiny_bridges, tiny_tokenizer,
+                                                                    family, tmp_path):
+    """``enable_compatibility_mode()`` folds and centres weights into new tensors: edits
+    go to those (the ones the forward pass uses) and revert bit for bit there."""
+    import copy
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(
+        f"tiny-{family}", hf_model=copy.deepcopy(tiny_bridges(family, plain=True)),
+        tokenizer=copy.deepcopy(tiny_tokenizer), device="cpu", dtype=torch.float32)
+    bridge.cfg.default_prepend_bos = False
+    bridge.enable_compatibility_mode()
+    result = trace(bridge, PROMPT, SUBJECT, "mlp", samples=2, window=2)
+    assert result.high_score > result.low_score >= 0
+    tokens = locate_subject(bridge, PROMPT, SUBJECT)[0]
+    before = {name: p.detach().clone() for name, p in bridge.named_parameters()}
+    with torch.no_grad():
+        logits = bridge(tokens)
+    stats = key_statistics(bridge, 1, CORPUS, samples=20, token_length=16, cache_dir=tmp_path,
+                           progress=False)
+    with rome.edited(bridge, REQUEST, layer=1, stats=stats, v_steps=3, n_prefixes=2,
+                     prefix_lengths=(3,)):
+        with torch.no_grad():
+            assert (bridge(tokens) - logits).abs().max() > 1e-3  # the edit reaches the forward
+    for name, p in bridge.named_parameters():
+        assert torch.equal(before[name], p), name
