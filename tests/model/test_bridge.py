@@ -204,3 +204,24 @@ def test_edits_on_a_processed_bridge_apply_to_the_processed_weights(tiny_bridges
             assert (bridge(tokens) - logits).abs().max() > 1e-3  # the edit reaches the forward
     for name, p in bridge.named_parameters():
         assert torch.equal(before[name], p), name
+
+
+@pytest.mark.embedded
+def test_gemma_bridge_trace_is_the_papers_on_the_hf_model():
+    """Gemma-3-270M (embedded; BOS, scaled embeddings, sliding windows): whole passes."""
+    from lens_rome import load_model
+    from lens_rome.model.loading import load_hf_model
+
+    bridge, plain = load_model("gemma-3-270m", backend="bridge"), load_hf_model("gemma-3-270m")[0]
+    tokens, subject_range, noise = _noise(bridge, SMOL_PROMPT, SMOL_SUBJECT, 2, 0.5)
+    last_subject, layers = subject_range[1] - 1, [0, 6, 12, 17]
+    for kind in ("hidden", "mlp"):
+        result = trace(bridge, SMOL_PROMPT, SMOL_SUBJECT, kind, samples=2, noise=noise,
+                       positions=[last_subject])
+        expected, low = reference_trace_hf(plain, tokens, subject_range, result.answer_token,
+                                           noise, kind, 10, positions=[last_subject],
+                                           layers=layers)
+        deviation = (result.scores[last_subject, layers] - expected[last_subject, layers]
+                     ).abs().max().item()
+        print(f"Gemma-3-270M bridge {kind}: {deviation:.2e} from the paper's algorithm on HF")
+        assert abs(result.low_score - low) < TOLERANCE and deviation < TOLERANCE
