@@ -1,4 +1,4 @@
-"""Seconds per causal trace on the embedded SmolLM2, against the paper's algorithm.
+"""Seconds per causal trace on the embedded SmolLM2 (``--model``), against the paper's algorithm.
 
 Prints, for each kind (hidden, mlp, attn) on "The Eiffel Tower is located in
 the city of" (subject "The Eiffel Tower", 10 samples, window 10):
@@ -63,6 +63,8 @@ def main() -> None:
                         help="torch threads (default: torch's choice; use 1 when another job "
                              "shares the CPU, where spinning threads slow each other down)")
     parser.add_argument("--backend", choices=("hooked", "bridge", "both"), default=DEFAULT_BACKEND)
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="an embedded model (gemma-3-270m: the bridge runs whole passes)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +75,7 @@ def main() -> None:
 
     probe = probe_report()
     with_bf16 = probe["bf16_fast"] if args.bf16 is None else args.bf16
-    model = load_model("smollm2-135m")
+    model = load_model(args.model)
     tokens, subject_range = locate_subject(model, PROMPT, SUBJECT)
     subject_tokens = tokens[0, subject_range[0]:subject_range[1]]
     noise = Gaussian().draw(model, subject_tokens, args.samples,
@@ -111,7 +113,7 @@ def main() -> None:
         rows.append(row)
 
     if not args.skip_reference and args.default_layout:
-        plain = load_model("smollm2-135m", linear_layout=False)
+        plain = load_model(args.model, linear_layout=False)
         for row in rows:
             (_, _), seconds = timed(reference_trace, plain, tokens, subject_range,
                                     answer, noise, row["kind"], 10)
@@ -138,7 +140,7 @@ def bridge_main(args, kinds) -> None:
     """``--backend bridge`` or ``both``: the bridge (beside the hooked model), against the
     paper's algorithm on the plain Hugging Face model."""
     backends = ["hooked", "bridge"] if args.backend == "both" else ["bridge"]
-    models = {backend: load_model("smollm2-135m", backend=backend) for backend in backends}
+    models = {backend: load_model(args.model, backend=backend) for backend in backends}
     bridge = models["bridge"]
     tokens, subject_range = locate_subject(bridge, PROMPT, SUBJECT)
     subject_tokens = tokens[0, subject_range[0]:subject_range[1]]
@@ -148,11 +150,11 @@ def bridge_main(args, kinds) -> None:
     print(f"machine: {probe['cpu']}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__} ({probe['cpu_capability']}); "
           f"transformer-lens {TRANSFORMER_LENS_VERSION}")
-    print(f"prompt {PROMPT!r}, subject {SUBJECT!r}: {tokens.shape[1]} tokens, "
-          f"{bridge.cfg.n_layers} layers, {args.samples} samples, window 10, float32\n")
+    print(f"model {args.model}; prompt {PROMPT!r}, subject {SUBJECT!r}: {tokens.shape[1]} "
+          f"tokens, {bridge.cfg.n_layers} layers, {args.samples} samples, window 10, float32\n")
     for model in models.values():
         trace(model, PROMPT, SUBJECT, "hidden", samples=2)  # warm-up
-    hf_model = None if args.skip_reference else load_hf_model("smollm2-135m")[0]
+    hf_model = None if args.skip_reference else load_hf_model(args.model)[0]
     totals = {key: 0.0 for key in [*backends, "reference"]}
     for kind in kinds:
         results = {}

@@ -68,7 +68,11 @@ class BridgeAdapter(ModelAdapter):
 
     @property
     def w_e(self) -> torch.Tensor:
-        return self.model.W_E
+        """The token embeddings as the embedding hook sees them, ``[d_vocab, d_model]``:
+        Gemma's embedding module scales its weight by ``sqrt(d_model)`` (``embed_scale``),
+        which ``HookedTransformer`` folds into its ``W_E``."""
+        scale = getattr(self.hf.get_input_embeddings(), "embed_scale", None)
+        return self.model.W_E if scale is None else self.model.W_E * scale.to(self.dtype)
 
     def w_o(self, layer: int) -> torch.Tensor:
         return self.model.blocks[self.check_layer(layer)].attn.W_O
@@ -116,7 +120,7 @@ class BridgeAdapter(ModelAdapter):
         return self.resid_before(tokens, 0)
 
     def fingerprint_tensors(self) -> list[torch.Tensor]:
-        return [self.model.W_E] + [block.mlp.W_in for block in self.model.blocks]
+        return [self.w_e] + [block.mlp.W_in for block in self.model.blocks]
 
     # -- lean blocks -------------------------------------------------------------------
 

@@ -225,3 +225,8 @@ def test_gemma_bridge_trace_is_the_papers_on_the_hf_model():
                      ).abs().max().item()
         print(f"Gemma-3-270M bridge {kind}: {deviation:.2e} from the paper's algorithm on HF")
         assert abs(result.low_score - low) < TOLERANCE and deviation < TOLERANCE
+    if HAS_HOOKED:  # the default noise too: its level comes from W_E, scaled as hook_embed sees it
+        hooked = load_model("gemma-3-270m", backend="hooked")
+        default = [trace(m, SMOL_PROMPT, SMOL_SUBJECT, "hidden", samples=2,
+                         positions=[last_subject]) for m in (hooked, bridge)]
+        assert (default[0].scores - default[1].scores).nan_to_num().abs().max() < TOLERANCE
