@@ -28,13 +28,13 @@ def args(out, *extra):
 
 @pytest.fixture
 def tiny_cli(monkeypatch, tiny_gpt2):
-    monkeypatch.setattr(arguments, "load", lambda name: tiny_gpt2)
+    monkeypatch.setattr(arguments, "load", lambda name, backend=None: tiny_gpt2)
     return tiny_gpt2
 
 
 @pytest.fixture
 def no_model(monkeypatch):
-    def refuse(name):
+    def refuse(name, backend=None):
         raise AssertionError("the command loaded a model before checking its input")
 
     monkeypatch.setattr(arguments, "load", refuse)
@@ -154,7 +154,7 @@ def test_runs_from_before_the_method_setting_still_resume(tiny_llama, tmp_path):
 def test_dataset_command_with_attribution(monkeypatch, tiny_llama, tmp_path, capsys):
     facts = tmp_path / "facts.json"
     facts.write_text(json.dumps(FACTS))
-    monkeypatch.setattr(arguments, "load", lambda name: tiny_llama)
+    monkeypatch.setattr(arguments, "load", lambda name, backend=None: tiny_llama)
     status, out, err = run(["trace-dataset", "--facts", facts, "--out", tmp_path / "run",
                             "--all-facts", "--samples", "2", "--window", "3", "--method",
                             "attribution", "--boot", "20"], capsys)

@@ -43,7 +43,7 @@ def fake_result(**changes) -> TraceResult:
 def no_model(monkeypatch):
     """Fail the test if the command gets as far as loading a model."""
 
-    def refuse(name):
+    def refuse(name, backend=None):
         raise AssertionError("the command loaded a model before checking its input")
 
     monkeypatch.setattr(arguments, "load", refuse)
@@ -125,7 +125,7 @@ def test_a_command_is_required(capsys):
 
 
 def test_bad_input_is_one_error_line_and_status_2(tmp_path, capsys, monkeypatch):
-    def bad_input(name):
+    def bad_input(name, backend=None):
         raise InputError(f"no model {name!r} here")
 
     monkeypatch.setattr(arguments, "load", bad_input)
@@ -134,7 +134,7 @@ def test_bad_input_is_one_error_line_and_status_2(tmp_path, capsys, monkeypatch)
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    def bug(name):
+    def bug(name, backend=None):
         raise RuntimeError("a bug, not bad input")
 
     monkeypatch.setattr(arguments, "load", bug)

@@ -244,7 +244,7 @@ def test_zsre_through_the_harness(tiny_gpt2, tmp_path):
 
 
 def test_cli(tiny_gpt2, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loading, "load_model", lambda name: tiny_gpt2)
+    monkeypatch.setattr(loading, "load_model", lambda name, backend=None: tiny_gpt2)
     data = counterfact_file(tmp_path)
     out = tmp_path / "out"
     args = ["evaluate", "--dataset", str(data), "--format", "counterfact", "--method", "none",

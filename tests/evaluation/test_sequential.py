@@ -148,7 +148,7 @@ def test_run_errors(tiny_gpt2, tmp_path):
 
 
 def test_cli_sequential(tiny_gpt2, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loading, "load_model", lambda name: tiny_gpt2)
+    monkeypatch.setattr(loading, "load_model", lambda name, backend=None: tiny_gpt2)
     data = counterfact_file(tmp_path)
     out = tmp_path / "out"
     args = ["evaluate", "--dataset", str(data), "--format", "counterfact", "--method", "none",
