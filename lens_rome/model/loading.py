@@ -118,23 +118,16 @@ def _load_bridge(name: str, spec: EmbeddedModel | None, cache: Path, *, rebuild:
 def _load_embedded_hf(spec: EmbeddedModel, cache: Path, *, rebuild: bool):
     """The Hugging Face model and tokenizer, from the cache or built once (as the hooked
     cache is: checksummed, written whole or not at all, one builder at a time)."""
-    seen = _manifest_stamp(cache)
-    if not rebuild:
-        found = _read_hf_cache(spec, cache)
-        if found is not None:
-            return found
-    with _build_lock(cache):
-        if not rebuild and _manifest_stamp(cache) != seen:
-            found = _read_hf_cache(spec, cache)
-            if found is not None:
-                return found
+    def build():
         tokenizer, hf_model = _hf_from_gguf(spec, cache.parent)
         state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
         if getattr(hf_model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # the embedding matrix itself
         _write_files(cache, state, tokenizer, {
             "format": CACHE_FORMAT, "name": spec.name, "hf_config": hf_model.config.to_dict()})
-    return hf_model.eval(), tokenizer
+        return hf_model.eval(), tokenizer
+
+    return _read_or_build(cache, lambda: _read_hf_cache(spec, cache), build, rebuild=rebuild)
 
 
 def _read_hf_cache(spec: EmbeddedModel, cache: Path):
@@ -195,22 +188,32 @@ def _sha256(path: Path) -> str:
 
 
 def _load_embedded(spec: EmbeddedModel, cache: Path, *, rebuild: bool):
-    """Read the cache, or build it once: a process that finds another one building waits
-    for it (``.lock``) and reads what it wrote, rather than building a second copy."""
+    """The cached HookedTransformer, or one built from the GGUF file (and cached)."""
     _require_package(spec)
-    seen = _manifest_stamp(cache)
-    if not rebuild:
-        model = _read_cache(spec, cache)
-        if model is not None:
-            return model
-    with _build_lock(cache):
-        if not rebuild and _manifest_stamp(cache) != seen:  # another process wrote it meanwhile
-            model = _read_cache(spec, cache)
-            if model is not None:
-                return model
+
+    def build():
         model, tokenizer, _ = _build_from_gguf(spec, cache)
         _write_cache(spec, cache, model, tokenizer)
-    return model
+        return model
+
+    return _read_or_build(cache, lambda: _read_cache(spec, cache), build, rebuild=rebuild)
+
+
+def _read_or_build(cache: Path, read, build, *, rebuild: bool):
+    """``read()`` the cache folder, or ``build()`` it once: a process that finds another one
+    building waits for it (``.lock``) and reads what it wrote, rather than building a
+    second copy.  ``read`` returns None when the cache is missing or unusable."""
+    seen = _manifest_stamp(cache)
+    if not rebuild:
+        found = read()
+        if found is not None:
+            return found
+    with _build_lock(cache):
+        if not rebuild and _manifest_stamp(cache) != seen:  # another process wrote it meanwhile
+            found = read()
+            if found is not None:
+                return found
+        return build()
 
 
 def _manifest_stamp(cache: Path) -> int | None:
