@@ -2,8 +2,9 @@
 
 A bridge runs the Hugging Face model itself, so its logits equal Hugging
 Face's exactly.  It has the ``HookedTransformer`` hook names as aliases, but
-a hook sees its canonical name (``blocks.5.hook_out``), so :data:`BRIDGE_HOOKS`
-names the canonical points and caches are read under the names asked for.
+a hook sees its canonical name (``blocks.5.hook_out``), so the bridge's column of
+:data:`lens_rome.model.hook_names.HOOK_NAMES` names the canonical points, and caches
+are read under the names asked for.
 What it lacks, this adapter does another way:
 
 - no ``start_at_layer`` (TransformerLens 3.9 refuses it, 4.x runs every
@@ -23,11 +24,10 @@ from typing import Sequence
 
 import torch
 
-from lens_rome.model.hook_names import BRIDGE, HOOK_NAMES
+from lens_rome.model.hook_names import BRIDGE
 from lens_rome.model.hooked import ModelAdapter
 from lens_rome.model.hooks import Hook, attached
 
-BRIDGE_HOOKS = HOOK_NAMES[BRIDGE]
 
 
 class _Stop(Exception):
