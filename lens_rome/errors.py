@@ -38,6 +38,14 @@ class SavedFileError(LensRomeError):
     or would be overwritten."""
 
 
+class ChecksumError(SavedFileError):
+    """A saved file's tensors do not match the checksum written with them: it is damaged."""
+
+
+class NonFiniteError(InputError):
+    """A number or tensor on its way into a model's weights is NaN or infinite."""
+
+
 class ModelUnavailableError(LensRomeError):
     """A model cannot be loaded here: unknown name, missing package, or no network."""
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from lens_rome.data.requests import EditRequest, fill
+from lens_rome.data.requests import SAME_TARGETS, EditRequest, fill
 from lens_rome.errors import InputError
 from lens_rome.storage import replacing
 
@@ -102,8 +102,7 @@ class CounterFactCase:
             target = check.mapping(rewrite, name, f"requested_rewrite.{name}")
             targets[name] = check.text(target, "str", f"requested_rewrite.{name}.str")
         if targets["target_new"].strip() == targets["target_true"].strip():
-            check.fail("requested_rewrite.target_new.str", "must differ from target_true.str",
-                       targets["target_new"])
+            check.fail("requested_rewrite.target_new.str", SAME_TARGETS, targets["target_new"])
         lists = {name: check.texts(record, name, required=name in REQUIRED_LISTS)
                  for name in ("paraphrase_prompts", "neighborhood_prompts",
                               "attribute_prompts", "generation_prompts")}

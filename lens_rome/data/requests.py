@@ -8,6 +8,9 @@ from typing import Any, Mapping
 
 from lens_rome.errors import InputError, PromptError, WrongTypeError
 
+# Why a request (or a CounterFact record) whose new object is its true one is refused.
+SAME_TARGETS = "must differ from target_true (the new object is the one the fact already has)"
+
 
 @dataclass(frozen=True)
 class EditRequest:
@@ -34,6 +37,8 @@ class EditRequest:
             )
         if self.target_true is not None and not isinstance(self.target_true, str):
             raise WrongTypeError(f"target_true must be a string or None, got {self.target_true!r}")
+        if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
+            raise InputError(f"target_new {SAME_TARGETS}, got {self.target_new!r}")
         if not self.subject.strip():
             raise PromptError(f"subject must be a non-empty string, got {self.subject!r}")
         slots = self.prompt.count("{}")

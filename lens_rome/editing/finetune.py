@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lens_rome.checks import positive_int
+from lens_rome.checks import finite_number, finite_tensor, positive_int
 from lens_rome.data.requests import EditRequest
 from lens_rome.editing.editor import OneAtATime
 from lens_rome.editing.hparams import RomeHyperParams
@@ -37,10 +37,11 @@ class FineTuneParams:
 
     def __post_init__(self):
         positive_int(self.steps, "steps")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0, got {self.lr!r}")
-        if self.norm_constraint is not None and not self.norm_constraint > 0:
-            raise InputError(f"norm_constraint must be > 0 or None, got {self.norm_constraint!r}")
+        finite_number(self.lr, "lr", positive=True)
+        if self.norm_constraint is not None:
+            finite_number(self.norm_constraint, "norm_constraint (None: no constraint)",
+                          positive=True)
+        finite_number(self.early_stop_loss, "early_stop_loss", minimum=0)
 
 
 # Per-model fine-tuning settings (see docs/evaluation.md).  The paper's code uses 25 Adam
@@ -119,6 +120,8 @@ class FineTune(OneAtATime):
                     with torch.no_grad():
                         weight.copy_(torch.minimum(torch.maximum(
                             weight, original - p.norm_constraint), original + p.norm_constraint))
+            finite_tensor(weight.detach(), f"W_out of layer {p.layer} after fine-tuning",
+                          "the model is left as it was; lower lr")
         except BaseException:
             with torch.no_grad():
                 weight.copy_(original)

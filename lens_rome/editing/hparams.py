@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from lens_rome.checks import positive_int
+from lens_rome.checks import finite_number, positive_int
 from lens_rome.editing.null_space import NULL_SPACE_L2, NULL_SPACE_THRESHOLD
 from lens_rome.editing.statistics import DEFAULT_SAMPLES, DEFAULT_TOKEN_LENGTH
 from lens_rome.errors import InputError, WrongTypeError
@@ -65,13 +65,18 @@ class RomeHyperParams:
             below it.
         bf16: run the upper blocks in bfloat16 during the ``v*`` optimisation
             (about 1.5x faster on CPUs with bf16 units; ``k*``, ``C`` and the
-            update stay in float32/float64).  None (default): bfloat16 where
+            update stay in float32/float64).  False (default): float32, the
+            paper's numbers on every machine; None: bfloat16 where
             :func:`lens_rome.model.precision.bf16_is_fast` says it is faster, float32
             elsewhere; ``True`` on hardware without bf16 units warns once.
         lean_blocks: run the upper blocks as :class:`lens_rome.model.fast_blocks.FastBlocks`
             (the same function in fewer, larger matrix products) when the model
             supports it and has no hooks attached.
         stats_samples, stats_token_length: the corpus sample behind ``C``.
+        stats_ridge: solve with ``C + stats_ridge * mean_eigenvalue(C) * I``
+            instead of ``C`` (0, the paper: none).  The way to edit with
+            statistics from few keys, which are refused otherwise
+            (:func:`lens_rome.editing.statistics.check_conditioning`).
         seed: seeds the prefix generation.
         update_key: the key the update is solved for.  ``"bare"`` (the paper's
             code): ``Lambda = (v* - W k0) / ((C^-1 k*)^T k0)`` with ``k0`` the bare
@@ -105,10 +110,11 @@ class RomeHyperParams:
     kl_position: str = "lookup"
     weight_decay_form: str = "norm"
     early_stop_nll: float = 0.0
-    bf16: bool | None = None
+    bf16: bool | None = False
     lean_blocks: bool = True
     stats_samples: int = DEFAULT_SAMPLES
     stats_token_length: int = DEFAULT_TOKEN_LENGTH
+    stats_ridge: float = 0.0
     seed: int = 0
     update_key: str = "bare"
     null_space: bool = False
@@ -138,9 +144,8 @@ class RomeHyperParams:
                 raise InputError(f"{name} must be one of {list(allowed)}, got "
                                  f"{getattr(self, name)!r}")
         for name in ("v_lr", "kl_weight", "weight_decay", "clamp_norm", "early_stop_loss",
-                     "early_stop_nll"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+                     "early_stop_nll", "stats_ridge"):
+            finite_number(getattr(self, name), name, minimum=0)
         check_update_options(self.update_key, self.null_space, self.null_space_threshold,
                              self.null_space_l2)
 
@@ -203,11 +208,9 @@ def check_update_options(update_key: str, null_space: bool, threshold: float,
                          f"r-ROME), got {update_key!r}")
     if not isinstance(null_space, bool):
         raise WrongTypeError(f"null_space must be True or False, got {null_space!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-        raise InputError(f"null_space_threshold must be a number > 0 (a fraction of the mean "
-                         f"eigenvalue of C), got {threshold!r}")
-    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
-        raise InputError(f"null_space_l2 must be a number > 0, got {l2!r}")
+    finite_number(threshold, "null_space_threshold (a fraction of the mean eigenvalue of C)",
+                  positive=True)
+    finite_number(l2, "null_space_l2", positive=True)
 
 
 def check_lookup(lookup: str | int) -> str | int:

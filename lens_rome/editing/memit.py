@@ -59,6 +59,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from lens_rome.checks import finite_number, finite_tensor
 from lens_rome.data.requests import EditRequest
 from lens_rome.editing.hparams import RomeHyperParams, check_update_options
 from lens_rome.editing.layout import context_prompts
@@ -72,7 +73,7 @@ from lens_rome.editing.null_space import (
 from lens_rome.editing.rome import Edit
 from lens_rome.editing.statistics import KeyStatistics, layer_second_moment
 from lens_rome.editing.values import key_and_value
-from lens_rome.editing.weights import WeightEdit, edited_keys
+from lens_rome.editing.weights import WeightEdit, check_update, edited_keys
 from lens_rome.errors import InputError, WrongTypeError
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
 from lens_rome.model.backend import Model
@@ -164,10 +165,7 @@ class MemitHyperParams:
             raise InputError(f"layers must be increasing and distinct, got {list(layers)}; "
                              f"e.g. {sorted(set(layers))}")
         object.__setattr__(self, "layers", layers)
-        if isinstance(self.mom2_weight, bool) or not isinstance(self.mom2_weight, (int, float)) \
-                or not self.mom2_weight > 0:
-            raise InputError(f"mom2_weight must be a number > 0 (lambda C keeps the system "
-                             f"solvable), got {self.mom2_weight!r}")
+        finite_number(self.mom2_weight, "mom2_weight (lambda, the weight of C)", positive=True)
         check_update_options("bare", self.null_space, self.null_space_threshold,
                              self.null_space_l2)
         value = self.value if self.value is not None else RomeHyperParams(
@@ -300,7 +298,7 @@ def _states_at(adapter: ModelAdapter, rows: list[list[int]], positions: list[int
 
     Rows are right-padded; attention is causal, so padding never reaches them.
     """
-    model, pad = adapter.model, adapter.pad_id
+    pad = adapter.pad_id
     store: dict[str, torch.Tensor] = {}
 
     def keep(activation, hook):
@@ -510,7 +508,8 @@ def _second_moment(adapter: ModelAdapter, layer: int, hp: MemitHyperParams,
         raise WrongTypeError("MEMIT edits several layers: pass stats as {layer: KeyStatistics}")
     return layer_second_moment(adapter, layer, stats, corpus, samples=hp.value.stats_samples,
                                token_length=hp.value.stats_token_length, cache_dir=cache_dir,
-                               progress=progress)
+                               progress=progress, ridge=hp.value.stats_ridge,
+                               solved=not hp.null_space)
 
 
 def edit(
@@ -561,6 +560,7 @@ def edit(
         raise InputError(
             f"deltas are for {deltas.deltas.shape[0]} request(s) at layer {deltas.layer}; this "
             f"edit has {len(requests)} request(s) and its last layer is {last}")
+    finite_tensor(deltas.deltas, "MEMIT's target deltas", "recompute them with target_deltas()")
     value_hp = hp.value
     z = _hidden_at_lookup(adapter, requests, last, value_hp)
     z = z + deltas.deltas.to(z)
@@ -579,9 +579,10 @@ def edit(
                 left = torch.linalg.solve(hp.mom2_weight * c + k.T @ k, k.T)  # [d_mlp, n]
             left, right = left.float().cpu(), residual.float().cpu()
             weight = adapter.w_out(layer)
+            change = check_update(_layer_change(left, right, weight), layer)
             with torch.no_grad():
                 originals[layer] = weight.detach().clone()
-                weight.add_(_layer_change(left, right, weight))
+                weight.add_(change)
             factors[layer], keys[layer] = (left, right), k.float().cpu()
             per_layer[str(layer)] = {
                 "residual_norm": float((z - current).norm(dim=1).mean()),

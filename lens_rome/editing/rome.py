@@ -188,7 +188,8 @@ def edit(
     second_moment = layer_second_moment(adapter, hp.layer, stats, corpus,
                                         samples=hp.stats_samples,
                                         token_length=hp.stats_token_length, cache_dir=cache_dir,
-                                        progress=progress)
+                                        progress=progress, ridge=hp.stats_ridge,
+                                        solved=not hp.null_space)
     start = time.perf_counter()
     fingerprint = model_fingerprint(model)
     kv = key_and_value(adapter, request, hp, progress)

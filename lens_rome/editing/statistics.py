@@ -38,7 +38,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from lens_rome.checks import positive_int
+from lens_rome.checks import finite_tensor, positive_int
 from lens_rome.data.corpus import corpus_texts, packed_chunks
 from lens_rome.errors import InputError
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
@@ -55,6 +55,14 @@ CACHE_FORMAT = 1
 DEFAULT_SAMPLES = 2000
 DEFAULT_TOKEN_LENGTH = 128
 DEFAULT_BATCH_SIZE = 32
+# The statistics an edit refuses (check_conditioning; docs/editing.md, "Statistics from
+# too few keys").  C from fewer keys than d_mlp is singular.  SmolLM2's C at layer 5 has
+# condition number 321 from the default 256,000 keys and 2.6e3 from 4,096 (2.7 per
+# dimension); a condition number past 1e6 means the solve is led by directions the corpus
+# barely sampled.  Below 10 keys per dimension the estimate is noisy: a warning.
+MAX_CONDITION = 1e6
+FEW_KEYS_PER_DIM = 10
+SUGGESTED_RIDGE = 0.1
 METADATA_KEY = "lens_rome"
 
 
@@ -150,24 +158,71 @@ def _key_statistics(adapter: ModelAdapter, layer: int, corpus: str | Iterable[st
 
 def layer_second_moment(adapter: ModelAdapter, layer: int,
                         stats: KeyStatistics | torch.Tensor | None, corpus, *, samples: int,
-                        token_length: int, cache_dir: str | Path | None, progress: bool
+                        token_length: int, cache_dir: str | Path | None, progress: bool,
+                        ridge: float = 0.0, solved: bool = True
                         ) -> Float[torch.Tensor, "d_mlp d_mlp"]:
     """``C`` of ``layer`` for an edit, float64: ``stats`` (:class:`KeyStatistics` of that
-    layer or the matrix itself), or, when None, :func:`key_statistics` over ``corpus``."""
+    layer or the matrix itself), or, when None, :func:`key_statistics` over ``corpus``;
+    checked by :func:`check_conditioning` (``ridge``, ``solved``: see there)."""
     d_mlp = adapter.d_mlp
     if stats is None:
         stats = _key_statistics(adapter, layer, corpus, samples=samples,
                                 token_length=token_length, cache_dir=cache_dir,
                                 progress=progress)
+    count = None
     if isinstance(stats, KeyStatistics):
         if stats.layer != layer:
             raise InputError(f"key statistics are for layer {stats.layer}, the edit is at "
                              f"layer {layer}")
-        stats = stats.second_moment
+        stats, count = stats.second_moment, stats.count
     if not isinstance(stats, torch.Tensor) or stats.shape != (d_mlp, d_mlp):
         raise InputError(f"stats must be KeyStatistics or a [{d_mlp}, {d_mlp}] second moment, "
                          f"got {getattr(stats, 'shape', type(stats).__name__)}")
-    return stats.to(torch.float64)
+    return check_conditioning(stats.to(torch.float64), layer, count=count, ridge=ridge,
+                              solved=solved)
+
+
+def check_conditioning(second_moment: Float[torch.Tensor, "d_mlp d_mlp"], layer: int, *,
+                       count: int | None = None, ridge: float = 0.0, solved: bool = True
+                       ) -> Float[torch.Tensor, "d_mlp d_mlp"]:
+    """``C`` fit to edit with: finite, from enough keys, and well enough conditioned.
+
+    Refused (``InputError`` naming the numbers and the fixes) when ``C`` has a
+    NaN or infinity, when it comes from fewer than ``d_mlp`` keys (``count``;
+    such a ``C`` is singular), or, when the edit solves with it (``solved``:
+    ROME and MEMIT, not AlphaEdit's projection), when its condition number
+    exceeds :data:`MAX_CONDITION`.  Fewer than :data:`FEW_KEYS_PER_DIM` keys per
+    dimension only warn.  ``ridge > 0`` edits with ``C + ridge * mean_eig(C) * I``
+    instead (the fix for too few keys); ``ridge = 0`` returns ``C`` itself.
+    """
+    finite_tensor(second_moment, f"the key statistics C of layer {layer}",
+                  "recompute them (key_statistics(..., use_cache=False))")
+    d_mlp = second_moment.shape[0]
+    mean = float(second_moment.diagonal().mean())  # the mean eigenvalue, tr(C) / d_mlp
+    fix = (f"compute them from more text (stats_samples; the default, {DEFAULT_SAMPLES} "
+           f"chunks of {DEFAULT_TOKEN_LENGTH} tokens, gives {DEFAULT_SAMPLES * DEFAULT_TOKEN_LENGTH}"
+           f" keys) or pass stats_ridge={SUGGESTED_RIDGE} to edit with C + "
+           f"{SUGGESTED_RIDGE} x its mean eigenvalue x I")
+    if ridge > 0:
+        return second_moment + ridge * mean * torch.eye(d_mlp, dtype=second_moment.dtype,
+                                                        device=second_moment.device)
+    if count is not None and count < d_mlp:
+        raise InputError(f"the key statistics of layer {layer} come from {count} keys, fewer "
+                         f"than the {d_mlp} dimensions of a key: C is singular; {fix}")
+    if count is not None and count < FEW_KEYS_PER_DIM * d_mlp:
+        log.warning("the key statistics of layer %d come from %d keys, %.1f per dimension of a "
+                    "key: C is a noisy estimate (the default gives %d); %s", layer, count,
+                    count / d_mlp, DEFAULT_SAMPLES * DEFAULT_TOKEN_LENGTH, fix)
+    if solved:
+        values = torch.linalg.eigvalsh(second_moment)
+        smallest, largest = float(values[0]), float(values[-1])
+        if not smallest > largest / MAX_CONDITION:
+            raise InputError(
+                f"the key statistics C of layer {layer} are too ill-conditioned to solve with "
+                f"(eigenvalues from {smallest:.3g} to {largest:.3g}: condition number "
+                f"{largest / smallest if smallest > 0 else float('inf'):.3g}, above "
+                f"{MAX_CONDITION:.0e}); {fix}")
+    return second_moment
 
 
 def _accumulate(adapter: ModelAdapter, layer: int, texts: Iterable[str], samples: int,
@@ -175,7 +230,6 @@ def _accumulate(adapter: ModelAdapter, layer: int, texts: Iterable[str], samples
                 ) -> tuple[torch.Tensor, int]:
     """``sum k k^T`` (float64 ``[d_mlp, d_mlp]``) over the keys of ``samples`` chunks, and
     how many keys that is."""
-    model = adapter.model
     name = adapter.hook_name("key", layer)
     d_mlp = adapter.d_mlp
     total = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=adapter.device)

@@ -332,9 +332,10 @@ def key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPara
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     history = []
     bf16 = resolve_bf16(hp.bf16, adapter.device, what="ROME's v* optimisation")
-    dtype = torch.bfloat16 if bf16 else adapter.dtype
+    native = adapter.dtype  # read before the cast, inside which the model is in dtype
+    dtype = torch.bfloat16 if bf16 else native
     with _frozen_parameters(model), adapter.cast(dtype):
-        fast = (setup if dtype == adapter.dtype else FastBlocks(model)) if lean else None
+        fast = (setup if dtype == native else FastBlocks(model)) if lean else None
         for group in [*groups, kl_group]:
             group.cast(dtype, fast)
         batch = _OneBatch(groups, kl_group, fast) if fast is not None else None

@@ -6,6 +6,7 @@ from typing import Mapping
 
 import torch
 
+from lens_rome.checks import finite_tensor
 from lens_rome.errors import InputError, ModelMismatchError
 from lens_rome.model.adapter import adapter_for, model_fingerprint
 from lens_rome.model.backend import Model
@@ -95,12 +96,15 @@ class WeightEdit:
             raise RuntimeError(f"{self!r} records a change made in place; it cannot be re-applied")
         self.check_model(model)
         adapter = adapter_for(model)
+        changes = {layer: self.layer_change(layer, adapter.w_out(layer)) for layer in self.layers}
+        for layer, change in changes.items():  # all checked before any weight is touched
+            check_update(change, layer)
         originals = {}
         with torch.no_grad():
-            for layer in self.layers:
+            for layer, change in changes.items():
                 weight = adapter.w_out(layer)
                 originals[layer] = weight.detach().clone()
-                weight.add_(self.layer_change(layer, weight))
+                weight.add_(change)
         self._attach(model, originals)
         return self
 
@@ -133,6 +137,14 @@ class WeightEdit:
     def __exit__(self, *exc) -> None:
         if self.applied:
             self.revert()
+
+
+def check_update(change: torch.Tensor, layer: int) -> torch.Tensor:
+    """``change`` (``[d_mlp, d_model]``, about to be added to ``W_out`` of ``layer``) if it is
+    finite; else :class:`~lens_rome.errors.NonFiniteError`, before the model is touched."""
+    return finite_tensor(change, f"the update of W_out at layer {layer}",
+                         "it was not applied and the model is unchanged; check the inputs "
+                         "of the edit (its statistics, targets and hyper-parameters)")
 
 
 def record_change(model: Model, originals: Mapping[int, torch.Tensor], *,

@@ -65,7 +65,14 @@ from lens_rome.evaluation.measures import (
 from lens_rome.evaluation.text import Consistency, fluency, harmonic_mean
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
 from lens_rome.model.backend import Model
-from lens_rome.storage import RUN_FILE, check_resumable, replacing, write_json
+from lens_rome.storage import (
+    RUN_FILE,
+    check_resumable,
+    check_same_items,
+    content_hash,
+    replacing,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,10 @@ ZSRE_KEYS = ("n", "efficacy", "paraphrase", "specificity")
 RUN_KEYS = ("n_edits", "batch_size", "sequential", "update_norms")  # added by evaluate
 SEQUENTIAL_KEYS = ("checkpoints", "original")  # added by a sequential run
 SUMMARY = "summary.json"
+# What run.json records that runs of older versions did not: such a run resumes, with a
+# warning that these cannot be checked.
+UNRECORDED = ("fingerprint",)
+RUN_CASES = "case_hashes"  # run.json's record of each case's content hash
 RUN = RUN_FILE
 CASES = "cases"
 GENERATION_BATCH = 32  # generation prompts per batched pass in measure_cases
@@ -385,7 +396,7 @@ def evaluate(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"out_dir {out} exists and is not a folder")
-    settings = {"format": fmt, "model": adapter.name,
+    settings = {"format": fmt, "model": adapter.name, "fingerprint": model_fingerprint(model),
                 "method": dict(describe(editor)),
                 "max_new_tokens": max_new_tokens, "top_k": top_k, "seed": seed}
     if batch_size != 1 or sequential:  # runs of one edit per case keep their old run.json
@@ -394,7 +405,7 @@ def evaluate(
         settings.update(checkpoints=marks)
         if checkpoint_sample is not None:  # runs without a sample keep their old run.json
             settings.update(checkpoint_sample=checkpoint_sample)
-    _check_run(out, settings)
+    _check_run(out, settings, case_hashes(cases))
     if fmt == "counterfact" and consistency is None and max_new_tokens > 0:
         try:
             consistency = Consistency.wikipedia()
@@ -505,7 +516,7 @@ def _evaluate_sequential(adapter: ModelAdapter, cases, editor, out: Path, batch_
     _check_run(original_dir, {
         "format": fmt, "model": adapter.name, "fingerprint": model_fingerprint(model),
         **{k: v for k, v in measures.items() if k != "consistency"},
-        "consistency": measures["consistency"] is not None})
+        "consistency": measures["consistency"] is not None}, case_hashes(cases))
     missing = [cases[i] for i in measured
                if _read_record(case_path(original_dir, cases[i].case_id)) is None]
     if missing:
@@ -611,19 +622,38 @@ def _batch_changes(adapter: ModelAdapter, editor, out: Path, index: int, batch
     return changes, meta
 
 
-def _check_run(out: Path, settings: dict) -> None:
-    """Write ``run.json``, or check that an earlier run in ``out`` used the same settings.
+def _check_run(out: Path, settings: dict, cases: dict[str, str] | None = None) -> None:
+    """Write ``run.json``, or check that an earlier run in ``out`` used the same settings and,
+    for the case ids it shares with ``cases`` (id -> :func:`case_hashes`), the same cases.
 
     A sequential run may be extended: the same settings with more checkpoints (all the
-    earlier ones among them) continue where the earlier run stopped.
+    earlier ones among them) continue where the earlier run stopped; more cases may
+    be added to any run.
     """
     path = out / RUN
     stored = _read_record(path)
-    if stored is not None and _extends(stored, json.loads(json.dumps(settings))):
+    now = json.loads(json.dumps(settings))
+    entry = {} if cases is None else {RUN_CASES: cases}
+    if stored is None:
+        write_json(path, {**now, **entry})
+        return
+    stored_cases = stored.pop(RUN_CASES, None)
+    extending = _extends(stored, {k: v for k, v in now.items()
+                                  if k in stored or k not in UNRECORDED})
+    if extending:
         log.info("%s: extending the run to the checkpoints %s", out, settings["checkpoints"])
-        stored = None  # rewritten below
-    if not check_resumable(out, settings, stored):
-        write_json(path, settings)
+    else:
+        check_resumable(out, settings, stored, unrecorded=UNRECORDED)
+    if cases is not None:
+        entry = {RUN_CASES: check_same_items(out, stored_cases, cases, what="case",
+                                             fix="choose another out_dir")}
+    if extending or entry.get(RUN_CASES) != stored_cases:
+        write_json(path, {**(now if extending else stored), **entry})
+
+
+def case_hashes(cases: Sequence[CounterFactCase | ZsreCase]) -> dict[str, str]:
+    """``case id -> content hash`` of each case's record: what ties a run to its dataset."""
+    return {str(c.case_id): content_hash(c.to_dict()) for c in cases}
 
 
 def _extends(stored: dict, now: dict) -> bool:

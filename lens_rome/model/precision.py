@@ -4,14 +4,16 @@ bfloat16 halves the memory a forward pass moves and, on CPUs with bf16 units
 (AVX-512 BF16, AMX, Arm's BF16 extension) and on GPUs since Ampere, multiplies
 matrices several times faster than float32.  Elsewhere PyTorch emulates it: on
 an AVX2-only CPU a bf16 matrix product runs about 300x slower than float32.
-So lens_rome never assumes bf16: a setting of ``bf16=None`` (ROME's v* loop)
-asks :func:`bf16_is_fast`, which measures once per process and device type
+So lens_rome never assumes bf16: a setting of ``bf16=None`` (ROME's v* loop,
+on request) asks :func:`bf16_is_fast`, which measures once per process and device type
 (a few milliseconds where bf16 is slow, well under a second where it is fast).
 ``bf16=True`` on hardware without bf16 units still runs in bfloat16, but
 warns once that it will be slow.
 
-Causal traces default to float32, the exact path (bf16 scores differ from
-float32 by up to ~0.01); ``bf16="auto"`` picks bfloat16 where it is fast.
+Causal traces and edits default to float32, the exact path and the same numbers on
+every machine (bf16 scores differ from float32 by up to ~0.01, a bf16 v* loop changes
+an edit's update by a few percent); ``bf16="auto"`` (traces) and ``bf16=None``
+(edits) pick bfloat16 where it is fast.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ def entry_points(device: str | torch.device | None = "cpu") -> dict[str, str]:
         "trace(bf16='auto')": probed,
         "trace-dataset (default; --auto-precision asks the probe)": FLOAT32,
         "trace-dataset --auto-precision": probed,
-        "rome.edit, lens-rome edit/evaluate: ROME's v* loop (bf16=None)": probed,
+        "rome.edit, lens-rome edit/evaluate: ROME's v* loop (bf16=False: float32)": FLOAT32,
+        "rome.edit(..., bf16=None): ROME's v* loop asks the probe": probed,
         "benchmarks (trace_speed: bf16 column; rome_edits)": probed,
     }

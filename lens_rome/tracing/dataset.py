@@ -42,15 +42,16 @@ from tqdm.auto import tqdm
 from lens_rome.checks import positive_int
 from lens_rome.data.known_facts import answered_correctly, load_known_facts
 from lens_rome.errors import InputError, SavedFileError
-from lens_rome.model.adapter import adapter_for
+from lens_rome.model.adapter import adapter_for, model_fingerprint
 from lens_rome.model.backend import Model
 from lens_rome.model.loading import load_model
 from lens_rome.model.precision import resolve_bf16
+from lens_rome.storage import content_hash
 from lens_rome.tracing.distributed import trace_on_ray
 from lens_rome.tracing.fact import TraceSettings, trace_fact
 from lens_rome.tracing.kinds import CATEGORIES, KINDS, METHODS, token_categories
 from lens_rome.tracing.noise_rules import _embedding_std
-from lens_rome.tracing.store import RUN_FILE, FactStore
+from lens_rome.tracing.store import RUN_FACTS, RUN_FILE, FactStore
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,9 @@ def trace_dataset(
     level = noise_scale * _embedding_std(adapter, [f["subject"] for f in facts])
     settings = TraceSettings(model=model_name, kinds=kinds, samples=samples, window=window,
                              noise_level=round(level, 8), severed=severed, seed=seed, bf16=bf16,
-                             method=method)
+                             method=method, fingerprint=model_fingerprint(model))
     store = FactStore(out)
-    store.check_settings(settings)
+    store.check_settings(settings, {str(f["known_id"]): content_hash(f) for f in kept})
     done = store.done()
     todo = [f for f in kept if int(f["known_id"]) not in done]
     log.info("%d facts already traced in %s, %d to go", len(kept) - len(todo), out, len(todo))
@@ -200,7 +201,7 @@ class DatasetTrace:
             frame = frame[frame["known_id"].isin(set(known_ids))].reset_index(drop=True)
         run = store.read_run()
         return cls(frame, run.get("settings", {}),
-                   {k: v for k, v in run.items() if k != "settings"})
+                   {k: v for k, v in run.items() if k not in ("settings", RUN_FACTS)})
 
     @property
     def n_facts(self) -> int:

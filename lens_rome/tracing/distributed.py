@@ -31,6 +31,8 @@ from lens_rome.tracing.store import FactStore
 
 log = logging.getLogger(__name__)
 
+RETRIES = 3  # restarts of a dead worker, and retries of the fact it was tracing
+
 
 class FactTracer:
     """A Ray actor's state: one model, traced fact after fact."""
@@ -98,7 +100,10 @@ def trace_on_ray(
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
         shipped = model if isinstance(model, str) else ray.put(model)
-        actor = ray.remote(num_cpus=threads_per_worker)(FactTracer)
+        # a worker that dies (killed, out of memory, its machine gone) is restarted and
+        # its fact traced again; results are written by the driver, so once each
+        actor = ray.remote(num_cpus=threads_per_worker, max_restarts=RETRIES,
+                           max_task_retries=RETRIES)(FactTracer)
         pool = ActorPool([actor.remote(shipped, settings, threads_per_worker, backend)
                           for _ in range(min(workers, len(facts)))])
         log.info("tracing %d facts on %d Ray workers", len(facts), workers)

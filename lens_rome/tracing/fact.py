@@ -35,6 +35,7 @@ class TraceSettings:
     seed: int = 0
     bf16: bool = False
     method: str = "exact"  # or "attribution": estimates instead of restored runs
+    fingerprint: str = ""  # the model's (lens_rome.model.adapter.model_fingerprint)
 
     def to_dict(self) -> dict:
         data = asdict(self)
