@@ -73,9 +73,9 @@ def test_trace_reports_the_precision_that_ran(tiny_llama, bf16_fast):
     assert auto.meta["precision"] == "bfloat16" and auto.meta["bf16"] is True
 
 
-def test_rome_defaults_to_float32_where_bf16_is_slow(tiny_llama, bf16_slow):
+def test_rome_defaults_to_float32_even_where_bf16_is_fast(tiny_llama, bf16_fast):
     hp = RomeHyperParams.for_model("smollm2-135m")
-    assert hp.bf16 is None  # no default assumes the hardware
+    assert hp.bf16 is False  # the paper's float32 loop unless the user asks
     request = {"prompt": "{} is in downtown", "subject": "The Space Needle",
                "target_new": " Paris"}
     with warnings.catch_warnings():
@@ -101,4 +101,5 @@ def test_the_precision_command_prints_the_probe_and_each_entry_point(fast, monke
     assert lines["trace() (bf16=False: exact float32)"] == "float32"
     auto = "bfloat16" if fast else "float32"
     assert lines["trace(bf16='auto')"] == auto
-    assert lines["rome.edit, lens-rome edit/evaluate: ROME's v* loop (bf16=None)"] == auto
+    assert lines["rome.edit, lens-rome edit/evaluate: ROME's v* loop (bf16=False: float32)"] == "float32"
+    assert lines["rome.edit(..., bf16=None): ROME's v* loop asks the probe"] == auto
