@@ -17,6 +17,7 @@ store (any HookedTransformer, edited or not).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Mapping, Sequence
 
 import pandas as pd
@@ -58,6 +59,38 @@ def _import_ray():
     return ray
 
 
+def _join(ray, address: str) -> None:
+    """Connect this driver to the cluster at ``address``, with this machine's Ray token.
+
+    Ray >= 2.5x starts clusters with token authentication once ``~/.ray/auth_token``
+    exists (any local ``ray.init()`` writes one), but only sends the token itself for
+    ``address="auto"``; for an explicit address, do as it does for "auto" (a client
+    that sends a token also joins a cluster without authentication).
+    """
+    if "RAY_AUTH_MODE" not in os.environ:
+        try:
+            from ray._private.authentication.authentication_token_setup import (  # noqa: PLC0415
+                maybe_enable_token_auth_if_token_available,
+            )
+        except ImportError:  # a Ray without token authentication
+            pass
+        else:
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    # a cluster on loopback only accepts a driver that calls itself 127.0.0.1 too
+    loopback = address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
+    try:
+        ray.init(address=address, log_to_driver=False,
+                 **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+    except ConnectionError as error:
+        cause = repr(error.__cause__) + repr(getattr(error.__cause__, "__cause__", None))
+        if "Authentication" in cause or "InvalidAuthToken" in cause:
+            raise ConnectionError(
+                f"the Ray cluster at {address} refused this machine's authentication token "
+                "(or it has none): set RAY_AUTH_TOKEN to the cluster's token, or "
+                "RAY_AUTH_TOKEN_PATH to its file (see `ray get-auth-token`)") from error
+        raise
+
+
 def trace_on_ray(
     model: Model | str,
     facts: Sequence[Mapping],
@@ -88,10 +121,7 @@ def trace_on_ray(
     connected_here = not ray.is_initialized()  # then disconnect (or stop) at the end
     if connected_here:
         if address is not None:
-            # a cluster on loopback only accepts a driver that calls itself 127.0.0.1 too
-            loopback = address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
-            ray.init(address=address, log_to_driver=False,
-                     **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+            _join(ray, address)
         else:
             # address="local": always a new runtime, on loopback, never someone's cluster
             ray.init(address="local", num_cpus=workers, include_dashboard=False,

@@ -204,6 +204,7 @@ def test_figures_are_drawn(tiny_llama, tmp_path):
         ("hidden", "attn")}
 
 
+@pytest.mark.xdist_group("ray")  # beside test_ray_cluster.py, whose `ray stop` ends runtimes
 def test_ray_workers_on_a_local_loopback_runtime_give_the_same_traces(tiny_llama, tmp_path):
     ray = pytest.importorskip("ray")
     # workers=2 starts a Ray runtime of two CPUs on 127.0.0.1 and shuts it down after
