@@ -25,7 +25,8 @@ answer, one per sample; Zhang & Nanda 2023).  With ``--heads N`` the first N
 facts also get the per-head kind (exact: ``trace(kind="head")``).
 
 Each fact's figures are appended to ``OUT/facts.jsonl`` as soon as they are
-measured; rerunning resumes.  The table is printed at the end (``--report``
+measured; rerunning resumes (``OUT/run.json`` records the settings and a hash
+of the facts file and of each fact: a rerun with other ones is refused).  The table is printed at the end (``--report``
 prints it from the file without computing).
 
     .venv/bin/python benchmarks/attribution_quality.py --n 30 --threads 1 --samples 3 --swap-kinds hidden
@@ -192,9 +193,32 @@ def subject_peak(result) -> list[int]:
     return [int(token) + start, int(layer)]
 
 
+def resumed(out: Path, settings: dict, facts: dict[str, str]) -> set:
+    """The known ids already measured in ``out``, after checking that the run there had the
+    same ``settings`` and facts (``known id -> content hash``); records both in
+    ``out/run.json`` (the figures of another run must not mix into this one)."""
+    from lens_rome.storage import check_resumable, check_same_items, write_json
+
+    store, path = out / "facts.jsonl", out / "run.json"
+    records = [json.loads(line) for line in store.read_text().splitlines()] \
+        if store.exists() else []
+    stored = json.loads(path.read_text()) if path.exists() else None
+    if stored is None and records:  # older versions kept some settings in each record only
+        stored = dict(records[0].get("settings", {}))
+    stored_facts = stored.pop("facts_measured", None) if stored else None
+    fix = "choose another --out"
+    if stored is not None:
+        check_resumable(out, settings, stored, fix=fix, unrecorded=["model", "swap", "heads",
+                                                                    "facts"])
+        facts = check_same_items(out, stored_facts, facts, what="fact", fix=fix)
+    write_json(path, {**settings, "facts_measured": facts})
+    return {r["known_id"] for r in records}
+
+
 def run(args) -> None:
     from lens_rome import load_model
     from lens_rome.data import answered_correctly, load_known_facts
+    from lens_rome.storage import content_hash
     from lens_rome.tracing import Gaussian, SubjectSwap, embedding_std, spearman
 
     if args.threads:
@@ -202,8 +226,6 @@ def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "facts.jsonl"
-    done = {json.loads(line)["known_id"] for line in store.read_text().splitlines()} \
-        if store.exists() else set()
     model = load_model("smollm2-135m")
     facts = load_known_facts(args.facts)
     kept = []  # the first n facts answered correctly, filtered a chunk at a time
@@ -215,6 +237,9 @@ def run(args) -> None:
     began = time.perf_counter()
     settings = {"samples": args.samples, "window": args.window, "swap_kinds": args.swap_kinds,
                 "threads": torch.get_num_threads()}
+    done = resumed(out, {**settings, "model": "smollm2-135m", "swap": not args.no_swap,
+                         "heads": args.heads, "facts": content_hash(facts)},
+                   {str(f["known_id"]): content_hash(f) for f in kept})
     level = 3.0 * embedding_std(model, [f["subject"] for f in facts])
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; {len(kept)} facts; noise level {level:.4f}; "

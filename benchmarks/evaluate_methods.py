@@ -4,7 +4,8 @@ Builds CounterFact-format cases from ../shared/data/known_facts.json with
 :func:`lens_rome.data.build_counterfact` (facts SmolLM2 answers
 correctly; the counterfactual target is another fact's object of the same
 relation; two generation prompts per case), writes them to
-``OUT/cases.json``, and evaluates every method over the same cases with
+``OUT/cases.json`` (and what they were built from, checked when a rerun
+reuses them, in ``OUT/cases_source.json``), and evaluates every method over the same cases with
 :func:`lens_rome.evaluation.evaluate`, each into ``OUT/<method>/`` (so an
 interrupted run resumes where it stopped).  Prints a markdown table.
 
@@ -30,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN_FACTS = ROOT.parent / "shared" / "data" / "known_facts.json"
 METHODS = ("none", "ft", "ft-l", "rome")
+SOURCE = "cases_source.json"  # what OUT/cases.json was built from
 COLUMNS = (("S", "score"), ("ES", "efficacy_score"), ("PS", "paraphrase_score"),
            ("NS", "neighborhood_score"), ("EM", "efficacy_magnitude"),
            ("PM", "paraphrase_magnitude"), ("NM", "neighborhood_magnitude"),
@@ -69,14 +71,25 @@ def main() -> None:
     from lens_rome import load_model
     from lens_rome.data import build_counterfact, load_counterfact, save_cases
     from lens_rome.evaluation import evaluate, load_records
+    from lens_rome.storage import check_resumable, content_hash, write_json
 
     with contextlib.redirect_stdout(io.StringIO()):
         model = load_model(args.model)
     out = Path(args.out)
     cases_file = out / "cases.json"
+    source = {"model": args.model, "facts": content_hash(json.loads(Path(args.facts).read_text())),
+              "n": args.n, "seed": args.seed, "generation_prompts": args.generation_prompts}
     if cases_file.exists():  # a resumed run uses exactly the cases it started with
+        built = json.loads((out / SOURCE).read_text()) if (out / SOURCE).exists() else None
+        if built is None:
+            print(f"warning: {cases_file} was written by an older version of this script that "
+                  f"did not record what it was built from; it cannot be checked", flush=True)
+        else:  # fewer cases than were built are a prefix of them
+            check_resumable(out, {**source, "n": max(args.n, built["n"])}, built,
+                            fix="choose another --out")
         cases = load_counterfact(cases_file)
     else:
+        write_json(out / SOURCE, source)
         start = time.perf_counter()
         cases = build_counterfact(args.facts, model, n=args.n, seed=args.seed,
                                   generation_prompts=args.generation_prompts)

@@ -72,13 +72,14 @@ def prefer_true(model, cases, n: int | None, path: Path):
     """The first ``n`` cases whose rewrite prompt the unedited model continues with o rather
     than o*; the verdicts are kept in ``path`` so that later runs only look at new cases."""
     from lens_rome.evaluation import target_log_probs
+    from lens_rome.storage import content_hash
 
     verdicts = json.loads(path.read_text()) if path.exists() else {}
     kept, looked = [], 0
     for case in cases:
         if n is not None and len(kept) == n:
             break
-        key = str(case.case_id)
+        key = f"{case.case_id}:{content_hash(case.to_dict())}"  # another dataset: new verdicts
         if key not in verdicts:
             request = case.request
             lp = target_log_probs(model, [case.rewrite_prompt],
