@@ -49,7 +49,6 @@ class RenderedText(HTMLParser):
         self.stack: list[tuple[str, bool, str, str]] = []
         self.page_text: list[str] = []
         self.widgets: list[str] = []
-        self.widget_texts: list[str] = []  # own text of each element inside a widget
         # per widget id: (own text, background-color) of each element inside it with text
         self.cells: dict[str, list[tuple[str, str]]] = {}
         self.images: list[str] = []  # src of each <img>
@@ -83,8 +82,12 @@ class RenderedText(HTMLParser):
         self.page_text.append(data)
         _, _, widget, background = self.stack[-1]
         if widget and data.strip():
-            self.widget_texts.append(normalize(data))
             self.cells[widget].append((normalize(data), background))
+
+    @property
+    def widget_texts(self) -> list[str]:
+        """Own text of each element inside a widget, all widgets in page order."""
+        return [text for cells in self.cells.values() for text, _ in cells]
 
     def visible_text(self) -> str:
         lines = "".join(self.page_text).replace("\xa0", " ").splitlines()
