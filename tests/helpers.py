@@ -1,7 +1,9 @@
-"""What several test files share: running the CLI, and tiny CounterFact cases."""
+"""What several test files share: running the CLI, loading a benchmark script, and tiny
+CounterFact cases."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,6 +20,17 @@ def run(argv, capsys) -> tuple[int, str, str]:
         status = exit_.code
     out, err = capsys.readouterr()
     return status, out, err
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # Made of the tiny tokenizer's training words, so every prompt tokenizes.

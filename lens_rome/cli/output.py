@@ -62,6 +62,12 @@ def report(result: TraceResult, paths: dict[str, Path] | None = None, *, n_sites
     if result.method == "attribution":
         fixes = [name for name in ("qk_fix", "grad_drop") if result.meta.get(name)]
         title += f" [attribution estimate{', ' + ', '.join(fixes) if fixes else ''}]"
+    elif result.method == "hybrid":
+        exact = int(result.exact_cells[result.subject_range[0]:].sum())
+        best = result.meta["verify_best"]
+        best = f"{best:.0%} of cells" if isinstance(best, float) else f"{best} cells"
+        title += (f" [hybrid: {exact} cells restored exactly (the estimate's best {best}, "
+                  f"{result.meta['verify']} per token), the rest estimated]")
     start, end = result.subject_range
     heads = result.kind == HEAD
     lines = [

@@ -7,10 +7,14 @@ result itself (JSON, reloadable with ``TraceResult.load``)::
     lens-rome trace --prompt "The Eiffel Tower is located in the city of" \
         --subject "The Eiffel Tower" --kind all --out eiffel
 
-``--method attribution`` estimates the same grids from one forward and one
-backward pass (attribution patching, :mod:`lens_rome.tracing.attribution`) and writes
-``attribution_<kind>.*``; ``--verify K`` then restores its top K sites exactly
-and prints both side by side.  ``--kind head`` traces single attention heads.
+``--method attribution`` estimates the same grids from one batched forward and
+backward pass (attribution patching, with ``--steps N`` integrated-gradient
+points: :mod:`lens_rome.tracing.attribution`) and writes ``attribution_<kind>.*``;
+``--verify K`` then restores its top K sites exactly and prints both side by
+side.  ``--method hybrid`` estimates every cell and restores exactly the
+``--verify K`` best of each token and the ``--verify-best M`` best of the grid
+(:mod:`lens_rome.tracing.hybrid`), written as ``hybrid_<kind>.*``.  ``--kind
+head`` traces single attention heads.
 
 It never replaces an existing file unless ``--overwrite`` is given, and it
 checks that before any tracing starts.  Errors in the input (a subject that is
@@ -27,10 +31,18 @@ import argparse
 from pathlib import Path
 
 from lens_rome.cli import arguments
-from lens_rome.cli.arguments import add_model_option, command, noise_level, positive_int
+from lens_rome.cli.arguments import (
+    add_model_option,
+    command,
+    count,
+    noise_level,
+    positive_int,
+)
 from lens_rome.cli.paths import DEFAULT_OUT, check_free, trace_paths, verify_path
 from lens_rome.errors import InputError
-from lens_rome.tracing.kinds import ATTRIBUTION_METRICS, HEAD, KINDS, METHODS
+from lens_rome.tracing.kinds import ATTRIBUTION_METRICS, HEAD, HYBRID, KINDS, METHODS
+
+DEFAULT_STEPS, DEFAULT_VERIFY, DEFAULT_VERIFY_BEST = 4, 0, 0.15  # the library's; a test checks
 
 
 def add_trace_parser(commands) -> None:
@@ -58,10 +70,12 @@ def add_trace_parser(commands) -> None:
                             "attention head's output, attn.hook_z, at one token; its heatmap "
                             "is heads x layers at the token with the largest effect) "
                             "(default: %(default)s)")
-    trace.add_argument("--method", choices=METHODS, default="exact",
+    trace.add_argument("--method", choices=(*METHODS, HYBRID), default="exact",
                        help="exact: restore each state (the paper's); attribution: estimate "
-                            "every state from one forward and one backward pass (attribution "
-                            "patching), files attribution_<kind>.* (default: %(default)s)")
+                            "every state from one batched forward and backward pass "
+                            "(attribution patching, integrated gradients), files "
+                            "attribution_<kind>.*; hybrid: the estimate with its best cells "
+                            "restored exactly, files hybrid_<kind>.* (default: %(default)s)")
     add_model_option(trace)
     trace.add_argument("--samples", type=positive_int, default=10, metavar="N",
                        help="noise draws averaged (default: %(default)s, as in the paper)")
@@ -95,16 +109,25 @@ def add_trace_parser(commands) -> None:
                        help="seed of the noise draws (default: %(default)s)")
     trace.add_argument("--bf16", action="store_true",
                        help="run the restored passes in bfloat16 (faster on CPUs with bf16 units)")
-    estimate = trace.add_argument_group("attribution estimates (--method attribution)")
+    estimate = trace.add_argument_group("estimates (--method attribution or hybrid)")
+    estimate.add_argument("--steps", type=positive_int, default=None, metavar="N",
+                          help="integrated-gradient points between the corrupted and the clean "
+                               f"run; 1 is plain attribution patching (default: {DEFAULT_STEPS})")
     estimate.add_argument("--qk-fix", action="store_true",
                           help="recompute the next attention layer's pattern exactly instead of "
                                "linearising its softmax (AtP*)")
     estimate.add_argument("--grad-drop", action="store_true",
                           help="GradDrop against cancelling gradients (AtP*; one extra backward "
                                "pass per layer; magnitudes, for ranking)")
-    estimate.add_argument("--verify", type=positive_int, default=None, metavar="K",
-                          help="restore the estimate's top K sites exactly and print both side "
-                               "by side; writes attribution_<kind>_verify.json")
+    estimate.add_argument("--verify", type=count, default=None, metavar="K",
+                          help="attribution: restore the estimate's top K sites exactly and "
+                               "print both side by side, written to "
+                               "attribution_<kind>_verify.json; hybrid: the cells restored "
+                               f"exactly at each token (default: {DEFAULT_VERIFY})")
+    estimate.add_argument("--verify-best", type=cells_or_share, default=None, metavar="M",
+                          help="hybrid: also restore exactly the estimate's M best cells of the "
+                               "whole grid, a count (e.g. 60) or a share of its cells (e.g. "
+                               f"0.15) (default: {DEFAULT_VERIFY_BEST})")
     trace.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                        help="folder for the output files (default: %(default)s)")
     trace.add_argument("--overwrite", action="store_true",
@@ -131,7 +154,7 @@ def run_trace(args: argparse.Namespace) -> int:
     if not args.overwrite:  # before any work: never trace for minutes and then refuse
         check_free([p for kind in kinds
                     for p in trace_paths(out, kind, args.sever, args.method).values()])
-        if args.verify:
+        if args.verify and args.method == "attribution":
             check_free([verify_path(out, kind) for kind in kinds])
 
     model = arguments.load(args.model, args.backend)
@@ -147,10 +170,12 @@ def run_trace(args: argparse.Namespace) -> int:
     bar = tqdm(kinds, desc="kinds", unit="kind", disable=len(kinds) == 1)
     for kind in bar:
         bar.set_postfix_str(kind)
+        hybrid = {} if args.method == "exact" else dict(
+            method=HYBRID, verify=args.verify, verify_best=args.verify_best, steps=args.steps)
         result = trace(
             model, args.prompt, args.subject, kind, samples=args.samples, window=args.window,
             noise=noise, sever=args.sever, target=args.target, metric=metric,
-            seed=args.seed, bf16=args.bf16, progress=True,
+            seed=args.seed, bf16=args.bf16, progress=True, **hybrid,
         )
         paths = write_trace(result, out, overwrite=args.overwrite)
         tqdm.write(report(result, paths))
@@ -158,17 +183,34 @@ def run_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cells_or_share(text: str) -> int | float:
+    """A count of cells (``60``) or a share of them (``0.15``)."""
+    try:
+        value = float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number of cells nor a "
+                                         f"share such as 0.15") from None
+    if value < 0 or (isinstance(value, float) and value >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 0 or a share in [0, 1)")
+    return value
+
+
+
 def _check_method_options(args: argparse.Namespace) -> None:
     """Options that belong to one method only, named before any work."""
-    if args.method == "exact":
-        wrong = [flag for flag, value in (("--qk-fix", args.qk_fix), ("--grad-drop", args.grad_drop),
-                                          ("--verify", args.verify)) if value]
-        if wrong:
-            raise InputError(f"{', '.join(wrong)} applies to --method attribution")
+    flags = (("--qk-fix", args.qk_fix), ("--grad-drop", args.grad_drop),
+             ("--verify", args.verify is not None), ("--steps", args.steps is not None),
+             ("--verify-best", args.verify_best is not None))
+    allowed = {"exact": (), "attribution": ("--qk-fix", "--grad-drop", "--verify", "--steps"),
+               HYBRID: ("--verify", "--steps", "--verify-best")}[args.method]
+    wrong = [flag for flag, given in flags if given and flag not in allowed]
+    if wrong:
+        raise InputError(f"{', '.join(wrong)} does not apply to --method {args.method}")
+    if args.method != "attribution":
         if args.metric == "logit_diff":
             raise InputError("--metric logit_diff is computed by --method attribution only; "
-                             "exact traces score prob or logprob")
-    else:
+                             f"{args.method} traces score prob or logprob")
+    if args.method == "attribution":
         if args.sever is not None:
             raise InputError("--sever needs exact restorations; use --method exact")
         if args.bf16:
@@ -185,7 +227,8 @@ def _run_attribution(model, args: argparse.Namespace, kinds: list[str], noise, o
     results = attribute_many(
         model, args.prompt, args.subject, kinds, noise=noise, samples=args.samples,
         window=args.window, metric=args.metric or "logprob", target=args.target,
-        contrast=args.contrast, seed=args.seed, qk_fix=args.qk_fix, grad_drop=args.grad_drop,
+        contrast=args.contrast, seed=args.seed, steps=args.steps, qk_fix=args.qk_fix,
+        grad_drop=args.grad_drop,
     )
     for result in results:
         paths = output.write_trace(result, out, overwrite=args.overwrite)

@@ -26,7 +26,26 @@ Nodes, one per kind:
 - ``"head"``: one attention head's output ``attn.hook_z[:, t, h]``; the
   scores are ``[n_tokens, n_layers, n_heads]``.
 
-The AtP* fixes, both off by default:
+Integrated gradients (``steps``).  The estimate above takes the gradient at
+one end of the way from the corrupted run to the clean one; when restoring a
+state moves the run far (a large effect) the gradient there says little about
+the rest of the way.  With ``steps=N > 1`` the corruption of the subject's
+embeddings is interpolated, ``embed(a) = lerp(corrupted, clean, a)`` at
+``a = 0, 1/(N-1), ..., 1``, and each node's difference is multiplied by the
+trapezoid-rule average of the gradient at those N points::
+
+    effect(n) ~ (n_clean - n_corrupted) . mean_a d metric / d n      (at run a)
+
+(integrated gradients for patching: Hanna, Pezzelle & Belinkov 2024, EAP-IG).
+The N points are one batched forward and one backward pass (``N x samples``
+rows); ``steps=1`` is the first-order estimate itself, bit for bit.  With
+``cut=l`` the interpolation is made on the residual stream after block ``l``
+instead, at every position (a cut through the whole network): then the
+``"hidden"`` attributions of layer ``l`` sum to the total effect as N grows
+(the completeness of integrated gradients; the tests check it).
+
+The AtP* fixes, both off by default and defined at the corrupted run only
+(``steps=1``):
 
 - ``qk_fix``: the first attention layer downstream of the restored state
   (block ``l + 1``) is not linearised: its queries, keys and values at the
@@ -69,8 +88,13 @@ from lens_rome.errors import InputError, PromptError
 from lens_rome.model.adapter import ModelAdapter, adapter_for
 from lens_rome.model.backend import Model
 from lens_rome.model.hooks import attached
-from lens_rome.tracing.engine import window_layers
-from lens_rome.tracing.kinds import ATTRIBUTION_KINDS, ATTRIBUTION_METRICS, HEAD, KINDS
+from lens_rome.tracing.kinds import (
+    ATTRIBUTION_KINDS,
+    ATTRIBUTION_METRICS,
+    HEAD,
+    KINDS,
+    window_layers,
+)
 from lens_rome.tracing.noise_rules import (
     Corruption,
     Gaussian,
@@ -82,6 +106,7 @@ from lens_rome.tracing.result import TraceResult
 from lens_rome.tracing.subject import _answer_token, _locate_subject
 
 _UNSET: Any = object()  # ``corruption=`` not given (None is a value: the default noise)
+DEFAULT_STEPS = 4  # interpolation points of attribute(); chosen from benchmarks/attribution_quality.py
 
 
 def _renamed_noise(noise, corruption, function: str):
@@ -187,8 +212,10 @@ class _GradGate(torch.autograd.Function):
 class _Runs:
     """Clean and corrupted activations, and gradients of the metric in the corrupted run.
 
-    ``grads[0]`` is the plain gradient; with GradDrop ``grads[1 + l]`` has the
-    gradient through block ``l``'s attention and MLP dropped.
+    ``grads[0]`` is the plain gradient (with ``steps > 1`` its trapezoid-rule
+    average over the interpolation points, ``[samples, ...]`` like the rest);
+    with GradDrop ``grads[1 + l]`` has the gradient through block ``l``'s
+    attention and MLP dropped.
     """
 
     clean: dict[str, torch.Tensor]
@@ -207,13 +234,44 @@ def _qk_names(adapter: ModelAdapter, layer: int) -> list[str]:
     return [adapter.hook_name(kind, layer) for kind in kinds]
 
 
+def interpolation_points(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where integrated gradients evaluates the gradient and how it weighs each point.
+
+    ``(alphas [steps], weights [steps])``: ``alpha = 0`` is the corrupted run and
+    ``alpha = 1`` the clean one; the trapezoid rule on ``steps`` equal intervals'
+    ends (``steps=1``: the corrupted run alone, weight 1).
+    """
+    positive_int(steps, "steps")
+    if steps == 1:
+        return torch.zeros(1), torch.ones(1)
+    alphas = torch.linspace(0.0, 1.0, steps)
+    weights = torch.full((steps,), 1.0 / (steps - 1))
+    weights[[0, -1]] /= 2
+    return alphas, weights
+
+
+def _interpolating(name: str, clean: torch.Tensor, alphas: torch.Tensor, samples: int):
+    """A hook moving row block ``k`` (``samples`` rows each) of ``name``'s activation from
+    the corrupted value towards ``clean [1, pos, d_model]`` by ``alphas[k]`` (0: unchanged)."""
+    weight = alphas.repeat_interleave(samples)[:, None, None]
+
+    def interpolate(activation, hook):
+        return torch.lerp(activation, clean.to(activation.dtype).expand_as(activation),
+                          weight.to(activation.device, activation.dtype))
+
+    return name, interpolate
+
+
 def _run(adapter: ModelAdapter, prepared: _Prepared, names: Sequence[str], metric: str,
-         contrast: str | None, grad_drop: bool) -> _Runs:
+         contrast: str | None, grad_drop: bool, steps: int = 1, cut: int | None = None) -> _Runs:
     """One clean pass (cached), one corrupted pass with gradients, one backward pass
-    (plus one per layer with GradDrop)."""
+    (plus one per layer with GradDrop); with ``steps > 1`` the corrupted pass runs the
+    ``steps`` interpolation points together (rows point-major: point, then sample)."""
     model = adapter.model
     tokens, samples = prepared.tokens, prepared.samples
-    wanted = set(names)
+    embed = adapter.hook_name("embed")
+    path = embed if cut is None else adapter.hook_name("hidden", cut)
+    wanted = set(names) | ({path} if steps > 1 else set())
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(tokens, names_filter=wanted.__contains__)
     clean = {name: cache[name] for name in names}
@@ -227,10 +285,17 @@ def _run(adapter: ModelAdapter, prepared: _Prepared, names: Sequence[str], metri
         if not activation.requires_grad:
             activation.requires_grad_(True)
 
-    embed = adapter.hook_name("embed")
-    corrupting = corrupt(prepared.corruption.values.to(tokens.device), prepared.subject_range,
+    alphas, weights = interpolation_points(steps)
+    values = prepared.corruption.values.to(tokens.device)
+    corrupting = corrupt(values.repeat(steps, 1, 1), prepared.subject_range,
                          replace=prepared.corruption.replace, hook_name=embed)
-    fwd = [corrupting, (embed, track)] + [(name, keep) for name in names]
+    fwd = [corrupting]
+    if steps > 1 and cut is None:
+        fwd.append(_interpolating(embed, cache[embed], alphas, samples))
+    fwd.append((embed, track))
+    if steps > 1 and cut is not None:
+        fwd.append(_interpolating(path, cache[path], alphas, samples))
+    fwd += [(name, keep) for name in names]
     state: dict = {}
     handles = []
     if grad_drop:
@@ -242,28 +307,36 @@ def _run(adapter: ModelAdapter, prepared: _Prepared, names: Sequence[str], metri
                                                                                 layer)))
     try:
         with torch.enable_grad(), attached(model, fwd):
-            logits = _last_logits(adapter, tokens.expand(samples, -1))
+            logits = _last_logits(adapter, tokens.expand(steps * samples, -1))
     finally:
         for handle in handles:
             handle.remove()
-    contrast_tokens = (_contrast_tokens(adapter, contrast, logits, prepared.answer)
+    contrast_tokens = (_contrast_tokens(adapter, contrast, logits[:samples], prepared.answer)
                        if metric == "logit_diff" else None)
-    per_row = _metric(logits, prepared.answer, contrast_tokens, metric)
+    per_row = _metric(logits, prepared.answer,
+                      None if contrast_tokens is None else contrast_tokens.repeat(steps), metric)
     with torch.no_grad():
         clean_rows = _metric(clean_logits[:, -1].expand(samples, -1), prepared.answer,
                              contrast_tokens, metric)
+    objective = per_row.sum() if steps == 1 else (
+        weights.to(per_row.device).repeat_interleave(samples) * per_row).sum()
     inputs = [captured[name] for name in names]
     passes = [None] + (list(range(adapter.n_layers)) if grad_drop else [])
     grads = []
     for i, drop in enumerate(passes):
         state["drop"] = drop
-        found = torch.autograd.grad(per_row.sum(), inputs, retain_graph=i < len(passes) - 1,
+        found = torch.autograd.grad(objective, inputs, retain_graph=i < len(passes) - 1,
                                     allow_unused=True)
-        grads.append({name: (torch.zeros_like(x) if g is None else g.detach())
+        grads.append({name: _summed_over_points(torch.zeros_like(x) if g is None else g.detach(), steps)
                       for name, x, g in zip(names, inputs, found)})
-    corrupted = {name: captured[name].detach() for name in names}
-    return _Runs(clean, corrupted, grads, float(per_row.detach().mean()),
+    corrupted = {name: captured[name].detach()[:samples] for name in names}
+    return _Runs(clean, corrupted, grads, float(per_row.detach()[:samples].mean()),
                  float(clean_rows.mean()), contrast_tokens)
+
+
+def _summed_over_points(grad: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[steps * samples, ...]`` weighted gradients summed over the points: ``[samples, ...]``."""
+    return grad if steps == 1 else grad.view(steps, -1, *grad.shape[1:]).sum(0)
 
 
 def qk_fix_unsupported(model: Model) -> str | None:
@@ -430,6 +503,8 @@ def attribute_many(
     target: str | None = None,
     contrast: str | None = None,
     seed: int = 0,
+    steps: int | None = None,
+    cut: int | None = None,
     qk_fix: bool = False,
     grad_drop: bool = False,
     corruption: float | torch.Tensor | Noise | None = _UNSET,
@@ -448,17 +523,50 @@ def attribute_many(
         target: the answer (default: the clean run's most likely token).
         contrast: the second answer of ``"logit_diff"`` (default: each
             sample's corrupted answer).
-        qk_fix, grad_drop: the AtP* fixes (module docstring).
+        steps: integrated-gradient points between the corrupted and the clean
+            run (module docstring); 1 is the first-order estimate at the
+            corrupted run.  Default: ``DEFAULT_STEPS``, or 1 with ``qk_fix`` or
+            ``grad_drop``.
+        cut: interpolate the residual stream after block ``cut`` (every
+            position) instead of the subject's embeddings (``steps > 1`` only).
+        qk_fix, grad_drop: the AtP* fixes (module docstring; ``steps=1`` only);
+            ``grad_drop`` is deprecated (measured no better than the plain estimate).
         corruption: the old name of ``noise`` (deprecated).
     """
     noise = _renamed_noise(noise, corruption, "attribute_many")
+    if grad_drop:
+        warnings.warn("grad_drop is deprecated and will be removed in 0.3: on 30 known facts "
+                      "(benchmarks/attribution_quality.py, docs/tracing.md) it ranked sites no "
+                      "better than the plain estimate at 13x its cost", DeprecationWarning,
+                      stacklevel=2)
     return _attribute_many(adapter_for(model), prompt, subject, kinds, noise=noise,
                            samples=samples, window=window, metric=metric, target=target,
-                           contrast=contrast, seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)
+                           contrast=contrast, seed=seed, steps=steps, cut=cut, qk_fix=qk_fix,
+                           grad_drop=grad_drop)
+
+
+def _checked_steps(adapter: ModelAdapter, steps, cut, qk_fix: bool, grad_drop: bool) -> int:
+    """The number of interpolation points to run, after checking it fits the other options."""
+    fixes = [name for name, on in (("qk_fix", qk_fix), ("grad_drop", grad_drop)) if on]
+    if steps is None:
+        steps = 1 if fixes else DEFAULT_STEPS
+    positive_int(steps, "steps")
+    if steps > 1 and fixes:
+        raise InputError(f"{' and '.join(fixes)} apply at the corrupted run only (steps=1); "
+                         f"got steps={steps}: pass steps=1, or drop {', '.join(fixes)}")
+    if cut is not None:
+        if isinstance(cut, bool) or not isinstance(cut, int) or not 0 <= cut < adapter.n_layers:
+            raise InputError(f"cut={cut!r} must be a layer, 0..{adapter.n_layers - 1}")
+        if steps == 1:
+            raise InputError("cut= chooses where integrated gradients interpolates; it needs "
+                             "steps > 1")
+    return steps
 
 
 def _attribute_many(adapter: ModelAdapter, prompt, subject, kinds, *, noise, samples, window,
-                    metric, target, contrast, seed, qk_fix, grad_drop) -> list[TraceResult]:
+                    metric, target, contrast, seed, qk_fix, grad_drop, steps=None, cut=None
+                    ) -> list[TraceResult]:
+    steps = _checked_steps(adapter, steps, cut, qk_fix, grad_drop)
     kinds = list(kinds)
     if not kinds:
         raise InputError(f"kinds must name at least one of {list(ATTRIBUTION_KINDS)}")
@@ -470,7 +578,7 @@ def _attribute_many(adapter: ModelAdapter, prompt, subject, kinds, *, noise, sam
                          f"use qk_fix=False")
     prepared = _prepare(adapter, prompt, subject, noise, samples, seed, target)
     names = _names_for(adapter, kinds, qk_fix)
-    runs = _run(adapter, prepared, names, metric, contrast, grad_drop)
+    runs = _run(adapter, prepared, names, metric, contrast, grad_drop, steps, cut)
     start = prepared.subject_range[0]
     contrast_tokens = None if runs.contrast is None else [int(t) for t in runs.contrast]
     contrast_text = None if runs.contrast is None else [adapter.decode([t]) for t in contrast_tokens]
@@ -499,6 +607,7 @@ def _attribute_many(adapter: ModelAdapter, prompt, subject, kinds, *, noise, sam
             seed=seed,
             contrast=None if contrast_text is None else list(contrast_text),
             contrast_tokens=None if contrast_tokens is None else list(contrast_tokens),
-            meta={"qk_fix": qk_fix, "grad_drop": grad_drop},
+            meta={"qk_fix": qk_fix, "grad_drop": grad_drop, "steps": steps,
+                  **({} if cut is None else {"cut": cut})},
         ))
     return results

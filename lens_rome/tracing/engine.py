@@ -43,8 +43,22 @@ from lens_rome.model.backend import Model
 from lens_rome.model.fast_blocks import FastBlocks, has_user_hooks, unsupported_reason
 from lens_rome.model.hooks import Hook, attached
 from lens_rome.model.precision import precision_name, resolve_bf16
+from lens_rome.tracing.attribution import _attribute_many
+from lens_rome.tracing.hybrid import (
+    DEFAULT_VERIFY,
+    DEFAULT_VERIFY_BEST,
+    cells_to_verify,
+    merged,
+)
 from lens_rome.tracing.interventions import patch, patch_head
-from lens_rome.tracing.kinds import HEAD, KINDS, TRACE_METRICS
+from lens_rome.tracing.kinds import (
+    HEAD,
+    HYBRID,
+    KINDS,
+    TRACE_METHODS,
+    TRACE_METRICS,
+    window_layers,
+)
 from lens_rome.tracing.noise_rules import Gaussian, Noise, corrupt, draw_corruption
 from lens_rome.tracing.result import TraceResult
 from lens_rome.tracing.subject import _answer_token, _locate_subject
@@ -67,6 +81,10 @@ def trace(
     seed: int = 0,
     bf16: bool | str = False,
     positions: Sequence[int] | None = None,
+    method: str = "exact",
+    verify: int | None = None,
+    verify_best: int | float | None = None,
+    steps: int | None = None,
     progress: bool = False,
 ) -> TraceResult:
     """Causal trace of ``subject``'s fact in ``prompt``: scores ``[n_tokens, n_layers]``.
@@ -104,7 +122,8 @@ def trace(
     """
     return trace_many(
         model, prompt, subject, [(kind, sever, positions)], samples=samples, window=window,
-        noise=noise, target=target, metric=metric, seed=seed, bf16=bf16, progress=progress,
+        noise=noise, target=target, metric=metric, seed=seed, bf16=bf16, method=method,
+        verify=verify, verify_best=verify_best, steps=steps, progress=progress,
     )[0]
 
 
@@ -121,21 +140,39 @@ def trace_many(
     metric: str = "prob",
     seed: int = 0,
     bf16: bool | str = False,
+    method: str = "exact",
+    verify: int | None = None,
+    verify_best: int | float | None = None,
+    steps: int | None = None,
     progress: bool = False,
 ) -> list[TraceResult]:
     """Several traces of one fact with the same noise: one per ``(kind, sever, positions)``.
 
     The same numbers as calling :func:`trace` for each, but the clean and
-    corrupted runs (and the weights of the lean blocks) are made once.
+    corrupted runs (and the weights of the lean blocks) are made once; a hybrid
+    trace estimates all its kinds from one attribution pass.
     """
     return _trace_many(adapter_for(model), prompt, subject, traces, samples=samples,
                        window=window, noise=noise, target=target, metric=metric, seed=seed,
-                       bf16=bf16, progress=progress)
+                       bf16=bf16, progress=progress, method=method, verify=verify,
+                       verify_best=verify_best, steps=steps)
 
 
 def _trace_many(adapter: ModelAdapter, prompt, subject, traces, *, samples, window, noise, target,
-                metric, seed, bf16, progress) -> list[TraceResult]:
+                metric, seed, bf16, progress, method="exact", verify=None, verify_best=None,
+                steps=None) -> list[TraceResult]:
     model = adapter.model
+    if method not in TRACE_METHODS:
+        raise InputError(f"unknown method {method!r}; expected one of {list(TRACE_METHODS)} "
+                         f"(estimates alone: lens_rome.attribute)")
+    for name, value in (("verify", verify), ("verify_best", verify_best), ("steps", steps)):
+        if method != HYBRID and value is not None:
+            raise InputError(f"{name}={value!r} applies to method='hybrid'; got method={method!r}")
+    if method == HYBRID:
+        verify = DEFAULT_VERIFY if verify is None else verify
+        verify_best = DEFAULT_VERIFY_BEST if verify_best is None else verify_best
+        if any(sever is not None for _, sever, _ in traces):
+            raise InputError("sever needs every cell restored; use method='exact'")
     if metric not in TRACE_METRICS:
         raise InputError(f"unknown metric {metric!r}; expected one of {list(TRACE_METRICS)}")
     positive_int(samples, "samples")
@@ -157,6 +194,7 @@ def _trace_many(adapter: ModelAdapter, prompt, subject, traces, *, samples, wind
     subject_tokens = tokens[0, subject_range[0] : subject_range[1]]
     corruption, noise_text = draw_corruption(noise, adapter, subject_tokens, samples, seed)
     bf16 = resolve_bf16(bf16, adapter.device, what="trace")
+    estimates = cells = None
     dtype = torch.bfloat16 if bf16 else adapter.dtype
 
     with torch.no_grad():
@@ -164,6 +202,16 @@ def _trace_many(adapter: ModelAdapter, prompt, subject, traces, *, samples, wind
             answer = int(model(tokens)[0, -1].argmax())
         else:
             answer = _answer_token(adapter, target)
+    if method == HYBRID:  # the same noise draws (same rule and seed) and the same answer
+        kinds = list(dict.fromkeys(kind for kind, _, _ in traces))
+        estimated = dict(zip(kinds, _attribute_many(
+            adapter, prompt, subject, kinds, noise=noise, samples=samples, window=window,
+            metric=metric, target=answer, contrast=None, seed=seed, steps=steps, qk_fix=False,
+            grad_drop=False)))
+        estimates = [estimated[kind] for kind, _, _ in traces]
+        cells = [cells_to_verify(estimate, verify, verify_best, positions)
+                 for estimate, (_, _, positions) in zip(estimates, traces)]
+    with torch.no_grad():
         with_heads = any(kind == HEAD for kind, _, _ in traces)
         engine = _TraceEngine(adapter, tokens, subject_range, answer, corruption, metric,
                               with_heads)
@@ -177,8 +225,16 @@ def _trace_many(adapter: ModelAdapter, prompt, subject, traces, *, samples, wind
             log.info("tracing %r in %s on %s blocks%s", prompt, precision_name(bf16), blocks,
                      "" if reason is None else f" ({reason})")
             all_scores = [engine.run(kind, 1 if kind in ("hidden", HEAD) else window, sever,
-                                     dtype, positions, progress)
-                          for kind, sever, positions in traces]
+                                     dtype, positions, progress,
+                                     cells=None if cells is None else cells[i])
+                          for i, (kind, sever, positions) in enumerate(traces)]
+    exact_cells = [None] * len(traces)
+    meta = {"bf16": bf16, "precision": precision_name(bf16), "blocks": blocks}
+    if method == HYBRID:
+        for i, (estimate, (_, _, positions)) in enumerate(zip(estimates, traces)):
+            all_scores[i], exact_cells[i] = merged(estimate, all_scores[i], engine.low_score,
+                                                   positions)
+        meta.update(verify=verify, verify_best=verify_best, steps=estimates[0].meta["steps"])
 
     return [TraceResult(
         scores=scores,
@@ -197,10 +253,11 @@ def _trace_many(adapter: ModelAdapter, prompt, subject, traces, *, samples, wind
         sever=sever,
         noise=noise_text,
         model_name=adapter.name,
-        method="exact",
+        method=method,
         seed=seed,
-        meta={"bf16": bf16, "precision": precision_name(bf16), "blocks": blocks},
-    ) for scores, (kind, sever, _) in zip(all_scores, traces)]
+        exact_cells=exact,
+        meta=dict(meta),
+    ) for scores, exact, (kind, sever, _) in zip(all_scores, exact_cells, traces)]
 
 
 def _check_positions(positions: Sequence[int] | None, n_tokens: int) -> list[int] | None:
@@ -214,11 +271,6 @@ def _check_positions(positions: Sequence[int] | None, n_tokens: int) -> list[int
             f"positions {positions!r} out of range; the prompt has {n_tokens} tokens (0..{n_tokens - 1})"
         )
     return checked
-
-
-def window_layers(layer: int, window: int, n_layers: int) -> range:
-    """The layers restored for ``layer`` with a ``window``: the paper's centring."""
-    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
 @dataclass(frozen=True)
@@ -305,8 +357,12 @@ class _TraceEngine:
         log_probs = answer - logits.sub_(top).exp_().sum(-1).log_() - top[:, 0]
         return log_probs.exp() if self.metric == "prob" else log_probs
 
-    def run(self, kind, window, sever, dtype, positions, progress) -> torch.Tensor:
-        """Scores ``[n_tokens, n_layers(, n_heads)]``; the model must already be cast to ``dtype``."""
+    def run(self, kind, window, sever, dtype, positions, progress, cells=None) -> torch.Tensor:
+        """Scores ``[n_tokens, n_layers(, n_heads)]``; the model must already be cast to ``dtype``.
+
+        ``cells``: restore only these, ``{position: {layer or (layer, head)}}``; the
+        scores of the others are NaN.
+        """
         n_tokens, n_layers = self.tokens.shape[1], self.adapter.n_layers
         groups = _groups(kind, window, n_layers, self.adapter.n_heads, self.fast is not None)
         shape = (n_tokens, n_layers, self.adapter.n_heads) if kind == HEAD else (n_tokens, n_layers)
@@ -315,25 +371,31 @@ class _TraceEngine:
         if positions is not None:  # restorations before the subject equal the corrupted run
             scores[[p for p in range(n_tokens) if p not in positions]] = float("nan")
             restored = [p for p in positions if p >= self.subject_range[0]]
+        if cells is not None:
+            scores[:] = float("nan")
+            scores[: self.subject_range[0]] = self.low_score
         self.dtype = dtype
         self.prefix_kv = [(keys.to(dtype), values.to(dtype)) for keys, values in self.corrupted_kv]
         if self.fast is not None:
             self.prefix_kv = [(self.fast.rotated_keys(layer, keys), values)
                               for layer, (keys, values) in enumerate(self.prefix_kv)]
-        finals = []
+        finals, plan = [], []  # plan: (position, its groups) in the order of finals
         bar = tqdm(restored, desc=f"trace {kind}", disable=not progress, leave=False)
         restore = self._restore_token if self.fast is not None or self.adapter.has_kv_cache else (
             self._restore_token_whole)
         for position in bar:
-            finals.append(restore(position, kind, groups, sever))
+            chosen = groups if cells is None else [
+                g for g in groups if _cell(g) in cells.get(position, ())]
+            if chosen:
+                finals.append(restore(position, kind, chosen, sever))
+            plan.append((position, chosen))
         per_row = self._final_scores(torch.cat(finals)) if finals else torch.empty(0)
-        per_group = per_row.view(len(restored), len(groups), self.samples).mean(-1)
-        for position, row in zip(restored, per_group):
-            for group, value in zip(groups, row.tolist()):
-                index = (position, group.layer) if group.head is None else (
-                    position, group.layer, group.head)
-                scores[index] = value
-            if kind == "hidden":  # the last block's output, restored: nothing left to compute
+        per_group = iter(per_row.view(-1, self.samples).mean(-1).tolist())
+        for position, chosen in plan:
+            for group in chosen:
+                scores[(position, *_cell(group, flat=False))] = next(per_group)
+            if kind == "hidden" and (cells is None or n_layers - 1 in cells.get(position, ())):
+                # the last block's output, restored: nothing left to compute
                 scores[position, n_layers - 1] = (
                     self.high_score if position == n_tokens - 1 else self.low_score)
         return scores
@@ -506,6 +568,13 @@ class _TraceEngine:
             return None
         keys, values = self.prefix_kv[block_index]
         return keys[:, :t].repeat(n_groups, 1, 1, 1), values[:, :t].repeat(n_groups, 1, 1, 1)
+
+
+def _cell(group: _Group, flat: bool = True):
+    """The cell a group restores: its layer, or ``(layer, head)``; a tuple unless ``flat``."""
+    if group.head is None:
+        return group.layer if flat else (group.layer,)
+    return group.layer, group.head
 
 
 def _group_rows(groups: Sequence[int], samples: int) -> slice:

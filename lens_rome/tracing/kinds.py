@@ -1,11 +1,20 @@
-"""The vocabulary of tracing: kinds of state, metrics, methods, token categories (imports nothing)."""
+"""The vocabulary of tracing: kinds of state and their windows, metrics, methods, token
+categories (imports nothing)."""
 
 KINDS = ("hidden", "mlp", "attn")
 HEAD = "head"  # one attention head's output at one layer (``attn.hook_z``)
 ATTRIBUTION_KINDS = (*KINDS, HEAD)
 TRACE_METRICS = ("prob", "logprob")  # what an exact trace scores
 ATTRIBUTION_METRICS = (*TRACE_METRICS, "logit_diff")  # what attribution can also estimate
-METHODS = ("exact", "attribution")  # how a TraceResult was computed
+METHODS = ("exact", "attribution")  # how a dataset trace runs
+HYBRID = "hybrid"  # an estimate with the top cells of each token restored exactly
+TRACE_METHODS = ("exact", HYBRID)  # what trace() runs
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """The layers restored for ``layer`` with a ``window``: the paper's centring."""
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
 
 # The paper's groups of prompt tokens that dataset averages report, in its order.
 CATEGORIES = (

@@ -28,8 +28,10 @@ class TraceResult(SavedAsJson):
     (:mod:`lens_rome.tracing.attribution`, ``method == "attribution"``) has the same
     layout, with estimated scores.
 
-    ``method``: ``"exact"`` (restored runs) or ``"attribution"`` (a
-    first-order estimate); ``seed``: the seed of the noise draws;
+    ``method``: ``"exact"`` (restored runs), ``"attribution"`` (an estimate)
+    or ``"hybrid"`` (an estimate with the cells of ``exact_cells``, a bool mask
+    shaped like ``scores``, restored exactly; None for the other methods, whose
+    cells are all exact or all estimated); ``seed``: the seed of the noise draws;
     ``contrast`` and ``contrast_tokens``: the second answer of a
     ``"logit_diff"`` estimate per noise sample (text and token id), else
     None.  ``meta`` holds how it ran (precision, blocks, AtP* fixes).
@@ -56,6 +58,7 @@ class TraceResult(SavedAsJson):
     contrast: list[str] | None = None
     contrast_tokens: list[int] | None = None
     meta: dict = field(default_factory=dict)
+    exact_cells: torch.Tensor | None = None
 
     saved_as = "trace result"  # also reads format 1 (a class attribute, not a field)
 
@@ -96,7 +99,8 @@ class TraceResult(SavedAsJson):
 
     def to_frame(self):
         """Long-format ``pandas.DataFrame``: one row per (token, layer), or per (token,
-        layer, head) with a ``head`` column for a per-head trace."""
+        layer, head) with a ``head`` column for a per-head trace; a hybrid trace has an
+        ``exact`` column (restored exactly, or estimated)."""
         import pandas as pd  # noqa: PLC0415 (pandas loads on use)
 
         start, end = self.subject_range
@@ -117,6 +121,9 @@ class TraceResult(SavedAsJson):
                         row["head"] = head
                     row.update(kind=self.kind, score=score,
                                indirect_effect=score - self.low_score)
+                    if self.exact_cells is not None:
+                        cell = (position, layer, head) if heads else (position, layer)
+                        row["exact"] = bool(self.exact_cells[cell])
                     rows.append(row)
         return pd.DataFrame(rows)
 
@@ -140,6 +147,8 @@ class TraceResult(SavedAsJson):
         data = asdict(self)
         data["scores"] = self.scores.tolist()
         data["subject_range"] = list(self.subject_range)
+        if self.exact_cells is not None:
+            data["exact_cells"] = self.exact_cells.tolist()
         data["format"] = SAVE_FORMAT
         return data
 
@@ -153,5 +162,7 @@ class TraceResult(SavedAsJson):
             data["meta"] = meta = dict(data.get("meta", {}))
             data.update({key: meta.pop(key) for key in FORMER_META_KEYS if key in meta})
         data["scores"] = torch.tensor(data["scores"], dtype=torch.float32)
+        if data.get("exact_cells") is not None:
+            data["exact_cells"] = torch.tensor(data["exact_cells"], dtype=torch.bool)
         data["subject_range"] = tuple(data["subject_range"])
         return cls(**data)

@@ -22,9 +22,8 @@ from lens_rome.tracing.attribution import (
     _prepare,
     _renamed_noise,
 )
-from lens_rome.tracing.engine import window_layers
 from lens_rome.tracing.interventions import patch, patch_head
-from lens_rome.tracing.kinds import HEAD
+from lens_rome.tracing.kinds import HEAD, window_layers
 from lens_rome.tracing.noise_rules import Gaussian, Noise, corrupt
 from lens_rome.tracing.result import TraceResult
 from lens_rome.tracing.saved import SavedAsJson

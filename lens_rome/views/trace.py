@@ -106,7 +106,19 @@ def default_title(result: TraceLike, position: int | None = None) -> str:
         title += f" (severed {SEVER_NAMES.get(result.sever, result.sever)})"
     if _is_estimate(result):
         title = f"Estimated {title[0].lower()}{title[1:]} (attribution)"
+    elif result.method == "hybrid":
+        title += f" (hybrid: {_exact_share(result)})"
     return title
+
+
+def _exact_share(result: TraceLike) -> str:
+    """How much of a hybrid trace is exact, e.g. ``52 of 360 cells exact, the rest estimated``."""
+    exact = getattr(result, "exact_cells", None)
+    start = result.subject_range[0]
+    if exact is None:
+        return "some cells exact"
+    return (f"{int(exact[start:].sum())} of {exact[start:].numel()} cells from the subject on "
+            f"exact, the rest estimated")
 
 
 def layer_axis_label(result: TraceLike) -> str:
@@ -320,7 +332,8 @@ def _header(result: TraceLike) -> str:
         kind += f", {SEVER_NAMES.get(result.sever, result.sever)} severed"
     model = f" &middot; model {esc(result.model_name)}" if result.model_name else ""
     subject_tokens = "".join(result.tokens[start:end])
-    method = ("Attribution estimate of a causal trace" if _is_estimate(result)
+    method = ("Attribution estimate of a causal trace" if _is_estimate(result) else
+              f"Hybrid causal trace ({_exact_share(result)})" if result.method == "hybrid"
               else "Causal trace")
     selected = "head" if result.kind == HEAD else "layer"
     rows = [

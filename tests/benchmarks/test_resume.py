@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark as load
 
 from lens_rome.errors import SavedFileError
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 SETTINGS = {"samples": 3, "window": 10, "swap_kinds": "hidden", "threads": 1,
             "model": "smollm2-135m", "swap": True, "heads": 0, "facts": "f00d"}

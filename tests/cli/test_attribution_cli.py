@@ -13,6 +13,7 @@ from helpers import run
 from lens_rome.cli import arguments
 from lens_rome.tracing.attribution import attribute_many
 from lens_rome.tracing.dataset import trace_dataset
+from lens_rome.tracing.engine import trace
 from lens_rome.tracing.noise_rules import Gaussian
 from lens_rome.tracing.result import TraceResult
 from lens_rome.tracing.verify import Verification
@@ -82,8 +83,13 @@ def test_exact_head_trace_from_the_command_line(tiny_cli, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--qk-fix"], "--qk-fix applies to --method attribution"),
-    (["--verify", "2"], "--verify applies to --method attribution"),
+    (["--qk-fix"], "--qk-fix does not apply to --method exact"),
+    (["--verify", "2"], "--verify does not apply to --method exact"),
+    (["--steps", "4"], "--steps does not apply to --method exact"),
+    (["--method", "attribution", "--verify-best", "9"],
+     "--verify-best does not apply to --method attribution"),
+    (["--method", "hybrid", "--grad-drop"], "--grad-drop does not apply to --method hybrid"),
+    (["--method", "hybrid", "--metric", "logit_diff"], "--method attribution only"),
     (["--metric", "logit_diff"], "--method attribution only"),
     (["--method", "attribution", "--sever", "mlp"], "--sever needs exact restorations"),
     (["--method", "attribution", "--bf16"], "--bf16 applies to exact traces"),
@@ -92,6 +98,31 @@ def test_exact_head_trace_from_the_command_line(tiny_cli, tmp_path, capsys):
 def test_options_of_the_other_method_are_refused(tmp_path, capsys, no_model, extra, message):
     status, _, err = run(args(tmp_path, *extra), capsys)
     assert status == 2 and err.startswith("error: ") and message in err
+
+
+def test_hybrid_writes_its_own_files(tiny_cli, tmp_path, capsys):
+    status, out, err = run(args(tmp_path, "--method", "hybrid", "--kind", "mlp", "--verify",
+                                "1", "--verify-best", "4", "--steps", "3"), capsys)
+    assert status == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"hybrid_mlp.{ext}" for ext in ("html", "json", "png")]
+    saved = TraceResult.load(tmp_path / "hybrid_mlp.json")
+    expected = trace(tiny_cli, PROMPT, SUBJECT, "mlp", samples=2, window=3, method="hybrid",
+                     verify=1, verify_best=4, steps=3)
+    assert saved.method == "hybrid" and saved.meta["steps"] == 3
+    assert torch.equal(saved.exact_cells, expected.exact_cells)
+    torch.testing.assert_close(saved.scores, expected.scores)
+    exact = int(saved.exact_cells[saved.subject_range[0]:].sum())
+    assert f"[hybrid: {exact} cells restored exactly (the estimate's best 4 cells, 1 per token)" in out
+
+
+def test_the_command_line_defaults_are_the_librarys():
+    from lens_rome.cli import trace as command
+    from lens_rome.tracing import attribution, hybrid
+
+    assert command.DEFAULT_STEPS == attribution.DEFAULT_STEPS
+    assert (command.DEFAULT_VERIFY, command.DEFAULT_VERIFY_BEST) == (
+        hybrid.DEFAULT_VERIFY, hybrid.DEFAULT_VERIFY_BEST)
 
 
 def test_noise_and_swap_exclude_each_other(tmp_path, capsys, no_model):

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lens_rome.errors import InputError
 from lens_rome.model.adapter import adapter_for
 from lens_rome.tracing import interventions, noise_rules
-from lens_rome.tracing.attribution import attribute, attribute_many, recompute_qkv
+from lens_rome.tracing.attribution import DEFAULT_STEPS, attribute, attribute_many, recompute_qkv
 from lens_rome.tracing.engine import trace, window_layers
 from lens_rome.tracing.noise_rules import (
     Gaussian,
@@ -45,27 +44,6 @@ def all_sites(result: TraceResult) -> list[tuple[int, ...]]:
 
 def estimated_effects(result: TraceResult, sites) -> torch.Tensor:
     return torch.tensor([float(result.scores[s]) - result.low_score for s in sites])
-
-
-@pytest.fixture(scope="module")
-def linear_model(tiny_tokenizer):
-    """A transformer that is affine in its embeddings: no norms, attention with zero queries
-    and keys (a fixed, uniform causal pattern) and ReLU MLPs whose bias keeps every
-    pre-activation positive (ReLU acts as the identity; the output bias cancels it)."""
-    torch.manual_seed(1)
-    cfg = HookedTransformerConfig(
-        n_layers=4, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64,
-        d_vocab=len(tiny_tokenizer), act_fn="relu", normalization_type=None,
-        initializer_range=0.1, default_prepend_bos=False, model_name="linear",
-    )
-    model = HookedTransformer(cfg, tokenizer=tiny_tokenizer, move_to_device=False)
-    with torch.no_grad():
-        for block in model.blocks:
-            for name in ("W_Q", "W_K", "b_Q", "b_K"):
-                getattr(block.attn, name).zero_()
-            block.mlp.b_in.fill_(50.0)
-            block.mlp.b_out.copy_(-block.mlp.b_in @ block.mlp.W_out)
-    return model.eval()
 
 
 LINEAR = dict(samples=3, noise=Gaussian(level=5.0), metric="logit_diff",
@@ -166,7 +144,7 @@ def test_estimate_is_the_derivative_on_a_nonlinear_model(architecture, kind, req
     (checked by central differences at a few sites)."""
     model = request.getfixturevalue(architecture)
     estimate = attribute(model, PROMPT, SUBJECT, kind, samples=2, window=1,
-                         noise=Gaussian(level=0.3))
+                         noise=Gaussian(level=0.3), steps=1)
     start, end = estimate.subject_range
     sites = [(start + 1, 1), (end - 1, 3), (len(estimate.tokens) - 1, 4)]
     if kind == "head":
@@ -241,12 +219,14 @@ def test_qk_fix_is_exact_through_the_next_attention_pattern(architecture, reques
 
 def test_grad_drop_follows_its_definition(tiny_gpt2):
     """sign(plain estimate) x mean over blocks of |estimate with that block's attention and
-    MLP cut off from the gradient| (here cut by detaching their normalised inputs)."""
+    MLP cut off from the gradient| (here cut by detaching their normalised inputs); it is
+    deprecated, and says so."""
     model, samples = tiny_gpt2, 2
-    dropped = attribute_many(model, PROMPT, SUBJECT, ["hidden", "mlp"], samples=samples,
-                             window=1, grad_drop=True)
+    with pytest.warns(DeprecationWarning, match="grad_drop is deprecated"):
+        dropped = attribute_many(model, PROMPT, SUBJECT, ["hidden", "mlp"], samples=samples,
+                                 window=1, grad_drop=True)
     plain = attribute_many(model, PROMPT, SUBJECT, ["hidden", "mlp"], samples=samples,
-                           window=1)
+                           window=1, steps=1)
     tokens, subject_range = locate_subject(model, PROMPT, SUBJECT)
     drawn, _ = draw_corruption(Gaussian(), adapter_for(model),
                                      tokens[0, subject_range[0]:subject_range[1]], samples, 0)
@@ -406,7 +386,7 @@ def test_estimate_has_the_trace_layout(tiny_llama, tmp_path):
     start = result.subject_range[0]
     assert torch.all(result.scores[:start] == result.low_score)
     assert (result.seed, result.contrast, result.contrast_tokens) == (0, None, None)
-    assert result.meta == {"qk_fix": False, "grad_drop": False}
+    assert result.meta == {"qk_fix": False, "grad_drop": False, "steps": DEFAULT_STEPS}
     loaded = TraceResult.load(result.save(tmp_path / "estimate.json"))
     assert torch.equal(loaded.scores, result.scores) and loaded.meta == result.meta
     assert loaded.method == "attribution"
