@@ -4,9 +4,9 @@
 (:mod:`lens_rome.tracing.attribution`, integrated gradients), then restores
 exactly (the batched engine) the ``verify`` cells with the highest estimated
 score at each token from the subject on, and the ``verify_best`` highest of the
-whole grid (a count, or a share of its cells) (where the effect concentrates, at one token over many layers, a
-per-token quota misses most of it), and returns one :class:`TraceResult` whose
-``exact_cells`` marks the exact ones.  The other cells keep the estimate,
+whole grid (a count, or a share of its cells; where the effect concentrates, at
+one token over many layers, a per-token quota misses most of it), and returns one
+:class:`TraceResult` whose ``exact_cells`` marks the exact ones.  The other cells keep the estimate,
 shifted onto the exact corrupted score.  This module only chooses and merges
 cells; :mod:`lens_rome.tracing.engine` runs both halves.
 """

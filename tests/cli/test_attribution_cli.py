@@ -113,7 +113,8 @@ def test_hybrid_writes_its_own_files(tiny_cli, tmp_path, capsys):
     assert torch.equal(saved.exact_cells, expected.exact_cells)
     torch.testing.assert_close(saved.scores, expected.scores)
     exact = int(saved.exact_cells[saved.subject_range[0]:].sum())
-    assert f"[hybrid: {exact} cells restored exactly (the estimate's best 4 cells, 1 per token)" in out
+    assert (f"[hybrid: {exact} cells restored exactly (the estimate's best 4 cells, 1 per "
+            f"token)") in out
 
 
 def test_the_command_line_defaults_are_the_librarys():
