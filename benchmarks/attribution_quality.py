@@ -290,9 +290,9 @@ def report(store: Path, args) -> None:
           f"token; recall = exact top-{TOP} within estimate top-{WITHIN}; s per fact: the kinds "
           f"of one noise rule together; speed-up: exact seconds / method seconds.  steps=N: "
           f"attribution with N integrated-gradient points (1: attribution patching); "
-          f"hybrid k @ N: trace(method='hybrid', verify=k, steps=N), run; merged k @ N: the "
-          f"same grid computed here from the stored exact and estimated grids (no timing: "
-          f"about the estimate's seconds plus the run hybrid's exact part)")
+          f"hybrid k+m @ N: trace(method='hybrid', verify=k, verify_best=m, steps=N), run; "
+          f"merged k+m @ N: the same grid computed here from the stored exact and estimated "
+          f"grids (m < 1: a share of the cells; no timing)")
     for noise in ("gaussian", "swap"):
         rows = [r[noise] for r in records if noise in r]
         if not rows:
