@@ -195,7 +195,6 @@ def cells_or_share(text: str) -> int | float:
     return value
 
 
-
 def _check_method_options(args: argparse.Namespace) -> None:
     """Options that belong to one method only, named before any work."""
     flags = (("--qk-fix", args.qk_fix), ("--grad-drop", args.grad_drop),

@@ -106,7 +106,7 @@ from lens_rome.tracing.result import TraceResult
 from lens_rome.tracing.subject import _answer_token, _locate_subject
 
 _UNSET: Any = object()  # ``corruption=`` not given (None is a value: the default noise)
-DEFAULT_STEPS = 4  # interpolation points of attribute(); chosen from benchmarks/attribution_quality.py
+DEFAULT_STEPS = 4  # interpolation points of attribute(); from benchmarks/attribution_quality.py
 
 
 def _renamed_noise(noise, corruption, function: str):
@@ -327,7 +327,8 @@ def _run(adapter: ModelAdapter, prepared: _Prepared, names: Sequence[str], metri
         state["drop"] = drop
         found = torch.autograd.grad(objective, inputs, retain_graph=i < len(passes) - 1,
                                     allow_unused=True)
-        grads.append({name: _summed_over_points(torch.zeros_like(x) if g is None else g.detach(), steps)
+        grads.append({name: _summed_over_points(torch.zeros_like(x) if g is None else g.detach(),
+                                                steps)
                       for name, x, g in zip(names, inputs, found)})
     corrupted = {name: captured[name].detach()[:samples] for name in names}
     return _Runs(clean, corrupted, grads, float(per_row.detach()[:samples].mean()),

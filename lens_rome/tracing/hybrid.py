@@ -71,7 +71,8 @@ def merged(estimate: TraceResult, exact: torch.Tensor, low_score: float, positio
     mask = ~torch.isnan(exact)
     scores = torch.where(mask, exact, estimate.scores - estimate.low_score + low_score)
     if positions is not None:
-        others = [p for p in range(len(estimate.tokens)) if p not in set(positions)]
+        kept = set(positions)
+        others = [p for p in range(len(estimate.tokens)) if p not in kept]
         scores[others] = float("nan")
         mask[others] = False
     return scores, mask
