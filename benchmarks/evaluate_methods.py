@@ -1,4 +1,5 @@
-"""The comparison table of docs/evaluation.md: rome, ft, ft-l and none on the embedded model.
+"""The comparison tables of docs/evaluation.md: rome, memit, ft, ft-l and none on the embedded
+model, teacher-forced and generated, CounterFact+ and perplexity.
 
 Builds CounterFact-format cases from ../shared/data/known_facts.json with
 :func:`lens_rome.data.build_counterfact` (facts SmolLM2 answers
@@ -7,7 +8,13 @@ relation; two generation prompts per case), writes them to
 ``OUT/cases.json`` (and what they were built from, checked when a rerun
 reuses them, in ``OUT/cases_source.json``), and evaluates every method over the same cases with
 :func:`lens_rome.evaluation.evaluate`, each into ``OUT/<method>/`` (so an
-interrupted run resumes where it stopped).  Prints a markdown table.
+interrupted run resumes where it stopped).  Prints two markdown tables: the
+paper's teacher-forced metrics with fluency and consistency, and the protocols
+side by side (teacher-forced and generated efficacy, paraphrase and
+neighbourhood, CounterFact+'s NS+ and neighbourhood KL, perplexity of held-out
+text before and after the edits).  ``--methods`` with no name only builds
+``OUT/cases.json`` (for ``lens-rome evaluate --dataset OUT/cases.json ...``);
+``--report`` only prints the tables of the finished runs.
 
 Run: ``.venv/bin/python benchmarks/evaluate_methods.py --n 100 --out eval_methods``
 (about 40 minutes on a 2-core CPU; ROME's key statistics for layer 5 are
@@ -30,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN_FACTS = ROOT.parent / "shared" / "data" / "known_facts.json"
-METHODS = ("none", "ft", "ft-l", "rome")
+METHODS = ("none", "ft", "ft-l", "rome", "memit")
 SOURCE = "cases_source.json"  # what OUT/cases.json was built from
 COLUMNS = (("S", "score"), ("ES", "efficacy_score"), ("PS", "paraphrase_score"),
            ("NS", "neighborhood_score"), ("EM", "efficacy_magnitude"),
@@ -38,11 +45,26 @@ COLUMNS = (("S", "score"), ("ES", "efficacy_score"), ("PS", "paraphrase_score"),
            ("fluency", "fluency"), ("consistency", "consistency"))
 
 
-def table(rows: dict[str, dict], seconds: dict[str, float]) -> str:
-    head = "| method | " + " | ".join(c for c, _ in COLUMNS) + " | s / case |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+# (column, summary key): the protocols side by side; tf teacher-forced, gen generated (greedy)
+PROTOCOL_COLUMNS = (("S tf", "score"), ("S gen", "generated_score"),
+                    ("ES tf", "efficacy_score"), ("ES gen", "generated_efficacy"),
+                    ("o gone", "generated_efficacy_true_gone"),
+                    ("PS tf", "paraphrase_score"), ("PS gen", "generated_paraphrase"),
+                    ("NS tf", "neighborhood_score"), ("NS gen", "generated_neighborhood"),
+                    ("NS unchanged", "generated_neighborhood_unchanged"),
+                    ("NS+", "neighborhood_plus_score"), ("KL+", "neighborhood_plus_kl"),
+                    ("ppl before", "perplexity_unedited"), ("ppl after", "perplexity"),
+                    ("ppl max", "perplexity_max"))
+
+
+def table(rows: dict[str, dict], seconds: dict[str, float],
+          columns: tuple[tuple[str, str], ...] = COLUMNS) -> str:
+    head = "| method | " + " | ".join(c for c, _ in columns) + " | s / case |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
     for method, summary in rows.items():
-        cells = ["n/a" if summary[k] is None else f"{summary[k]:.1f}" for _, k in COLUMNS]
+        cells = ["n/a" if summary.get(k) is None else
+                 f"{summary[k]:.{3 if k.endswith('_kl') else 2 if 'perplexity' in k else 1}f}"
+                 for _, k in columns]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds[method]:.1f} |")
     return "\n".join(lines)
 
@@ -60,7 +82,15 @@ def main() -> None:
     parser.add_argument("--generation-prompts", type=int, default=2,
                         help="generation prompts per case (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="picks facts, targets, samples")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="*", default=["none", "rome", "memit", "ft-l"],
+                        choices=METHODS, help="(default: %(default)s; none named: only build "
+                                              "the cases)")
+    parser.add_argument("--answer-tokens", type=int, default=10,
+                        help="greedy tokens per prompt, the generated protocol")
+    parser.add_argument("--perplexity-chunks", type=int, default=4,
+                        help="held-out text for perplexity, in chunks of 128 tokens")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the tables of the finished runs in --out")
     args = parser.parse_args()
     if not Path(args.facts).exists():
         sys.exit(f"error: {args.facts} is absent (is the shared data folder beside the project?)")
@@ -100,15 +130,24 @@ def main() -> None:
           f"{args.max_new_tokens} generated tokens x {args.generation_prompts} prompts per case")
 
     rows, seconds = {}, {}
-    for method in args.methods:
+    methods = [m for m in METHODS if (out / m / "summary.json").exists()] if args.report \
+        else args.methods
+    for method in methods:
         start = time.perf_counter()
-        rows[method] = evaluate(model, cases, method, out / method,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed)
+        if args.report:
+            rows[method] = json.loads((out / method / "summary.json").read_text())
+        else:
+            rows[method] = evaluate(model, cases, method, out / method,
+                                    max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                    answer_tokens=args.answer_tokens,
+                                    perplexity_chunks=args.perplexity_chunks)
+            print(f"{method}: {time.perf_counter() - start:.0f} s this run", flush=True)
         seconds[method] = float(np.mean([r["seconds"] for r in load_records(out / method, cases)]))
-        print(f"{method}: {time.perf_counter() - start:.0f} s this run; "
-              f"{json.dumps(rows[method])}", flush=True)
-    print()
-    print(table(rows, seconds))
+    if rows:
+        print()
+        print(table(rows, seconds))
+        print()
+        print(table(rows, seconds, PROTOCOL_COLUMNS))
 
 
 if __name__ == "__main__":

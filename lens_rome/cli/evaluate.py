@@ -35,6 +35,9 @@ from lens_rome.editing.registry import METHODS
 from lens_rome.errors import InputError
 
 FORMATS = ("counterfact", "zsre")
+# The library's defaults, repeated so that --help needs no torch import (a test holds them equal)
+DEFAULT_ANSWER_TOKENS = 10  # lens_rome.evaluation.counterfact.DEFAULT_ANSWER_TOKENS
+DEFAULT_PERPLEXITY_CHUNKS = 4  # lens_rome.evaluation.collapse.DEFAULT_CHUNKS
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
@@ -88,6 +91,16 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     sequential.add_argument("--original-dir", default=None, metavar="DIR",
                             help="where the unedited model's measures are cached (default: "
                                  "OUT/original; runs over the same cases can share one)")
+    parser.add_argument("--answer-tokens", type=positive_int, default=DEFAULT_ANSWER_TOKENS,
+                        metavar="T",
+                        help="greedy tokens per prompt for the generated protocol "
+                             "(default: %(default)s)")
+    parser.add_argument("--perplexity-chunks", type=count, default=DEFAULT_PERPLEXITY_CHUNKS,
+                        metavar="N",
+                        help="held-out Wikipedia text for the collapse monitor, in chunks of "
+                             "128 tokens, measured before editing and after each edit (each "
+                             "checkpoint of a sequential run); 0 skips it (default: "
+                             "%(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seeds generation (default: 0)")
     add_threads_option(parser)
     parser.set_defaults(run=run_evaluate)
@@ -122,30 +135,50 @@ def run_evaluate(args: argparse.Namespace) -> int:
                        method_options=options, progress=True, batch_size=args.batch_size,
                        sequential=args.sequential, checkpoints=args.checkpoints,
                        original_dir=args.original_dir,
-                       checkpoint_sample=args.checkpoint_sample)
-    print(f"{args.method} on {summary['n']} {args.format} cases ({args.out}/summary.json):")
+                       checkpoint_sample=args.checkpoint_sample,
+                       answer_tokens=args.answer_tokens,
+                       perplexity_chunks=args.perplexity_chunks)
+    where = " on the final model" if summary.get("sequential") else ""
+    print(f"{args.method} on {summary['n']} {args.format} cases{where} "
+          f"({args.out}/summary.json):")
+    protocols = summary.get("protocol", {})
     for key, value in summary.items():
-        if isinstance(value, (list, dict)):
+        if isinstance(value, (list, dict, str)):
             continue
         shown = "n/a" if value is None else (
             f"{value:.2f}" if isinstance(value, float) else f"{value}")
-        print(f"  {key:24} {shown}")
+        protocol = protocols.get(key, "")
+        print(f"  {key:34} {shown:>9}  {protocol}".rstrip())
     norms = summary["update_norms"]
     if norms and all(n is not None for n in norms):
         print(f"  {'update norm per batch':24} mean {sum(norms) / len(norms):.3f}, "
               f"max {max(norms):.3f} ({len(norms)} batches)")
     if summary.get("sequential"):
-        print(f"\n  {'edits':>6} {'cases':>6} {'score':>7} {'efficacy':>9} {'paraphrase':>11} "
-              f"{'neighbourhood':>14} {'fluency':>8} {'unedited fluency':>17}")
+        after = summary.get("right_after") or {}
+        if after.get("efficacy_score") is not None:
+            print(f"  right after each edit: efficacy {_shown(after['efficacy_score'])} "
+                  f"(teacher-forced), {_shown(after.get('generated_efficacy'))} (generated); "
+                  f"paraphrase {_shown(after['paraphrase_score'])} / "
+                  f"{_shown(after.get('generated_paraphrase'))}")
+        print(f"\n  {'edits':>6} {'cases':>6} {'score':>7} {'ES tf':>6} {'ES gen':>7} "
+              f"{'PS tf':>6} {'PS gen':>7} {'NS tf':>6} {'NS gen':>7} {'NS+':>6} "
+              f"{'fluency':>8} {'perplexity':>11} {'norm':>8}")
         for point in summary["checkpoints"]:
-            e, o = point["edited"], point["original"]
+            e = point["edited"]
             print(f"  {point['n_edits']:>6} {point['measured']:>6} {_shown(e['score']):>7} "
-                  f"{_shown(e.get('efficacy_score', e.get('efficacy'))):>9} "
-                  f"{_shown(e.get('paraphrase_score', e.get('paraphrase'))):>11} "
-                  f"{_shown(e.get('neighborhood_score', e.get('specificity'))):>14} "
-                  f"{_shown(e.get('fluency')):>8} {_shown(o.get('fluency')):>17}")
+                  f"{_shown(e.get('efficacy_score', e.get('efficacy'))):>6} "
+                  f"{_shown(e.get('generated_efficacy')):>7} "
+                  f"{_shown(e.get('paraphrase_score', e.get('paraphrase'))):>6} "
+                  f"{_shown(e.get('generated_paraphrase')):>7} "
+                  f"{_shown(e.get('neighborhood_score', e.get('specificity'))):>6} "
+                  f"{_shown(e.get('generated_neighborhood')):>7} "
+                  f"{_shown(e.get('neighborhood_plus_score')):>6} "
+                  f"{_shown(e.get('fluency')):>8} {_shown(point.get('perplexity'), 2):>11} "
+                  f"{_shown(point.get('update_norm'), 2):>8}")
+        print(f"  (unedited perplexity {_shown(summary.get('perplexity_unedited'), 2)}; tf: "
+              f"teacher-forced, gen: generated (greedy); NS+: CounterFact+)")
     return 0
 
 
-def _shown(value) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+def _shown(value, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

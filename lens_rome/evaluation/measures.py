@@ -121,7 +121,9 @@ def target_log_probs(
     pairs = []
     for prompt in prompts:
         ids = adapter.tokenize(prompt)[0][0].tolist()
-        pairs += [(ids, t) for t in target_ids]
+        for target, t in zip(targets, target_ids):
+            adapter.check_length(len(ids) + len(t) - 1, f"prompt {prompt!r} with target {target!r}")
+            pairs.append((ids, t))
     scores = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
@@ -163,3 +165,39 @@ def greedy_continuation(model: Model, prompt: str, max_new_tokens: int = 20) -> 
             break
         tokens = torch.cat([tokens, nxt.view(1, 1)], 1)
     return adapter.decode(tokens[0, start:].tolist())
+
+
+def greedy_answers(model: Model, prompts: Sequence[str], max_new_tokens: int,
+                   batch_size: int = 64) -> list[str]:
+    """The greedy continuation of each prompt (at most ``max_new_tokens`` tokens, up to EOS),
+    as text: :func:`greedy_continuation` for many prompts at once.
+
+    ``batch_size`` prompts run as one left-padded batch (:func:`generate` with
+    ``top_k=1``): one pass over the weights per token for all of them, which is
+    what costs on a CPU.  Padding changes the logits in the last float digits only,
+    so a continuation differs from the prompt's alone only at a near tie.
+    """
+    prompts = list(prompts)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        texts = generate(model, chunk, max_new_tokens, top_k=1) if chunk else []
+        out += [text[len(prompt):] for prompt, text in zip(chunk, texts)]
+    return out
+
+
+@torch.no_grad()
+def next_token_log_probs(model: Model, prompts: Sequence[str], batch_size: int = 32
+                         ) -> Float[torch.Tensor, "n_prompts d_vocab"]:
+    """log-softmax of the next-token logits after each prompt (float32, on the CPU)."""
+    adapter = adapter_for(model)
+    rows = [adapter.tokenize(p)[0][0].tolist() for p in prompts]
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(map(len, chunk))
+        tokens = adapter.as_tokens([r + [adapter.pad_id] * (width - len(r)) for r in chunk])
+        logits = model(tokens)  # right padding: the last real position is exact
+        last = torch.tensor([len(r) - 1 for r in chunk], device=logits.device)
+        out.append(torch.log_softmax(logits[torch.arange(len(chunk)), last].float(), -1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, adapter.d_vocab)

@@ -54,14 +54,25 @@ from lens_rome.data.cases import CounterFactCase, ZsreCase
 from lens_rome.editing.memit import load_edit
 from lens_rome.editing.registry import apply_batch, describe, make_method, method_name
 from lens_rome.errors import InputError, SavedFileError, WrongTypeError
+from lens_rome.evaluation.counterfact import (
+    DEFAULT_ANSWER_TOKENS,
+    GENERATED_KEYS,
+    PLUS_KEYS,
+    generated_answers,
+    kl_divergences,
+    plus_prompts,
+    summarize_generated,
+)
 from lens_rome.evaluation.measures import (
     DEFAULT_NEW_TOKENS,
     DEFAULT_TOP_K,
     generate,
+    next_token_log_probs,
     probabilities,
     target_log_probs,
     token_accuracy,
 )
+from lens_rome.evaluation.collapse import DEFAULT_CHUNKS, collapse_warning, perplexity
 from lens_rome.evaluation.text import Consistency, fluency, harmonic_mean
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
 from lens_rome.model.backend import Model
@@ -76,16 +87,30 @@ from lens_rome.storage import (
 
 log = logging.getLogger(__name__)
 
-COUNTERFACT_KEYS = ("n", "efficacy_score", "efficacy_magnitude", "paraphrase_score",
-                    "paraphrase_magnitude", "neighborhood_score", "neighborhood_magnitude",
-                    "score", "fluency", "consistency")
+PAPER_KEYS = ("n", "efficacy_score", "efficacy_magnitude", "paraphrase_score",
+              "paraphrase_magnitude", "neighborhood_score", "neighborhood_magnitude",
+              "score", "fluency", "consistency")
+PERPLEXITY_KEYS = ("perplexity", "perplexity_max")  # of the edited model(s), per case or batch
+COUNTERFACT_KEYS = PAPER_KEYS + GENERATED_KEYS + PLUS_KEYS + PERPLEXITY_KEYS + ("protocol",)
 ZSRE_KEYS = ("n", "efficacy", "paraphrase", "specificity")
-RUN_KEYS = ("n_edits", "batch_size", "sequential", "update_norms")  # added by evaluate
-SEQUENTIAL_KEYS = ("checkpoints", "original")  # added by a sequential run
+# How each figure of a summary is measured (summary["protocol"] says it per key).
+TEACHER_FORCED, GENERATED, SAMPLED = "teacher-forced", "generated (greedy)", "sampled (top-k)"
+PROTOCOLS = {
+    **{key: TEACHER_FORCED for key in PAPER_KEYS[1:8] + PLUS_KEYS[:2]},
+    "fluency": SAMPLED, "consistency": SAMPLED,
+    **{key: GENERATED for key in GENERATED_KEYS},
+    "neighborhood_plus_kl": "next-token distribution",
+    **{key: "held-out text" for key in PERPLEXITY_KEYS},
+}
+RUN_KEYS = ("n_edits", "batch_size", "sequential", "update_norms",  # added by evaluate
+            "perplexity_unedited")
+SEQUENTIAL_KEYS = ("checkpoints", "original", "reported", "right_after")  # a sequential run's
 SUMMARY = "summary.json"
+PERPLEXITY = "perplexity.json"  # the unedited model's perplexity, measured once per run
+RIGHT_AFTER = "right_after"  # a sequential run's records of each case right after its edit
 # What run.json records that runs of older versions did not: such a run resumes, with a
 # warning that these cannot be checked.
-UNRECORDED = ("fingerprint",)
+UNRECORDED = ("fingerprint", "answer_tokens", "perplexity_chunks")
 RUN_CASES = "case_hashes"  # run.json's record of each case's content hash
 RUN = RUN_FILE
 CASES = "cases"
@@ -102,15 +127,21 @@ def case_seed(seed: int, case_id: int | str) -> int:
 
 def evaluate_case(model: Model, case: CounterFactCase | ZsreCase, method, *,
                   max_new_tokens: int = DEFAULT_NEW_TOKENS, top_k: int = DEFAULT_TOP_K,
-                  seed: int = 0, consistency: Consistency | None = None) -> dict:
+                  seed: int = 0, consistency: Consistency | None = None,
+                  answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+                  perplexity_chunks: int = DEFAULT_CHUNKS) -> dict:
     """Apply ``method`` for ``case``, measure, revert; returns the case's record (JSON-ready).
 
     CounterFact records hold ``[log P(o*), log P(o)]`` (mean token log-probs) per
-    rewrite, paraphrase and neighbourhood prompt, the generated texts, and
-    their fluency and consistency; zsRE records the per-token correctness of
-    each answer.
+    rewrite, paraphrase, neighbourhood and CounterFact+ prompt, the greedy
+    continuations (``generated``, with the unedited model's of the neighbourhood
+    prompts), the CounterFact+ KL per prompt, the sampled texts with their fluency
+    and consistency, and the edited model's ``perplexity`` (held-out text,
+    ``perplexity_chunks`` chunks; 0: not measured); zsRE records the per-token
+    correctness of each answer.
     """
     adapter = adapter_for(model)
+    reference = _unedited_reference(model, [case], answer_tokens)
     start = time.perf_counter()
     before = _w_out_snapshot(adapter)
     change = method.apply(model, case.request)
@@ -119,13 +150,40 @@ def evaluate_case(model: Model, case: CounterFactCase | ZsreCase, method, *,
         norm = _change_norm(adapter, before)
         del before
         if isinstance(case, CounterFactCase):
-            record = _measure_counterfact(model, case, max_new_tokens, top_k, seed, consistency)
+            record = _measure_counterfact(model, case, max_new_tokens, top_k, seed, consistency,
+                                          answer_tokens)
         else:
             record = _measure_zsre(model, case)
+        _compare_with_unedited(model, [case], [record], reference)
+        if perplexity_chunks:
+            record["perplexity"] = perplexity(model, chunks=perplexity_chunks)
     finally:
         change.revert()
     return {"case_id": case.case_id, "method": method.name, **record, "update_norm": norm,
             "edit_seconds": edit_seconds, "seconds": time.perf_counter() - start}
+
+
+def _unedited_reference(model: Model, cases: Sequence, answer_tokens: int) -> list[dict | None]:
+    """Per CounterFact case, what the unedited model does on its neighbourhood: the next-token
+    log-probabilities ``[n_prompts, d_vocab]`` after the CounterFact+ prompts, and the greedy
+    continuations of the neighbourhood prompts (None for other cases)."""
+    counterfact = [c for c in cases if isinstance(c, CounterFactCase)]
+    if not counterfact:
+        return [None] * len(cases)
+    answers = iter(generated_answers(model, counterfact, answer_tokens))
+    return [{"plus": next_token_log_probs(model, plus_prompts(c)),
+             "neighborhood": next(answers)["neighborhood"]}
+            if isinstance(c, CounterFactCase) else None for c in cases]
+
+
+def _compare_with_unedited(model: Model, cases: Sequence, records: Sequence[dict],
+                           reference: Sequence[dict | None]) -> None:
+    """Add the CounterFact+ KL and the unedited continuations to each CounterFact record."""
+    for case, record, unedited in zip(cases, records, reference):
+        if unedited is not None:
+            edited = next_token_log_probs(model, plus_prompts(case))
+            record["neighborhood_plus_kl"] = kl_divergences(unedited["plus"], edited)
+            record["neighborhood_unedited"] = unedited["neighborhood"]
 
 
 def w_out_snapshot(model: Model) -> list[torch.Tensor]:
@@ -152,9 +210,11 @@ def _change_norm(adapter: ModelAdapter, snapshot: Sequence[torch.Tensor]) -> flo
 def measure_cases(model: Model, cases: Sequence[CounterFactCase | ZsreCase], *,
                   max_new_tokens: int = DEFAULT_NEW_TOKENS, top_k: int = DEFAULT_TOP_K,
                   seed: int = 0, consistency: Consistency | None = None,
+                  answer_tokens: int = DEFAULT_ANSWER_TOKENS,
                   generation_batch: int = GENERATION_BATCH, progress: bool = False
                   ) -> list[dict]:
-    """The measures of :func:`evaluate_case` for many cases on the model as it is (no edit).
+    """The measures of :func:`evaluate_case` for many cases on the model as it is (no edit;
+    no KL, perplexity or unedited continuations: they compare two models).
 
     Generation runs for the prompts of many cases at once (``generation_batch``
     per pass), each prompt with the seed it has in :func:`evaluate_case`.
@@ -162,11 +222,16 @@ def measure_cases(model: Model, cases: Sequence[CounterFactCase | ZsreCase], *,
     records = []
     for case in tqdm(cases, desc="measure", unit="case", disable=not progress):
         if isinstance(case, CounterFactCase):
-            record = _measure_counterfact(model, case, 0, top_k, seed, None)
+            record = _measure_counterfact(model, case, 0, top_k, seed, None, None)
         else:
             record = _measure_zsre(model, case)
         records.append({"case_id": case.case_id, **record})
     counterfact = [(i, c) for i, c in enumerate(cases) if isinstance(c, CounterFactCase)]
+    for start in range(0, len(counterfact), generation_batch):
+        chunk = counterfact[start:start + generation_batch]
+        for (i, _), made in zip(chunk, generated_answers(model, [c for _, c in chunk],
+                                                         answer_tokens)):
+            records[i]["generated"] = made
     if max_new_tokens > 0 and counterfact:
         jobs = [(i, p, case_seed(seed, c.case_id) + j) for i, c in counterfact
                 for j, p in enumerate(c.generation_prompts)]
@@ -187,21 +252,28 @@ def measure_cases(model: Model, cases: Sequence[CounterFactCase | ZsreCase], *,
 
 
 def _measure_counterfact(model, case: CounterFactCase, max_new_tokens, top_k, seed,
-                         consistency) -> dict:
+                         consistency, answer_tokens: int | None) -> dict:
+    """One case's record (teacher-forced, sampled, and greedy unless ``answer_tokens`` is None)."""
     request = case.request
-    prompts = [case.rewrite_prompt, *case.paraphrase_prompts, *case.neighborhood_prompts]
+    prompts = [case.rewrite_prompt, *case.paraphrase_prompts, *case.neighborhood_prompts,
+               *plus_prompts(case)]
     lp = target_log_probs(model, prompts, [request.target_new, request.target_true]).tolist()
-    n_para = len(case.paraphrase_prompts)
+    n_para, n_neighbours = len(case.paraphrase_prompts), len(case.neighborhood_prompts)
     texts = generate(model, list(case.generation_prompts), max_new_tokens, top_k=top_k,
                      seed=case_seed(seed, case.case_id)) \
         if max_new_tokens > 0 and case.generation_prompts else []
     consistent = consistency.score(texts, case.target_new) if consistency and texts else math.nan
-    return {
+    neighbours_end = 1 + n_para + n_neighbours
+    record = {
         "format": "counterfact",
-        "rewrite": lp[:1], "paraphrase": lp[1:1 + n_para], "neighborhood": lp[1 + n_para:],
+        "rewrite": lp[:1], "paraphrase": lp[1:1 + n_para],
+        "neighborhood": lp[1 + n_para:neighbours_end], "neighborhood_plus": lp[neighbours_end:],
         "generations": texts,
         "fluency": _json_float(fluency(texts)), "consistency": _json_float(consistent),
     }
+    if answer_tokens is not None:
+        record["generated"] = generated_answers(model, [case], answer_tokens)[0]
+    return record
 
 
 def _measure_zsre(model, case: ZsreCase) -> dict:
@@ -223,7 +295,11 @@ def summarize(records: Sequence[Mapping]) -> dict:
 
     CounterFact: ``n``, efficacy/paraphrase/neighborhood score and magnitude,
     ``score`` (harmonic mean of the three scores), ``fluency`` and
-    ``consistency`` (means over the cases that have them; None if none has).
+    ``consistency`` (means over the cases that have them; None if none has);
+    the generated protocol's and CounterFact+'s figures
+    (:func:`~lens_rome.evaluation.counterfact.summarize_generated`); the edited
+    models' mean and largest ``perplexity``; and ``protocol``, how each figure
+    is measured (teacher-forced, generated, ...).
     zsRE: ``n``, ``efficacy``, ``paraphrase``, ``specificity``.
     """
     if not records:
@@ -261,6 +337,11 @@ def summarize(records: Sequence[Mapping]) -> dict:
     summary["score"] = _json_float(harmonic_mean(math.nan if p is None else p for p in parts))
     summary["fluency"] = _percent(r.get("fluency") for r in records)
     summary["consistency"] = _percent(r.get("consistency") for r in records)
+    summary.update(summarize_generated(records))
+    perplexities = [r["perplexity"] for r in records if r.get("perplexity") is not None]
+    summary["perplexity"] = float(np.mean(perplexities)) if perplexities else None
+    summary["perplexity_max"] = max(perplexities) if perplexities else None
+    summary["protocol"] = dict(PROTOCOLS)
     return {key: summary[key] for key in COUNTERFACT_KEYS}
 
 
@@ -318,6 +399,8 @@ def evaluate(
     checkpoints: Sequence[int] | None = None,
     original_dir: str | Path | None = None,
     checkpoint_sample: int | None = None,
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+    perplexity_chunks: int = DEFAULT_CHUNKS,
 ) -> dict:
     """Evaluate ``method`` on ``cases``.
 
@@ -343,6 +426,13 @@ def evaluate(
         limit: evaluate only the first ``limit`` cases.
         max_new_tokens, top_k: generation for fluency and consistency
             (CounterFact); 0 tokens skips generation.
+        answer_tokens: greedy tokens per prompt for the generated protocol
+            (:mod:`lens_rome.evaluation.counterfact`).
+        perplexity_chunks: the collapse monitor's held-out text, in chunks of 128
+            tokens (:mod:`lens_rome.evaluation.collapse`): measured on the
+            unedited model, after each edit (each batch; at each checkpoint of a
+            sequential run); 0 measures none.  A rise past
+            :data:`~lens_rome.evaluation.collapse.COLLAPSE_RATIO` is warned about.
         consistency: a :class:`Consistency`; None: the offline Wikipedia
             summaries if installed; False: none (consistency is None).
         batch_size: edits per batch.
@@ -359,10 +449,13 @@ def evaluate(
             checkpoints of the same size.
 
     Returns the summary (see :func:`summarize`) with ``n_edits``,
-    ``batch_size``, ``sequential`` and ``update_norms`` (Frobenius norm of each
-    batch's change to the weights); a sequential run adds ``checkpoints``
-    (the summary after each, next to the unedited model's over the same cases)
-    and ``original``.  Also written to ``summary.json``.
+    ``batch_size``, ``sequential``, ``update_norms`` (Frobenius norm of each
+    batch's change to the weights) and ``perplexity_unedited``; a sequential run
+    reports each case measured on the final model (``reported`` says so) and
+    adds ``right_after`` (the summary of each case measured right after its own
+    edit, before the next), ``checkpoints`` (the summary after each, next to the
+    unedited model's over the same cases, with the perplexity and the norm of the
+    whole change so far) and ``original``.  Also written to ``summary.json``.
     """
     name = method_name(method)
     cases = list(cases)
@@ -378,9 +471,11 @@ def evaluate(
     ids = [str(c.case_id) for c in cases]
     if len(set(ids)) != len(ids):
         raise InputError("case ids must be unique: results are stored per case id")
-    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 0):
-        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    for option, value in (("max_new_tokens", max_new_tokens),
+                          ("perplexity_chunks", perplexity_chunks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(f"{option} must be an integer >= 0, got {value!r}")
+    positive_int(answer_tokens, "answer_tokens")
     positive_int(batch_size, "batch_size")
     if not isinstance(sequential, bool):
         raise WrongTypeError(f"sequential must be True or False, got {sequential!r}")
@@ -398,7 +493,8 @@ def evaluate(
         raise InputError(f"out_dir {out} exists and is not a folder")
     settings = {"format": fmt, "model": adapter.name, "fingerprint": model_fingerprint(model),
                 "method": dict(describe(editor)),
-                "max_new_tokens": max_new_tokens, "top_k": top_k, "seed": seed}
+                "max_new_tokens": max_new_tokens, "top_k": top_k, "seed": seed,
+                "answer_tokens": answer_tokens, "perplexity_chunks": perplexity_chunks}
     if batch_size != 1 or sequential:  # runs of one edit per case keep their old run.json
         settings.update(batch_size=batch_size, sequential=sequential)
     if sequential:
@@ -413,13 +509,16 @@ def evaluate(
             log.warning("no consistency scores: %s", error)
             consistency = False
     measures = dict(max_new_tokens=max_new_tokens, top_k=top_k, seed=seed,
-                    consistency=consistency or None)
+                    consistency=consistency or None, answer_tokens=answer_tokens)
+    unedited_perplexity = _unedited_perplexity(model, out, perplexity_chunks)
+    if unedited_perplexity is None:  # not asked for, or no held-out text installed
+        perplexity_chunks = 0
 
     if sequential:
         samples = checkpoint_samples(len(cases), marks, checkpoint_sample, seed)
         return _evaluate_sequential(adapter, cases, editor, out, batch_size, samples, measures,
                                     Path(original_dir) if original_dir else out / ORIGINAL,
-                                    fmt, progress)
+                                    fmt, progress, perplexity_chunks, unedited_perplexity)
     done = sum(case_path(out, c.case_id).exists() for c in cases)
     if done:
         log.info("%s: %d of %d cases already done; resuming", out, done, len(cases))
@@ -431,12 +530,17 @@ def evaluate(
             bar.update(len(batch))
             continue
         if batch_size == 1:
-            records = [evaluate_case(model, batch[0], editor, **measures)]
+            records = [evaluate_case(model, batch[0], editor, **measures,
+                                     perplexity_chunks=perplexity_chunks)]
         else:
-            records = _evaluate_batch(adapter, batch, editor, measures, index)
+            records = _evaluate_batch(adapter, batch, editor, measures, index,
+                                      perplexity_chunks)
         for record in records:
             with replacing(case_path(out, record["case_id"]), overwrite=True) as tmp:
                 tmp.write_text(json.dumps(record), encoding="utf-8")
+            if unedited_perplexity is not None and record.get("perplexity") is not None:
+                collapse_warning(unedited_perplexity, record["perplexity"],
+                                 f"{name}, case {record['case_id']}")
         bar.update(len(batch))
     bar.close()
 
@@ -445,9 +549,28 @@ def evaluate(
     for record in records:  # one norm per batch
         norms.setdefault(record.get("batch", record["case_id"]), record.get("update_norm"))
     summary = {**summarize(records), "n_edits": len(records), "batch_size": batch_size,
-               "sequential": False, "update_norms": list(norms.values())}
+               "sequential": False, "update_norms": list(norms.values()),
+               "perplexity_unedited": unedited_perplexity}
     write_json(out / SUMMARY, summary)
     return summary
+
+
+def _unedited_perplexity(model: Model, out: Path, chunks: int) -> float | None:
+    """The unedited model's perplexity on ``chunks`` held-out chunks: measured once per run
+    (before any edit) and kept in ``out/perplexity.json``; None when ``chunks`` is 0."""
+    if not chunks:
+        return None
+    path = out / PERPLEXITY
+    stored = _read_record(path)
+    if stored is not None and stored.get("chunks") == chunks:
+        return stored["unedited"]
+    try:
+        value = perplexity(model, chunks=chunks)
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        log.warning("no perplexity: %s", error)
+        return None
+    write_json(path, {"chunks": chunks, "unedited": value})
+    return value
 
 
 def _checkpoints(checkpoints, batch_size: int, n_cases: int, sequential: bool) -> list[int]:
@@ -486,9 +609,11 @@ def checkpoint_samples(n_cases: int, marks: Sequence[int], size: int | None, see
     return {n: sorted([i for i in order if i < n][:size]) for n in marks}
 
 
-def _evaluate_batch(adapter: ModelAdapter, batch, editor, measures, index) -> list[dict]:
+def _evaluate_batch(adapter: ModelAdapter, batch, editor, measures, index,
+                    perplexity_chunks: int) -> list[dict]:
     """Edit a batch on the unedited model, measure its cases, revert."""
     model = adapter.model
+    reference = _unedited_reference(model, batch, measures["answer_tokens"])
     start = time.perf_counter()
     before = _w_out_snapshot(adapter)
     changes = apply_batch(editor, model, [c.request for c in batch])
@@ -497,19 +622,24 @@ def _evaluate_batch(adapter: ModelAdapter, batch, editor, measures, index) -> li
         norm = _change_norm(adapter, before)
         del before
         records = measure_cases(model, batch, **measures)
+        _compare_with_unedited(model, batch, records, reference)
+        edited = perplexity(model, chunks=perplexity_chunks) if perplexity_chunks else None
     finally:
         for change in reversed(changes):
             change.revert()
     seconds = time.perf_counter() - start
     return [{**r, "method": editor.name, "batch": index, "update_norm": norm,
-             "edit_seconds": edit_seconds, "seconds": seconds} for r in records]
+             "perplexity": edited, "edit_seconds": edit_seconds, "seconds": seconds}
+            for r in records]
 
 
 def _evaluate_sequential(adapter: ModelAdapter, cases, editor, out: Path, batch_size: int,
                          samples: dict[int, list[int]], measures: dict, original_dir: Path,
-                         fmt: str, progress: bool) -> dict:
-    """Batches in order without reverting; measures at the checkpoints (``samples``: the case
-    indices each measures); reverts at the end."""
+                         fmt: str, progress: bool, perplexity_chunks: int,
+                         unedited_perplexity: float | None) -> dict:
+    """Batches in order without reverting; measures each batch's cases right after it, and at
+    the checkpoints (``samples``: the case indices each measures) the cases edited so far;
+    reverts at the end."""
     model = adapter.model
     marks = sorted(samples)
     measured = sorted({i for indices in samples.values() for i in indices})
@@ -526,11 +656,15 @@ def _evaluate_sequential(adapter: ModelAdapter, cases, editor, out: Path, batch_
     original = {i: _read_record(case_path(original_dir, cases[i].case_id)) for i in measured}
 
     paths = {n: out / CHECKPOINTS / f"{n:06d}.json" for n in marks}
-    metas = [_read_record(out / EDITS / f"{i:06d}.json")
-             for i in range(-(-len(cases) // batch_size))]
-    if all(_read_record(path) is not None for path in paths.values()) and all(metas):
-        return _sequential_summary(out, cases, batch_size, marks, paths, metas, original)
+    n_batches = -(-len(cases) // batch_size)
+    metas = [_read_record(out / EDITS / f"{i:06d}.json") for i in range(n_batches)]
+    if (all(_read_record(path) is not None for path in paths.values()) and all(metas)
+            and all(_read_record(_right_after_path(out, c.case_id)) for c in cases)):
+        return _sequential_summary(out, cases, batch_size, marks, paths, metas, original,
+                                   unedited_perplexity)
 
+    unedited = _w_out_snapshot(adapter)  # for the norm of the whole change at each checkpoint
+    right_after = {**measures, "max_new_tokens": 0}  # no sampled texts between edits
     batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
     applied: list = []
     bar = tqdm(total=len(cases), desc=f"sequential {editor.name}", unit="edit",
@@ -541,15 +675,27 @@ def _evaluate_sequential(adapter: ModelAdapter, cases, editor, out: Path, batch_
             applied += changes
             bar.update(len(batch))
             n_edits = index * batch_size + len(batch)
+            todo = [c for c in batch if _read_record(_right_after_path(out, c.case_id)) is None]
+            for record in measure_cases(model, todo, **right_after) if todo else ():
+                record.update(method=editor.name, batch=index, n_edits=n_edits)
+                write_json(_right_after_path(out, record["case_id"]), record)
             if n_edits not in marks or _read_record(paths[n_edits]) is not None:
                 continue
             indices = samples[n_edits]
             records = measure_cases(model, [cases[i] for i in indices], **measures)
             for i, record in zip(indices, records):
                 record.update(method=editor.name, batch=i // batch_size, n_edits=n_edits)
+                before = (original[i].get("generated") or {}).get("neighborhood")
+                if before is not None:
+                    record["neighborhood_unedited"] = before
+            edited = perplexity(model, chunks=perplexity_chunks) if perplexity_chunks else None
+            if edited is not None:
+                collapse_warning(unedited_perplexity, edited,
+                                 f"{editor.name} after {n_edits} edits")
             stored = {"n_edits": n_edits, "measured": len(records),
                       "summary": summarize(records),
                       "original": summarize([original[i] for i in indices]),
+                      "perplexity": edited, "update_norm": _change_norm(adapter, unedited),
                       "records": records}
             write_json(paths[n_edits], stored)
             log.info("%s after %d edits: %s", editor.name, n_edits, stored["summary"])
@@ -558,25 +704,37 @@ def _evaluate_sequential(adapter: ModelAdapter, cases, editor, out: Path, batch_
         for change in reversed(applied):
             change.revert()
     metas = [_read_record(out / EDITS / f"{i:06d}.json") for i in range(len(batches))]
-    return _sequential_summary(out, cases, batch_size, marks, paths, metas, original)
+    return _sequential_summary(out, cases, batch_size, marks, paths, metas, original,
+                               unedited_perplexity)
+
+
+def _right_after_path(out: Path, case_id: int | str) -> Path:
+    return out / RIGHT_AFTER / f"{case_id}.json"
 
 
 def _sequential_summary(out: Path, cases, batch_size: int, marks: list[int],
-                        paths: dict[int, Path], metas: list[dict], original: dict[int, dict]
-                        ) -> dict:
+                        paths: dict[int, Path], metas: list[dict], original: dict[int, dict],
+                        unedited_perplexity: float | None) -> dict:
     """``summary.json`` (and the final case files) of a finished sequential run."""
     checkpoints = []
     for n_edits in marks:
         stored = _read_record(paths[n_edits])
         checkpoints.append({"n_edits": n_edits,
                             "measured": stored.get("measured", len(stored["records"])),
-                            "edited": stored["summary"], "original": stored["original"]})
+                            "edited": stored["summary"], "original": stored["original"],
+                            "perplexity": stored.get("perplexity"),
+                            "update_norm": stored.get("update_norm")})
     records = stored["records"]  # the last checkpoint: after every edit
     for record in records:
         write_json(case_path(out, record["case_id"]), record)
+    right_after = [_read_record(_right_after_path(out, c.case_id)) for c in cases]
     summary = {**summarize(records), "n_edits": len(cases), "batch_size": batch_size,
                "sequential": True, "update_norms": [m["update_norm"] for m in metas],
-               "checkpoints": checkpoints, "original": summarize(list(original.values()))}
+               "perplexity_unedited": unedited_perplexity,
+               "checkpoints": checkpoints, "original": summarize(list(original.values())),
+               "reported": "each measured case on the final model, after all edits; "
+                           "right_after: each case right after its own edit",
+               "right_after": summarize(right_after) if all(right_after) else None}
     write_json(out / SUMMARY, summary)
     return summary
 

@@ -159,7 +159,8 @@ def test_cli_sequential(tiny_gpt2, tmp_path, monkeypatch, capsys):
     assert summary["n_edits"] == 4 and summary["batch_size"] == 2 and summary["sequential"]
     assert [(p["n_edits"], p["measured"]) for p in summary["checkpoints"]] == [(2, 2), (4, 3)]
     printed = capsys.readouterr().out
-    assert "update norm per batch" in printed and "unedited fluency" in printed
+    assert "update norm per batch" in printed and "unedited perplexity" in printed
+    assert "right after each edit: efficacy" in printed and "NS+" in printed
     for bad, message in ((["--layers", "1,2"], "--layers is for memit and alphaedit"),
                          (["--method", "memit", "--layer", "1"], "give --layers, not --layer")):
         argv = list(args)
@@ -174,6 +175,14 @@ def test_cli_sequential(tiny_gpt2, tmp_path, monkeypatch, capsys):
     assert "--checkpoints needs --sequential" in capsys.readouterr().err
     assert main(args[:args.index("--sequential")] + ["--checkpoint-sample", "3"]) == 2
     assert "--checkpoint-sample needs --sequential" in capsys.readouterr().err
+
+
+def test_the_command_line_defaults_are_the_librarys():
+    from lens_rome.cli import evaluate as command
+    from lens_rome.evaluation import collapse, counterfact
+
+    assert command.DEFAULT_ANSWER_TOKENS == counterfact.DEFAULT_ANSWER_TOKENS
+    assert command.DEFAULT_PERPLEXITY_CHUNKS == collapse.DEFAULT_CHUNKS
 
 
 def test_checkpoint_samples_are_bounded_and_kept_by_longer_runs():
