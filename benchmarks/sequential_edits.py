@@ -143,8 +143,16 @@ def finished(run_dir: Path) -> dict:
     return {"finished": False, "n_edits": len(edits),
             "update_norms": [e["update_norm"] for e in edits],
             "checkpoints": [{"n_edits": p["n_edits"], "measured": p.get("measured"),
-                             "edited": p["summary"], "original": p["original"]} for p in points],
-            "original": points[-1]["original"] if points else None}
+                             "edited": p["summary"], "original": p["original"],
+                             "perplexity": p.get("perplexity"),
+                             "update_norm": p.get("update_norm")} for p in points],
+            "original": points[-1]["original"] if points else None,
+            "perplexity_unedited": _unedited_perplexity(run_dir)}
+
+
+def _unedited_perplexity(run_dir: Path) -> float | None:
+    path = run_dir / "perplexity.json"
+    return json.loads(path.read_text())["unedited"] if path.exists() else None
 
 
 def report(results: dict, batches: list[dict], args, out: Path) -> None:
@@ -152,6 +160,7 @@ def report(results: dict, batches: list[dict], args, out: Path) -> None:
     print("\n| method | edits | cases measured | S | ES | PS | NS | fluency | unedited fluency "
           "| fluency change | mean update norm |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    protocols = []  # the second table: both protocols, CounterFact+ and perplexity
     for method, summary in results.items():
         norms = summary["update_norms"]
         for point in summary["checkpoints"]:
@@ -164,7 +173,20 @@ def report(results: dict, batches: list[dict], args, out: Path) -> None:
                 "score", "efficacy_score", "paraphrase_score", "neighborhood_score",
                 "fluency")}, "unedited_fluency": o["fluency"], "fluency_change": change,
                 "unedited_score": o["score"], "unedited_neighborhood": o["neighborhood_score"],
-                "mean_update_norm": norm})
+                "mean_update_norm": norm,
+                **{k: e.get(k) for k in ("generated_efficacy", "generated_paraphrase",
+                                         "generated_neighborhood", "neighborhood_plus_score")},
+                "perplexity": point.get("perplexity"),
+                "unedited_perplexity": summary.get("perplexity_unedited"),
+                "whole_update_norm": point.get("update_norm")})
+            protocols.append(
+                f"| {LABELS.get(method, method)} | {n} | {cell(e['efficacy_score'])} | "
+                f"{cell(e.get('generated_efficacy'))} | {cell(e['paraphrase_score'])} | "
+                f"{cell(e.get('generated_paraphrase'))} | {cell(e['neighborhood_score'])} | "
+                f"{cell(e.get('generated_neighborhood'))} | "
+                f"{cell(e.get('neighborhood_plus_score'))} | {cell(point.get('perplexity'), 2)} "
+                f"| {cell(summary.get('perplexity_unedited'), 2)} | "
+                f"{cell(point.get('update_norm'), 2)} |")
             print(f"| {LABELS.get(method, method)} | {n} | {point.get('measured', n)} | "
                   f"{cell(e['score'])} | "
                   f"{cell(e['efficacy_score'])} | {cell(e['paraphrase_score'])} | "
@@ -179,6 +201,19 @@ def report(results: dict, batches: list[dict], args, out: Path) -> None:
         print(f"| unedited | 0 | {o['n']} | {cell(o['score'])} | {cell(o['efficacy_score'])} | "
               f"{cell(o['paraphrase_score'])} | {cell(o['neighborhood_score'])} | "
               f"{cell(o['fluency'])} | | | |")
+    print("\n| method | edits | ES tf | ES gen | PS tf | PS gen | NS tf | NS gen | NS+ "
+          "| perplexity | unedited perplexity | norm of the whole change |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(protocols))
+    for method, summary in results.items():
+        after = summary.get("right_after")
+        if after:
+            print(f"{LABELS.get(method, method)}, each case right after its own edit: ES "
+                  f"{cell(after['efficacy_score'])} tf / {cell(after.get('generated_efficacy'))}"
+                  f" gen, PS {cell(after['paraphrase_score'])} / "
+                  f"{cell(after.get('generated_paraphrase'))}, NS "
+                  f"{cell(after['neighborhood_score'])} / "
+                  f"{cell(after.get('generated_neighborhood'))}")
     for batch in batches:
         print(f"\nMEMIT, one batch of {batch['n_edits']} edits: S {cell(batch['score'])}, "
               f"ES {cell(batch['efficacy_score'])}, PS {cell(batch['paraphrase_score'])}, "
@@ -205,16 +240,23 @@ def plot(rows: list[dict], path: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("score", "score S"), ("efficacy_score", "efficacy ES"),
+    panels = (("score", "score S"), ("efficacy_score", "efficacy ES (teacher-forced)"),
+              ("generated_efficacy", "efficacy (generated)"),
               ("paraphrase_score", "paraphrase PS"), ("neighborhood_score", "neighbourhood NS"),
-              ("fluency", "fluency (generation entropy x 100)"))
+              ("fluency", "fluency (generation entropy x 100)"),
+              ("perplexity", "perplexity, held-out text"))
+    panels = tuple((k, t) for k, t in panels if any(r.get(k) is not None for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for ax, (key, title) in zip(axes, panels):
         for method in methods:
             mine = [r for r in rows if r["method"] == method]
-            ax.plot([r["n_edits"] for r in mine], [r[key] for r in mine], marker="o",
+            ax.plot([r["n_edits"] for r in mine], [r.get(key) for r in mine], marker="o",
                     label=LABELS.get(method, method))
+        if key == "perplexity":
+            mine = [r for r in rows if r["method"] == methods[0]]
+            ax.plot([r["n_edits"] for r in mine], [r["unedited_perplexity"] for r in mine],
+                    "k--", label="unedited")
         if key == "fluency":
             mine = [r for r in rows if r["method"] == methods[0]]
             ax.plot([r["n_edits"] for r in mine], [r["unedited_fluency"] for r in mine], "k--",
