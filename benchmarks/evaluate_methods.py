@@ -144,9 +144,11 @@ def main() -> None:
             print(f"{method}: {time.perf_counter() - start:.0f} s this run", flush=True)
         seconds[method] = float(np.mean([r["seconds"] for r in load_records(out / method, cases)]))
     if rows:
-        print()
+        print("\nThe paper's metrics: teacher-forced; fluency and consistency from sampled text")
         print(table(rows, seconds))
-        print()
+        print("\nBoth protocols: tf teacher-forced, gen generated (greedy); NS+ CounterFact+ "
+              "(teacher-forced); KL+ its next-token KL from the unedited model (nats); ppl "
+              "perplexity of held-out text")
         print(table(rows, seconds, PROTOCOL_COLUMNS))
 
 

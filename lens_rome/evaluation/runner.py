@@ -54,6 +54,7 @@ from lens_rome.data.cases import CounterFactCase, ZsreCase
 from lens_rome.editing.memit import load_edit
 from lens_rome.editing.registry import apply_batch, describe, make_method, method_name
 from lens_rome.errors import InputError, SavedFileError, WrongTypeError
+from lens_rome.evaluation.collapse import DEFAULT_CHUNKS, collapse_warning, perplexity
 from lens_rome.evaluation.counterfact import (
     DEFAULT_ANSWER_TOKENS,
     GENERATED_KEYS,
@@ -72,7 +73,6 @@ from lens_rome.evaluation.measures import (
     target_log_probs,
     token_accuracy,
 )
-from lens_rome.evaluation.collapse import DEFAULT_CHUNKS, collapse_warning, perplexity
 from lens_rome.evaluation.text import Consistency, fluency, harmonic_mean
 from lens_rome.model.adapter import ModelAdapter, adapter_for, model_fingerprint
 from lens_rome.model.backend import Model
