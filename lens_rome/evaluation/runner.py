@@ -100,7 +100,7 @@ PROTOCOLS = {
     "fluency": SAMPLED, "consistency": SAMPLED,
     **{key: GENERATED for key in GENERATED_KEYS},
     "neighborhood_plus_kl": "next-token distribution",
-    **{key: "held-out text" for key in PERPLEXITY_KEYS},
+    **{key: "held-out text" for key in PERPLEXITY_KEYS + ("perplexity_unedited",)},
 }
 RUN_KEYS = ("n_edits", "batch_size", "sequential", "update_norms",  # added by evaluate
             "perplexity_unedited")
