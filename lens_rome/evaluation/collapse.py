@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNKS = 4  # 512 tokens: about 2 s for SmolLM2 on 2 CPU cores
 DEFAULT_TOKEN_LENGTH = 128
 # evaluate warns when an edited model's perplexity exceeds the unedited one's by this factor.
-# One good ROME edit of SmolLM2 moves it by well under 1% (docs/evaluation.md); a collapsed
-# model's is many times the original.
+# Over 50 single ROME edits of SmolLM2 (docs/evaluation.md) the mean rose 0.8% and 49 of 50
+# stayed within 5%; one rose 29%.  A collapsed model's is many times the original.
 COLLAPSE_RATIO = 1.2
 
 
