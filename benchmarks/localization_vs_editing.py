@@ -167,14 +167,14 @@ def run(model, cases: list[dict], layers: Iterable[int], out: str | Path, *,
     ``out`` (those of earlier runs too).
 
     ``hparams``: ROME's (default ``RomeHyperParams.for_model(model)``); each edit replaces
-    its layer.  ``stats``: layer -> key statistics (default: ``key_statistics`` with the
-    hyper-parameters' sample, from the cache when there).  ``settings``: more settings to
+    its layer.  ``stats``: layer -> key statistics (default: ``key_statistics_many`` with the
+    hyper-parameters' sample, from the cache when there, the missing layers in one pass).  ``settings``: more settings to
     record and check on resume (such as the seed that chose the cases).
     """
     from tqdm.auto import tqdm
 
     from lens_rome import RomeHyperParams, adapter_for
-    from lens_rome.editing import key_statistics
+    from lens_rome.editing import key_statistics_many
     from lens_rome.editing.prefixes import context_prefixes
 
     layers = sorted({adapter_for(model).check_layer(layer) for layer in layers})
@@ -191,6 +191,10 @@ def run(model, cases: list[dict], layers: Iterable[int], out: str | Path, *,
             if (case["known_id"] not in traced if layer is None
                 else (case["known_id"], layer) not in edited)]
     stats = dict(stats or {})
+    needed = sorted({layer for _, layer in todo if layer is not None} - set(stats))
+    if needed:  # one pass over the corpus for all of them (then cached on disk), never timed
+        stats.update(key_statistics_many(model, needed, samples=hp.stats_samples,
+                                         token_length=hp.stats_token_length, progress=progress))
     if hp.prefixes is None and any(layer is not None for _, layer in todo):
         context_prefixes(model, hp.n_prefixes, hp.prefix_lengths, hp.seed)  # once, untimed
     threads = torch.get_num_threads()
@@ -199,10 +203,6 @@ def run(model, cases: list[dict], layers: Iterable[int], out: str | Path, *,
             if layer is None:
                 record = trace_record(model, case, samples, window)
             else:
-                if layer not in stats:  # computed once (then cached on disk), never timed
-                    stats[layer] = key_statistics(model, layer, samples=hp.stats_samples,
-                                                  token_length=hp.stats_token_length,
-                                                  progress=False)
                 record = edit_record(model, case, hp.replace(layer=layer), stats[layer])
             record["threads"] = threads
             store.write(json.dumps(record) + "\n")

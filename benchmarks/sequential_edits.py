@@ -234,47 +234,64 @@ def report(results: dict, batches: list[dict], args, out: Path) -> None:
         Path(args.plot).with_suffix(".json").write_text(table)  # the numbers behind the plot
 
 
+# the plot's panels: (title, [(row key, line style, protocol label)]); teacher-forced solid,
+# generated dashed, CounterFact+ dotted
+PANELS = (
+    ("score S (teacher-forced)", [("score", "-", "")]),
+    ("efficacy ES", [("efficacy_score", "-", "tf"), ("generated_efficacy", "--", "gen")]),
+    ("paraphrase PS", [("paraphrase_score", "-", "tf"), ("generated_paraphrase", "--", "gen")]),
+    ("neighbourhood NS", [("neighborhood_score", "-", "tf"),
+                          ("generated_neighborhood", "--", "gen"),
+                          ("neighborhood_plus_score", ":", "NS+")]),
+    ("fluency (generation entropy x 100)", [("fluency", "-", "")]),
+    ("perplexity, held-out text", [("perplexity", "-", "")]),
+    ("norm of the whole change", [("whole_update_norm", "-", "")]),
+)
+# the unedited model's value drawn beside a panel's first key
+UNEDITED = {"score": "unedited_score", "neighborhood_score": "unedited_neighborhood",
+            "fluency": "unedited_fluency", "perplexity": "unedited_perplexity"}
+
+
 def plot(rows: list[dict], path: Path, args) -> None:
+    """One panel per measure against the number of edits (log scale), one colour per method;
+    both protocols in the same panel (teacher-forced solid, generated dashed, NS+ dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("score", "score S"), ("efficacy_score", "efficacy ES (teacher-forced)"),
-              ("generated_efficacy", "efficacy (generated)"),
-              ("paraphrase_score", "paraphrase PS"), ("neighborhood_score", "neighbourhood NS"),
-              ("fluency", "fluency (generation entropy x 100)"),
-              ("perplexity", "perplexity, held-out text"))
-    panels = tuple((k, t) for k, t in panels if any(r.get(k) is not None for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    panels = [(title, [line for line in lines if any(r.get(line[0]) is not None for r in rows)])
+              for title, lines in PANELS]
+    panels = [(title, lines) for title, lines in panels if lines]
+    columns = min(4, len(panels))
+    grid = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(grid, columns, figsize=(4 * columns, 3.3 * grid), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    for ax, (key, title) in zip(axes, panels):
-        for method in methods:
+    marks = sorted({r["n_edits"] for r in rows})
+    for ax, (title, lines) in zip(axes.flat, panels):
+        for colour, method in enumerate(methods):
             mine = [r for r in rows if r["method"] == method]
-            ax.plot([r["n_edits"] for r in mine], [r.get(key) for r in mine], marker="o",
-                    label=LABELS.get(method, method))
-        if key == "perplexity":
+            for key, style, protocol in lines:
+                label = " ".join(filter(None, [LABELS.get(method, method), protocol]))
+                ax.plot([r["n_edits"] for r in mine], [r.get(key) for r in mine], style,
+                        marker="o", markersize=3, color=f"C{colour}", label=label)
+        first = lines[0][0]
+        if first in UNEDITED:
             mine = [r for r in rows if r["method"] == methods[0]]
-            ax.plot([r["n_edits"] for r in mine], [r["unedited_perplexity"] for r in mine],
-                    "k--", label="unedited")
-        if key == "fluency":
-            mine = [r for r in rows if r["method"] == methods[0]]
-            ax.plot([r["n_edits"] for r in mine], [r["unedited_fluency"] for r in mine], "k--",
-                    label="unedited")
-        elif key in ("score", "neighborhood_score"):
-            mine = [r for r in rows if r["method"] == methods[0]]
-            ax.plot([r["n_edits"] for r in mine],
-                    [r["unedited_score" if key == "score" else "unedited_neighborhood"]
-                     for r in mine], "k--", label="unedited")
+            ax.plot([r["n_edits"] for r in mine], [r.get(UNEDITED[first]) for r in mine],
+                    "k--", linewidth=1, label="unedited")
         ax.set_xscale("log")
-        marks = sorted({r["n_edits"] for r in rows})
         ax.set_xticks(marks, [str(m) for m in marks])
         ax.minorticks_off()
         ax.set_xlabel("sequential edits")
-        ax.set_title(title)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{args.model}: sequential edits; scores over at most {args.sample} of the "
-                 f"cases edited so far")
+        ax.set_title(title, fontsize=10)
+        if len(lines) > 1 or first in UNEDITED:
+            ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{args.model}: sequential edits; measured at each checkpoint on at most "
+                 f"{args.sample} of the cases edited so far (tf teacher-forced, gen generated)",
+                 fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -305,7 +322,7 @@ def dev_targets(model, dev, hp, path: Path):
 
 def choose(args) -> None:
     """Batch edits of the development cases under several mom2 weights and null-space cuts."""
-    from lens_rome.editing import MemitHyperParams, key_statistics, memit
+    from lens_rome.editing import MemitHyperParams, key_statistics_many, memit
     from lens_rome.evaluation import measure_cases, summarize
 
     model, cases = load(args, args.dev_start + args.dev_n)
@@ -314,7 +331,7 @@ def choose(args) -> None:
           f"{args.dev_start + len(dev) - 1} of the seeded list; the benchmark uses the first "
           f"{args.n})", flush=True)
     hp = MemitHyperParams.for_model(model, **OPTIONS)
-    stats = {l: key_statistics(model, l, progress=False) for l in hp.layers}
+    stats = key_statistics_many(model, hp.layers, progress=False)
     requests = [c.request for c in dev]
     deltas = dev_targets(model, dev, hp, Path(args.out) / "dev_targets.safetensors")
 

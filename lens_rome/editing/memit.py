@@ -71,7 +71,7 @@ from lens_rome.editing.null_space import (
     update_left,
 )
 from lens_rome.editing.rome import Edit
-from lens_rome.editing.statistics import KeyStatistics, layer_second_moment
+from lens_rome.editing.statistics import KeyStatistics, layer_second_moment, layer_statistics
 from lens_rome.editing.values import key_and_value
 from lens_rome.editing.weights import WeightEdit, check_update, edited_keys
 from lens_rome.errors import InputError, WrongTypeError
@@ -535,7 +535,7 @@ def edit(
             ``layers`` and ``**overrides`` (``mom2_weight=``, ``null_space=True``,
             ``v_steps=``, ...) change single ones.
         stats: ``{layer: KeyStatistics or [d_mlp, d_mlp] second moment}``; default:
-            computed or loaded from the cache for each layer.
+            loaded from the cache, the missing layers computed in one pass.
         deltas: targets from :func:`target_deltas` for these requests on this model
             as it is now (default: computed).
     """
@@ -549,6 +549,10 @@ def edit(
         hp = hparams.replace(**changes) if changes else hparams
     for layer in hp.layers:
         adapter.check_layer(layer)
+    if stats is None:  # every layer's statistics from one pass over the corpus
+        stats = layer_statistics(adapter, hp.layers, corpus, samples=hp.value.stats_samples,
+                                 token_length=hp.value.stats_token_length,
+                                 cache_dir=cache_dir, progress=progress)
     moments = {l: _second_moment(adapter, l, hp, stats, corpus, cache_dir, progress)
                for l in hp.layers}
     fingerprint = model_fingerprint(model)

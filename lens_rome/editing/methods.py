@@ -11,7 +11,7 @@ from lens_rome.editing.editor import OneAtATime
 from lens_rome.editing.hparams import RomeHyperParams
 from lens_rome.editing.memit import MemitEdit, MemitHyperParams
 from lens_rome.editing.rome import Edit
-from lens_rome.editing.statistics import key_statistics
+from lens_rome.editing.statistics import key_statistics, key_statistics_many
 from lens_rome.editing.weights import WeightEdit, record_change
 from lens_rome.model.adapter import adapter_for
 from lens_rome.model.backend import Model
@@ -79,11 +79,10 @@ class MemitMethod:
     def _load_stats(self, model: Model) -> None:
         if self.stats is None:
             value = self.hparams.value
-            self.stats = {layer: key_statistics(model, layer, self.corpus,
-                                                samples=value.stats_samples,
-                                                token_length=value.stats_token_length,
-                                                cache_dir=self.cache_dir, progress=True)
-                          for layer in self.hparams.layers}
+            self.stats = key_statistics_many(model, self.hparams.layers, self.corpus,
+                                             samples=value.stats_samples,
+                                             token_length=value.stats_token_length,
+                                             cache_dir=self.cache_dir, progress=True)
 
     def apply_batch(self, model: Model, requests: Sequence) -> list[MemitEdit]:
         """The whole batch in one edit: ``[change]``."""

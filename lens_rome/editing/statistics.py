@@ -12,7 +12,9 @@ model reads".  This module estimates ``C`` from a corpus:
   chunks of ``token_length`` tokens, so no position is padding and every token
   counts;
 - each batch runs only up to block ``l`` (``stop_at_layer=l + 1``) and the
-  keys of every position are accumulated as ``sum k k^T`` in float64;
+  keys of every position are accumulated as ``sum k k^T`` in float64; several
+  layers (MEMIT's, a sweep) share one pass up to the highest of them
+  (:func:`key_statistics_many`);
 - the result is cached on disk (safetensors, with JSON metadata naming the
   model, its fingerprint, the layer, the corpus, the sample count and the
   token length), written atomically; a damaged or mismatched cache file is
@@ -25,6 +27,7 @@ package is never imported).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -109,51 +112,80 @@ def key_statistics(
         use_cache: read and write the cache.  A cache file that is damaged or
             describes other statistics is recomputed, with a warning.
     """
-    return _key_statistics(adapter_for(model), layer, corpus, samples=samples,
-                           token_length=token_length, batch_size=batch_size, corpus_id=corpus_id,
-                           cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    return layer_statistics(adapter_for(model), [layer], corpus, samples=samples,
+                            token_length=token_length, batch_size=batch_size,
+                            corpus_id=corpus_id, cache_dir=cache_dir, use_cache=use_cache,
+                            progress=progress)[layer]
 
 
-def _key_statistics(adapter: ModelAdapter, layer: int, corpus: str | Iterable[str] | None, *,
-                    samples: int, token_length: int, batch_size: int = DEFAULT_BATCH_SIZE,
-                    corpus_id: str | None = None, cache_dir: str | Path | None = None,
-                    use_cache: bool = True, progress: bool = True) -> KeyStatistics:
-    adapter.check_layer(layer)
+def key_statistics_many(
+    model: Model,
+    layers: Iterable[int],
+    corpus: str | Iterable[str] | None = None,
+    **options,
+) -> dict[int, KeyStatistics]:
+    """:func:`key_statistics` of several layers from one pass over the corpus.
+
+    The blocks up to the highest layer missing from the cache run once, and every
+    layer is accumulated from that pass: the same numbers, bit for bit, and the same
+    cache files as one :func:`key_statistics` call per layer, for the cost of the
+    highest layer's alone (MEMIT's layers, or a sweep over many layers).  Takes the
+    options of :func:`key_statistics`; returns ``{layer: KeyStatistics}`` in
+    increasing layer order.
+    """
+    return layer_statistics(adapter_for(model), layers, corpus, **options)
+
+
+def layer_statistics(adapter: ModelAdapter, layers: Iterable[int],
+                     corpus: str | Iterable[str] | None, *, samples: int = DEFAULT_SAMPLES,
+                     token_length: int = DEFAULT_TOKEN_LENGTH,
+                     batch_size: int = DEFAULT_BATCH_SIZE, corpus_id: str | None = None,
+                     cache_dir: str | Path | None = None, use_cache: bool = True,
+                     progress: bool = True) -> dict[int, KeyStatistics]:
+    """:func:`key_statistics_many` on a model's adapter: the cached layers are read, the
+    others computed together in one pass and cached."""
+    layers = sorted({adapter.check_layer(layer) for layer in layers})
+    if not layers:
+        raise InputError("no layer given for key statistics: name at least one, e.g. [5]")
     for name, value in (("samples", samples), ("token_length", token_length),
                         ("batch_size", batch_size)):
         positive_int(value, name)
     texts, corpus_id = corpus_texts(corpus, corpus_id)
-    meta = {
-        "format": CACHE_FORMAT,
-        "model": adapter.name,
-        "fingerprint": model_fingerprint(adapter.model),
-        "layer": layer,
-        "corpus": corpus_id,
-        "samples": samples,
-        "token_length": token_length,
-    }
-    path = None
+    common = {"format": CACHE_FORMAT, "model": adapter.name,
+              "fingerprint": model_fingerprint(adapter.model)}
+    metas = {layer: {**common, "layer": layer, "corpus": corpus_id, "samples": samples,
+                     "token_length": token_length} for layer in layers}
+    paths: dict[int, Path] = {}
+    found: dict[int, KeyStatistics] = {}
     if use_cache and corpus_id is not None:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
-        path = root / _cache_name(meta)
-        cached = _read(path, meta, adapter.d_mlp)
-        if cached is not None:
-            return cached
+        for layer in layers:
+            paths[layer] = root / _cache_name(metas[layer])
+            cached = _read(paths[layer], metas[layer], adapter.d_mlp)
+            if cached is not None:
+                found[layer] = cached
     elif use_cache:
         log.info("corpus has no corpus_id; its statistics are computed but not cached")
 
-    start = time.perf_counter()
-    total, count = _accumulate(adapter, layer, texts, samples, token_length, batch_size,
-                               progress)
-    seconds = time.perf_counter() - start
-    meta = {**meta, "count": count, "chunks": count // token_length, "seconds": round(seconds, 2)}
-    if count // token_length < samples:
-        log.warning("the corpus gave %d chunks of %d tokens, fewer than the %d asked for",
-                    count // token_length, token_length, samples)
-    stats = KeyStatistics(total / count, layer, count, meta, path, False, seconds)
-    if path is not None:
-        _write(path, stats)
-    return stats
+    missing = [layer for layer in layers if layer not in found]
+    if missing:
+        start = time.perf_counter()
+        totals, count = _accumulate(adapter, missing, texts, samples, token_length, batch_size,
+                                    progress)
+        seconds = time.perf_counter() - start  # of the whole pass, shared by its layers
+        chunks = count // token_length
+        if chunks < samples:
+            log.warning("the corpus gave %d chunks of %d tokens, fewer than the %d asked for",
+                        chunks, token_length, samples)
+        for layer in missing:
+            meta = {**metas[layer], "count": count, "chunks": chunks,
+                    "seconds": round(seconds, 2)}
+            stats = KeyStatistics(totals[layer] / count, layer, count, meta, paths.get(layer),
+                                  False, seconds)
+            if stats.path is not None:
+                _write(stats.path, stats)
+            found[layer] = stats
+    return {layer: found[layer] for layer in layers}
 
 
 def layer_second_moment(adapter: ModelAdapter, layer: int,
@@ -166,9 +198,9 @@ def layer_second_moment(adapter: ModelAdapter, layer: int,
     checked by :func:`check_conditioning` (``ridge``, ``solved``: see there)."""
     d_mlp = adapter.d_mlp
     if stats is None:
-        stats = _key_statistics(adapter, layer, corpus, samples=samples,
-                                token_length=token_length, cache_dir=cache_dir,
-                                progress=progress)
+        stats = layer_statistics(adapter, [layer], corpus, samples=samples,
+                                 token_length=token_length, cache_dir=cache_dir,
+                                 progress=progress)[layer]
     count = None
     if isinstance(stats, KeyStatistics):
         if stats.layer != layer:
@@ -225,22 +257,25 @@ def check_conditioning(second_moment: Float[torch.Tensor, "d_mlp d_mlp"], layer:
     return second_moment
 
 
-def _accumulate(adapter: ModelAdapter, layer: int, texts: Iterable[str], samples: int,
+def _accumulate(adapter: ModelAdapter, layers: list[int], texts: Iterable[str], samples: int,
                 token_length: int, batch_size: int, progress: bool
-                ) -> tuple[torch.Tensor, int]:
-    """``sum k k^T`` (float64 ``[d_mlp, d_mlp]``) over the keys of ``samples`` chunks, and
-    how many keys that is."""
-    name = adapter.hook_name("key", layer)
+                ) -> tuple[dict[int, torch.Tensor], int]:
+    """``sum k k^T`` (float64 ``[d_mlp, d_mlp]``) of each layer over the keys of ``samples``
+    chunks, from one pass that stops after the highest layer, and how many keys that is."""
     d_mlp = adapter.d_mlp
-    total = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=adapter.device)
+    totals = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=adapter.device)
+              for layer in layers}
     count = 0
-    store: dict[str, torch.Tensor] = {}
+    store: dict[int, torch.Tensor] = {}
 
-    def keep(activation, hook):
-        store["keys"] = activation.detach()
+    def keep(layer, activation, hook):
+        store[layer] = activation.detach()
 
+    hooks = [(adapter.hook_name("key", layer), functools.partial(keep, layer))
+             for layer in layers]
     chunks = packed_chunks(adapter, texts, token_length)
-    bar = tqdm(total=samples, desc=f"key statistics, layer {layer}", unit="chunk",
+    named = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+    bar = tqdm(total=samples, desc=f"key statistics, {named}", unit="chunk",
                disable=not progress)
     done = 0
     with torch.no_grad(), bar:
@@ -253,17 +288,18 @@ def _accumulate(adapter: ModelAdapter, layer: int, texts: Iterable[str], samples
             if not batch:
                 break
             tokens = torch.stack(batch).to(adapter.device)
-            adapter.resid_before(tokens, layer + 1, hooks=[(name, keep)])
-            keys = store.pop("keys").reshape(-1, d_mlp).to(torch.float64)
-            total += keys.T @ keys
-            count += keys.shape[0]
+            adapter.resid_before(tokens, layers[-1] + 1, hooks=hooks)
+            for layer in layers:
+                keys = store.pop(layer).reshape(-1, d_mlp).to(torch.float64)
+                totals[layer] += keys.T @ keys
+            count += len(batch) * token_length
             done += len(batch)
             bar.update(len(batch))
     if count == 0:
         raise InputError(
             f"the corpus yielded no chunk of {token_length} tokens: give longer or more texts"
         )
-    return total, count
+    return totals, count
 
 
 def _cache_name(meta: dict) -> str:

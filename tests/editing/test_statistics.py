@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lens_rome.data.corpus import token_chunks, wikipedia_path
-from lens_rome.editing.statistics import key_statistics
+from lens_rome.editing.statistics import key_statistics, key_statistics_many
 from lens_rome.model.adapter import model_fingerprint
 
 CORPUS = [
@@ -37,6 +37,45 @@ def test_second_moment_matches_direct_computation(fixture, request, tmp_path):
     assert stats.count == 6 * 16
     assert stats.second_moment.dtype == torch.float64
     torch.testing.assert_close(stats.second_moment, keys.T @ keys / len(keys))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_one_pass_for_many_layers_equals_one_per_layer(fixture, request, tmp_path):
+    model = request.getfixturevalue(fixture)
+    options = dict(samples=6, token_length=16, batch_size=4, progress=False)
+    each = {layer: key_statistics(model, layer, CORPUS, cache_dir=tmp_path / "each", **options)
+            for layer in (0, 2, 3)}
+    together = key_statistics_many(model, [3, 0, 2, 0], CORPUS, cache_dir=tmp_path / "many",
+                                   **options)
+    assert list(together) == [0, 2, 3]
+    for layer, stats in together.items():
+        assert stats.layer == layer and stats.count == each[layer].count == 6 * 16
+        assert torch.equal(stats.second_moment, each[layer].second_moment)  # bit for bit
+        assert stats.path.name == each[layer].path.name  # the same cache file
+        assert key_statistics(model, layer, CORPUS, cache_dir=tmp_path / "many",
+                              **options).from_cache
+
+
+def test_many_layers_read_the_cached_ones_and_compute_the_rest(tiny_llama, tmp_path,
+                                                               monkeypatch):
+    from lens_rome.editing import statistics
+
+    options = dict(samples=4, token_length=16, cache_dir=tmp_path, progress=False)
+    first = key_statistics(tiny_llama, 1, CORPUS, **options)
+    passes = []
+    accumulate = statistics._accumulate
+    monkeypatch.setattr(statistics, "_accumulate",
+                        lambda adapter, layers, *rest: passes.append(list(layers))
+                        or accumulate(adapter, layers, *rest))
+    both = key_statistics_many(tiny_llama, [1, 3], CORPUS, **options)
+    assert passes == [[3]] and both[1].from_cache and not both[3].from_cache
+    assert torch.equal(both[1].second_moment, first.second_moment)
+    key_statistics_many(tiny_llama, [1, 3], CORPUS, **options)
+    assert passes == [[3]]  # nothing left to compute
+    with pytest.raises(ValueError, match="no layer"):
+        key_statistics_many(tiny_llama, [], CORPUS, **options)
+    with pytest.raises(ValueError, match="out of range"):
+        key_statistics_many(tiny_llama, [1, 9], CORPUS, **options)
 
 
 def test_packing_has_no_padding(tiny_llama):
