@@ -89,6 +89,22 @@ def tiny_llama(tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma(tiny_tokenizer):
+    """Gemma style: RMSNorm before and after attention and the MLP (the residual stream gets
+    the MLP's output through a norm, with Gemma-like large weights), gated GELU MLP, rotary."""
+    model = _tiny_model(tiny_tokenizer, act_fn="gelu_pytorch_tanh", normalization_type="RMS",
+                        positional_embedding_type="rotary", gated_mlp=True,
+                        n_key_value_heads=2, final_rms=True,
+                        use_normalization_before_and_after=True)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.blocks:  # Gemma-3-270M's post-MLP norm weights average ~18
+            for norm in (block.ln1_post, block.ln2_post):
+                norm.w.copy_(torch.rand(norm.w.shape, generator=generator) * 30)
+    return model
+
+
+@pytest.fixture(scope="session")
 def smollm():
     from lens_rome.model.loading import load_model
 

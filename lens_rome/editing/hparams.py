@@ -50,10 +50,11 @@ class RomeHyperParams:
             ``m``: the value being changed, see ``norm_reference``).
         clamp_norm: ``|delta|`` is clamped to ``clamp_norm * |m|`` after each step.
         early_stop_loss: stop when the total loss falls below this (the paper's rule).
-        norm_reference: the ``m`` of the weight decay and the clamp, at the bare
-            prompt's lookup token: ``"mlp_out"`` (ROME's ``compute_v``: the
-            edited MLP's output) or ``"hidden"`` (MEMIT's ``compute_z``: the
-            residual stream after the edited block).
+        norm_reference: what ``delta`` changes, and so the ``m`` of the weight decay
+            and the clamp, at the bare prompt's lookup token: ``"mlp_out"`` (ROME's
+            ``compute_v``: the output of ``W_out``, which a model such as Gemma then
+            normalises before the residual stream gets it) or ``"hidden"`` (MEMIT's
+            ``compute_z``: the residual stream after the edited block).
         kl_direction, kl_position, weight_decay_form, early_stop_nll: departures
             from the paper's objective, off by default (docs/editing.md measures
             each): ``kl_direction="original_edited"`` takes KL(original ||

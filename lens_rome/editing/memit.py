@@ -496,6 +496,19 @@ def load_edit(path: str | Path) -> "Edit | MemitEdit":
     return Edit.load(path)
 
 
+def _check_no_post_norm(adapter: ModelAdapter, layers: Sequence[int]) -> None:
+    """MEMIT spreads a residual-stream target over ``W_out`` changes, which reach the residual
+    stream unchanged only when no norm follows the MLP: refuse the layers where one does."""
+    normed = [layer for layer in layers if adapter.mlp_post_norm(layer) is not None]
+    if normed:
+        raise InputError(
+            f"{adapter.name} normalises the output of its MLPs (a norm after the MLP, as in "
+            f"Gemma; layers {normed}): MEMIT's update, which adds W_out changes to the residual "
+            f"stream as they are, does not hold there, so MEMIT and AlphaEdit batch edits are "
+            f"not supported on this model; edit one fact at a time with rome.edit (AlphaEdit's "
+            f"projection: rome.edit(..., null_space=True))")
+
+
 def _second_moment(adapter: ModelAdapter, layer: int, hp: MemitHyperParams,
                    stats, corpus, cache_dir, progress) -> torch.Tensor:
     """``C`` of ``layer``, float64 ``[d_mlp, d_mlp]``: ``stats[layer]``, or computed (cached)."""
@@ -549,6 +562,7 @@ def edit(
         hp = hparams.replace(**changes) if changes else hparams
     for layer in hp.layers:
         adapter.check_layer(layer)
+    _check_no_post_norm(adapter, hp.layers)
     if stats is None:  # every layer's statistics from one pass over the corpus
         stats = layer_statistics(adapter, hp.layers, corpus, samples=hp.value.stats_samples,
                                  token_length=hp.value.stats_token_length,

@@ -41,9 +41,14 @@ class _Group:
     Everything before the lookup token is computed once, without gradients:
     the keys and values of the attention layers above the edited one, and the
     residual stream after the edited layer from the lookup token on.  Each
-    optimisation step only adds ``delta`` there and runs the upper blocks on
-    the positions from the lookup token on.
+    optimisation step only adds ``delta`` there (:meth:`residual_delta`) and runs
+    the upper blocks on the positions from the lookup token on.
     """
+
+    # The norm ROME's delta passes through before the residual stream gets it: set by
+    # key_and_value for a change of W_out's output in a block that normalises its MLP's
+    # output (Gemma); None: delta is added to the residual stream as it is.
+    value_norm: torch.nn.Module | None = None
 
     def __init__(self, adapter: ModelAdapter, layer: int, rows: list[list[int]], lookup: int,
                  loss_positions: list[int], loss_targets: list[int] | None,
@@ -146,6 +151,16 @@ class _Group:
             self.prefix = {b: (fast.rotated_keys(b, k), v) for b, (k, v) in self.prefix.items()}
         return self
 
+    def residual_delta(self, delta: torch.Tensor) -> torch.Tensor:
+        """What the residual stream after the edited block gets at the lookup token,
+        ``delta`` itself ``[d_model]``, or through the post-MLP norm ``[rows, 1, d_model]``,
+        ``norm(v + delta) - norm(v)`` with ``v = W_out k`` each row's MLP output before it."""
+        if self.value_norm is None:
+            return delta.to(self.resid.dtype)
+        value = self.adapter.mlp_value(self.layer, self.keys)  # [rows, d_model]
+        change = self.value_norm(value + delta.to(value.dtype)) - self.value_norm(value)
+        return change.to(self.resid.dtype)[:, None]
+
     def log_probs(self, delta: torch.Tensor) -> torch.Tensor:
         """Log-probabilities ``[rows, loss_positions, d_vocab]`` with ``delta`` added."""
         adapter = self.adapter
@@ -153,13 +168,14 @@ class _Group:
             p = self.p
 
             def add(activation, hook):
-                return torch.cat([activation[:, :p], activation[:, p:p + 1] + delta.to(
-                    activation.dtype), activation[:, p + 1:]], 1)
+                return torch.cat([activation[:, :p], activation[:, p:p + 1]
+                                  + self.residual_delta(delta).to(activation.dtype),
+                                  activation[:, p + 1:]], 1)
 
             with attached(adapter.model, [(adapter.hook_name("hidden", self.layer), add)]):
                 logits = adapter.model(self.tokens)
             return torch.log_softmax(logits[:, [p + q for q in self.loss_positions]].float(), -1)
-        resid = torch.cat([self.resid[:, :1] + delta.to(self.resid.dtype), self.resid[:, 1:]], 1)
+        resid = torch.cat([self.resid[:, :1] + self.residual_delta(delta), self.resid[:, 1:]], 1)
         for b in range(self.layer + 1, adapter.n_layers):
             keys, values = self.prefix[b]
             if self.fast is not None:
@@ -231,7 +247,13 @@ class _OneBatch:
         """The target NLL (mean over prompts) and the KL prompt's log-probabilities
         ``[1, d_vocab]`` with ``delta`` added."""
         adapter = self.adapter
-        resid = torch.cat([self.resid[:, :1] + delta.to(self.resid.dtype), self.resid[:, 1:]], 1)
+        members = (*self.groups, self.kl_group)
+        if all(g.value_norm is None for g in members):  # one broadcast add, as always
+            shift = delta.to(self.resid.dtype)
+        else:
+            shift = torch.cat([g.residual_delta(delta).expand(len(g.resid), 1, -1)
+                               for g in members])
+        resid = torch.cat([self.resid[:, :1] + shift, self.resid[:, 1:]], 1)
         for b in range(self.layer + 1, adapter.n_layers):
             resid = self.fast(b, resid, self.prefix[b], positions=self.positions, mask=self.mask)
         nll = 0
@@ -322,10 +344,22 @@ def key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPara
         kl_group = _Group(adapter, hp.layer, [kl_ids], kl_lookup, [kl_read], None, setup)
     n_rows = sum(len(g.keys) for g in groups)
     key = torch.cat([g.keys for g in groups]).mean(0)
-    # m, the paper's target_init: at the bare prompt's lookup token, the MLP output (ROME)
-    # or the residual stream after the edited block (MEMIT)
-    reference = (groups[0].mlp_out[0] if hp.norm_reference == "mlp_out"
-                 else groups[0].resid[0, 0]).float().norm()
+    # ROME's delta changes W_out's output (the paper's code adds it to the output of the
+    # MLP's down projection); where a norm follows the MLP (Gemma), the residual stream
+    # gets it through that norm.  MEMIT's delta is a change of the residual stream itself.
+    value_norm = adapter.mlp_post_norm(hp.layer) if hp.norm_reference == "mlp_out" else None
+    for group in [*groups, kl_group]:
+        group.value_norm = value_norm
+    # m, the paper's target_init: at the bare prompt's lookup token, the output of W_out
+    # (ROME) or the residual stream after the edited block (MEMIT)
+    if hp.norm_reference == "hidden":
+        reference = groups[0].resid[0, 0]
+    elif value_norm is not None:  # the MLP's output before the norm
+        with torch.no_grad():
+            reference = adapter.mlp_value(hp.layer, groups[0].keys[:1])[0]
+    else:
+        reference = groups[0].mlp_out[0]
+    reference = reference.float().norm()
     max_norm = hp.clamp_norm * reference
 
     delta = torch.zeros(adapter.d_model, device=adapter.device, requires_grad=True)

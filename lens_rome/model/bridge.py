@@ -58,6 +58,22 @@ class BridgeAdapter(ModelAdapter):
         Hugging Face weight (in-place changes reach the model)."""
         return self.model.blocks[self.check_layer(layer)].mlp.W_out
 
+    def mlp_post_norm(self, layer: int) -> torch.nn.Module | None:
+        """The Hugging Face layer's norm of its MLP's output (Gemma's
+        ``post_feedforward_layernorm``), or None where the MLP's output is added as it is."""
+        layers = getattr(getattr(self.hf, "model", None), "layers", None)
+        if layers is None:  # GPT-2 and NeoX layouts: no norm after the MLP
+            return None
+        return getattr(layers[self.check_layer(layer)], "post_feedforward_layernorm", None)
+
+    def mlp_value(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """What ``W_out`` outputs for ``keys`` ``[..., d_mlp]`` ``[..., d_model]``, before any
+        post-MLP norm (ROME's value space)."""
+        weight = self.w_out(layer)
+        value = keys.to(weight.dtype) @ weight
+        bias = getattr(self.model.blocks[layer].mlp, "b_out", None)
+        return value if bias is None else value + bias
+
     def w_out_parameter(self, layer: int) -> torch.nn.Parameter:
         """The Hugging Face parameter that :meth:`w_out` views (what an optimiser takes)."""
         view = self.w_out(layer)

@@ -153,6 +153,20 @@ class ModelAdapter:
         """The MLP output projection of ``layer``, shape ``[d_mlp, d_model]``."""
         return self.model.blocks[self.check_layer(layer)].mlp.W_out
 
+    def mlp_post_norm(self, layer: int) -> torch.nn.Module | None:
+        """The norm a block applies to its MLP's output before adding it to the residual
+        stream (Gemma 2 and 3's post-feedforward RMSNorm, ``ln2_post``), or None where the
+        residual stream gets ``W_out k`` as it is (GPT-2, Llama, NeoX)."""
+        if not getattr(self.model.cfg, "use_normalization_before_and_after", False):
+            return None
+        return self.block(layer).ln2_post
+
+    def mlp_value(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """What ``W_out`` outputs for ``keys`` ``[..., d_mlp]``: ``keys @ W_out + b_out``
+        ``[..., d_model]``, before any post-MLP norm (ROME's value space)."""
+        mlp = self.block(layer).mlp
+        return keys.to(mlp.W_out.dtype) @ mlp.W_out + mlp.b_out
+
     def block(self, layer: int) -> torch.nn.Module:
         """Transformer block ``layer`` (call it as ``block(resid, past_kv_cache_entry=...)``)."""
         return self.model.blocks[self.check_layer(layer)]

@@ -19,6 +19,7 @@ from lens_rome.editing.memit import (
 from lens_rome.editing.null_space import key_gram, projector, update_left
 from lens_rome.editing.rome import Edit
 from lens_rome.editing.statistics import key_statistics
+from lens_rome.errors import InputError
 from lens_rome.editing.values import key_and_value
 from lens_rome.editing.weights import applied_edits, edited_keys
 from lens_rome.evaluation.measures import target_log_probs
@@ -349,3 +350,11 @@ def test_smollm_batch_rewrites_two_facts_and_reverts(smollm, tmp_path):
             assert new > old, (prompt, float(new), float(old))
         assert [t["lookup_token"] for t in change.info["targets"]] == [" Tower", "if"]
     assert_same(smollm, before)
+
+
+def test_memit_refuses_a_model_that_normalises_its_mlp_output(tiny_gemma):
+    before = tiny_gemma.blocks[2].mlp.W_out.detach().clone()
+    with pytest.raises(InputError, match=r"normalises the output of its MLPs .*layers \[1, 2\].*"
+                                         r"rome.edit"):
+        memit.edit(tiny_gemma, REQUESTS[:1], layers=[1, 2])
+    assert torch.equal(tiny_gemma.blocks[2].mlp.W_out, before)

@@ -167,6 +167,54 @@ def test_edit_follows_the_paper_formula(tiny_llama, tmp_path):
         change.revert()
 
 
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", "tiny_gemma", "gemma3 bridge"])
+def test_the_v_star_loop_adds_delta_to_the_output_of_w_out(name, request):
+    """The loop's log-probabilities with ``delta`` are the model's with ``delta`` added to the
+    output of the MLP's ``W_out`` at the lookup token, where ROME's update puts it; also
+    where a norm follows the MLP (Gemma: the residual stream gets it through the norm)."""
+    model = (request.getfixturevalue("tiny_bridges")("gemma3") if name.endswith("bridge")
+             else request.getfixturevalue(name))
+    adapter, layer = adapter_for(model), 1  # the tiny Gemma 3's sliding window is 8 tokens
+    specs, _, _ = _layout(adapter, EditRequest.parse(REQUEST), RomeHyperParams(layer=layer,
+                                                                              n_prefixes=0))
+    rows, lookup, positions, target = specs[0]
+    group = values._Group(adapter, layer, rows, lookup, positions, target).cast(torch.float32)
+    group.value_norm = adapter.mlp_post_norm(layer)
+    assert (group.value_norm is not None) == ("gemma" in name)
+    delta = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        loop = group.log_probs(delta)[0]
+        assert (loop - group.log_probs(torch.zeros_like(delta))[0]).abs().max() > 0.01  # not vacuous
+
+        def add(module, inputs, output):  # the MLP module's output is W_out's
+            output[:, group.p] += delta
+
+        handle = model.blocks[layer].mlp.register_forward_hook(add)
+        try:
+            tokens = adapter.as_tokens([adapter.bos + r for r in rows])
+            logits = model(tokens)[0, [q + adapter.n_bos for q in positions]]
+        finally:
+            handle.remove()
+    torch.testing.assert_close(loop, torch.log_softmax(logits, -1), rtol=1e-4, atol=1e-4)
+
+
+def test_the_value_of_a_gemma_style_edit_passes_through_the_post_mlp_norm(tiny_gemma,
+                                                                         tmp_path):
+    adapter = adapter_for(tiny_gemma)
+    assert adapter.mlp_post_norm(2) is tiny_gemma.blocks[2].ln2_post
+    stats = key_statistics(tiny_gemma, 2, CORPUS, samples=20, token_length=16,
+                           cache_dir=tmp_path, progress=False)
+    hp = RomeHyperParams(layer=2, **FAST)
+    kv = key_and_value(adapter, EditRequest.parse(REQUEST), hp)
+    with rome.edited(tiny_gemma, REQUEST, hparams=hp, stats=stats) as change:
+        # the bare prompt's key gets exactly v* = W k0 + delta, before the norm
+        moved = kv.bare_key.float() @ change.weight_delta()
+        torch.testing.assert_close(moved, kv.delta, rtol=1e-3, atol=1e-4)
+    # the clamp is relative to the norm of W_out's output there, not to the normed output
+    value = adapter.mlp_value(2, kv.bare_key[None])[0]
+    assert kv.delta.norm() <= hp.clamp_norm * value.norm() * (1 + 1e-5)
+
+
 def test_revert_is_bit_exact_for_stacked_edits(tiny):
     model, stats = tiny
     before = snapshot(model)
