@@ -184,7 +184,9 @@ def report(results: dict, batches: list[dict], args, out: Path) -> None:
                 f"{cell(e.get('generated_efficacy'))} | {cell(e['paraphrase_score'])} | "
                 f"{cell(e.get('generated_paraphrase'))} | {cell(e['neighborhood_score'])} | "
                 f"{cell(e.get('generated_neighborhood'))} | "
-                f"{cell(e.get('neighborhood_plus_score'))} | {cell(point.get('perplexity'), 2)} "
+                f"{cell(e.get('neighborhood_plus_score'))} | "
+                f"{cell(o.get('generated_neighborhood'))} | {cell(o.get('neighborhood_plus_score'))}"
+                f" | {cell(point.get('perplexity'), 2)} "
                 f"| {cell(summary.get('perplexity_unedited'), 2)} | "
                 f"{cell(point.get('update_norm'), 2)} |")
             print(f"| {LABELS.get(method, method)} | {n} | {point.get('measured', n)} | "
@@ -202,8 +204,9 @@ def report(results: dict, batches: list[dict], args, out: Path) -> None:
               f"{cell(o['paraphrase_score'])} | {cell(o['neighborhood_score'])} | "
               f"{cell(o['fluency'])} | | | |")
     print("\n| method | edits | ES tf | ES gen | PS tf | PS gen | NS tf | NS gen | NS+ "
-          "| perplexity | unedited perplexity | norm of the whole change |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| unedited NS gen | unedited NS+ | perplexity | unedited perplexity "
+          "| norm of the whole change |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(protocols))
     for method, summary in results.items():
         after = summary.get("right_after")
