@@ -4,7 +4,9 @@ A line-by-line transcription of ``rome/compute_u.py``, ``rome/compute_v.py``,
 ``rome/repr_tools.py`` (the lookup index) and ``rome/rome_main.py`` (the
 update) of the paper's repository, with ``nethook`` replaced by hook functions
 on ``blocks.{l}.hook_post`` (the input of ``W_out``) and
-``blocks.{l}.hook_mlp_out`` (its output).  It is the yardstick for
+``blocks.{l}.hook_mlp_out`` (its output, where no norm follows the MLP: GPT-2- and
+Llama-style models; on Gemma that hook is after the post-MLP norm, while the paper's
+code writes ``v*`` at the down projection's output).  It is the yardstick for
 ``lens_rome``'s ROME and imports nothing of lens_rome's editing code.  Slow on
 purpose: every step runs the whole model on every prompt.
 
