@@ -5,8 +5,9 @@ RMSNorm), so ``W_out``'s output and what the residual stream gets differ in
 scale.  For one edit this prints, at the subject's last token of the edited
 layer, the norm of ``W_out k`` (before the norm) and of the MLP's output
 (``hook_mlp_out``, after it) for the edited subject and two others, the norm of
-the edit's ``delta = v* - W_out k0``, and the same norms once the edit is
-applied.  A ``delta`` much larger than ``W_out k`` moves every subject's MLP
+the edit's ``delta = v* - W_out k0``, the same norms once the edit is applied, and
+each key's share of the update, ``(C^-1 k*) . k / (C^-1 k*) . k0`` (the rank-one
+update adds that share of ``delta`` to ``W_out k``).  A ``delta`` much larger than ``W_out k`` moves every subject's MLP
 output, not only the edited one's (docs/editing.md, "Models that normalise their
 MLP's output").
 
@@ -21,17 +22,18 @@ import argparse
 import torch
 
 
-def norms(model, layer: int, text: str) -> tuple[float, float]:
-    """``|W_out k|`` and ``|hook_mlp_out|`` at the last token of ``text``."""
+def norms(model, layer: int, text: str) -> tuple[float, float, torch.Tensor]:
+    """``|W_out k|`` and ``|hook_mlp_out|`` at the last token of ``text``, and the key ``k``."""
     seen = {}
     handle = model.blocks[layer].mlp.register_forward_hook(
         lambda module, inputs, output: seen.__setitem__("value", output.detach()))
+    names = (f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.mlp.hook_post")
     try:
-        _, cache = model.run_with_cache(text, names_filter=f"blocks.{layer}.hook_mlp_out")
+        _, cache = model.run_with_cache(text, names_filter=names.__contains__)
     finally:
         handle.remove()
-    return (float(seen["value"][0, -1].norm()),
-            float(cache[f"blocks.{layer}.hook_mlp_out"][0, -1].norm()))
+    return (float(seen["value"][0, -1].norm()), float(cache[names[0]][0, -1].norm()),
+            cache[names[1]][0, -1].double())
 
 
 def main() -> None:
@@ -59,11 +61,14 @@ def main() -> None:
     with rome.edited(model, request, stats=stats, layer=args.layer) as change:
         after = {s: norms(model, args.layer, s) for s in subjects}
         delta = change.info["v_history"][-1]["delta_norm"]
-    print(f"delta = v* - W_out k0: norm {delta:.2f}")
+        left = change.left.double()  # the unit direction of C^-1 k*
+    print(f"delta = v* - W_out k0: norm {delta:.2f}; share: what the update adds to W_out k "
+          f"for each key, as a share of what it adds for the edited subject's")
+    edited = float(left @ before[args.subject][2])
     for s in subjects:
-        (value, out), (value2, out2) = before[s], after[s]
+        (value, out, key), (value2, out2, _) = before[s], after[s]
         print(f"  {s:24} |W_out k| {value:8.2f} -> {value2:8.2f}   |MLP output| {out:9.2f} -> "
-              f"{out2:9.2f}")
+              f"{out2:9.2f}   share {float(left @ key) / edited:6.3f}")
 
 
 if __name__ == "__main__":
