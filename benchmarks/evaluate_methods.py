@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN_FACTS = ROOT.parent / "shared" / "data" / "known_facts.json"
 METHODS = ("none", "ft", "ft-l", "rome", "memit")
+DEFAULT_N = 100
 SOURCE = "cases_source.json"  # what OUT/cases.json was built from
 COLUMNS = (("S", "score"), ("ES", "efficacy_score"), ("PS", "paraphrase_score"),
            ("NS", "neighborhood_score"), ("EM", "efficacy_magnitude"),
@@ -71,7 +72,8 @@ def table(rows: dict[str, dict], seconds: dict[str, float],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=100, help="cases (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="cases (default: 100; with --report, as many as --out holds)")
     parser.add_argument("--out", default="eval_methods", help="output folder")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--facts", default=str(KNOWN_FACTS))
@@ -107,6 +109,10 @@ def main() -> None:
         model = load_model(args.model)
     out = Path(args.out)
     cases_file = out / "cases.json"
+    if args.n is None:  # a report covers every case the run in --out was built with
+        built_n = json.loads((out / SOURCE).read_text())["n"] \
+            if args.report and (out / SOURCE).exists() else None
+        args.n = built_n or DEFAULT_N
     source = {"model": args.model, "facts": content_hash(json.loads(Path(args.facts).read_text())),
               "n": args.n, "seed": args.seed, "generation_prompts": args.generation_prompts}
     if cases_file.exists():  # a resumed run uses exactly the cases it started with

@@ -42,13 +42,12 @@ Run (``--threads 1`` on a machine busy with other work)::
     .venv/bin/python benchmarks/localization_vs_editing.py --model gemma-3-270m --threads 2
     .venv/bin/python benchmarks/localization_vs_editing.py --report
 
-Cost (2-core CPU, rough, from rome_edits.py's timings): an edit is a v*
-optimisation of ~30 s on SmolLM2-135M, and every edit layer also needs ROME's
-key statistics for that layer (~4 minutes each, computed once and cached on
-disk, so a rerun or another benchmark loads them in a second).  The defaults
-(30 cases, every 3rd layer: 10 layers of SmolLM2's 30, 6 of Gemma-3-270M's 18)
-are 300 edits, about 2.5-3 hours with the statistics on SmolLM2, longer on
-Gemma-3-270M; the 30 traces (5 noise samples) add a few minutes.
+Cost, measured (2-core AMD EPYC, 1 torch thread per run, the two models' runs side
+by side, 2026-12-07; docs/editing.md has the tables): SmolLM2-135M 9.5 s per edit and
+12.9 s per trace, 300 edits and 30 traces in about 1 h 10 min; Gemma-3-270M 21.8 s per
+edit and 10.8 s per trace, 180 edits in about 1 h 20 min.  Every edit layer also needs
+ROME's key statistics, computed once in one pass for all layers and cached on disk
+(808 s for SmolLM2's layers 0, 6, 9, ..., 27 at one thread; docs/editing.md).
 """
 
 from __future__ import annotations
@@ -258,13 +257,18 @@ def report(records: list[dict]) -> dict:
     per_layer = {}
     for l in layers:
         mine = [r for r in edits if r["layer"] == l]
-        per_layer[l] = {"n": len(mine), "effect": float(effect[layer == l].mean()),
+        here = layer == l
+        per_layer[l] = {"n": len(mine), "effect": float(effect[here].mean()),
+                        "spearman": pearson(ranks(effect[here]), ranks(rewrite[here])),
                         **{k: float(np.mean([r[k] for r in mine])) for k in (
                             "rewrite", "efficacy", "paraphrase", "neighbourhood")}}
+    clean = np.array([t["high_score"] for t in traces], dtype=float)
     return {
         "cases": len({r["known_id"] for r in edits}), "pairs": found, "layers": layers,
         "per_layer": per_layer,
         "effect_by_layer": np.mean([t["effect"] for t in traces], axis=0).tolist(),
+        "clean_probability": {"min": float(clean.min()), "median": float(np.median(clean)),
+                              "max": float(clean.max())},
         "pearson": pearson(effect, rewrite), "spearman": pearson(ranks(effect), ranks(rewrite)),
         "r2_layer": r_squared(indicators, rewrite),
         "r2_layer_trace": r_squared(np.column_stack([indicators, effect]), rewrite),
@@ -285,16 +289,19 @@ def markdown(summary: dict, settings: Mapping[str, Any]) -> str:
         f"token; CPU ({threads} torch threads) {summary['edit_seconds']:.1f} s per edit, "
         f"{summary['trace_seconds']:.1f} s per trace (key statistics excluded)",
         "",
-        "| edit layer | cases | mean trace effect | mean rewrite score | efficacy | paraphrase "
-        "| neighbourhood |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| edit layer | cases | mean trace effect | mean rewrite score | Spearman in layer "
+        "| efficacy | paraphrase | neighbourhood |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for layer, row in summary["per_layer"].items():
         lines.append(f"| {layer} | {row['n']} | {row['effect']:.4f} | {row['rewrite']:.3f} | "
-                     f"{100 * row['efficacy']:.1f}% | {100 * row['paraphrase']:.1f}% | "
-                     f"{100 * row['neighbourhood']:.1f}% |")
+                     f"{row['spearman']:.2f} | {100 * row['efficacy']:.1f}% | "
+                     f"{100 * row['paraphrase']:.1f}% | {100 * row['neighbourhood']:.1f}% |")
+    clean = summary["clean_probability"]
     lines += [
         "",
+        f"The true object's probability on the clean prompt (the trace's ceiling): median "
+        f"{clean['median']:.3f}, from {clean['min']:.3f} to {clean['max']:.3f}.",
         f"Over {len(summary['pairs'])} (case, layer) pairs: trace effect vs rewrite score "
         f"Pearson {summary['pearson']:.3f}, Spearman {summary['spearman']:.3f}; R^2 of the "
         f"rewrite score from the layer alone {100 * summary['r2_layer']:.1f}%, from the layer "

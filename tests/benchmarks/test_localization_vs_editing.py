@@ -156,7 +156,8 @@ def made_up_records(rewrite_of, n_cases=5, layers=(0, 2, 4), n_layers=5, seed=0)
     records = []
     for i in range(n_cases):
         effect = rng.uniform(0, 0.5, n_layers).tolist()
-        records.append({"kind": "trace", "known_id": i, "effect": effect, "seconds": 2.0})
+        records.append({"kind": "trace", "known_id": i, "effect": effect, "seconds": 2.0,
+                        "high_score": 0.1 * (i + 1)})
         for layer in layers:
             records.append({
                 "kind": "edit", "known_id": i, "layer": layer, "seconds": 10.0,
@@ -203,9 +204,14 @@ def test_correlations_and_r_squared_are_the_textbook_ones(bench, rewrite_of):
         mine = [r for r in edits if r["layer"] == layer]
         assert row["rewrite"] == pytest.approx(np.mean([r["rewrite"] for r in mine]))
         assert row["efficacy"] == pytest.approx(np.mean([r["efficacy"] for r in mine]))
-        assert row["effect"] == pytest.approx(
-            np.mean([next(t["effect"][layer] for t in records if t["kind"] == "trace"
-                          and t["known_id"] == r["known_id"]) for r in mine]))
+        effects = [next(t["effect"][layer] for t in records if t["kind"] == "trace"
+                        and t["known_id"] == r["known_id"]) for r in mine]
+        assert row["effect"] == pytest.approx(np.mean(effects))
+        rewrites = [r["rewrite"] for r in mine]
+        assert row["spearman"] == pytest.approx(  # no ties: ranks by argsort
+            np.corrcoef(np.argsort(np.argsort(effects)), np.argsort(np.argsort(rewrites)))[0, 1])
+    assert summary["clean_probability"] == pytest.approx(
+        {"min": 0.1, "median": 0.3, "max": 0.5})
 
 
 def test_spearman_averages_the_ranks_of_ties(bench):
