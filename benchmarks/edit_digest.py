@@ -1,4 +1,4 @@
-"""Bit-level fingerprint of one ordinary ROME edit on the embedded SmolLM2.
+"""Bit-level fingerprint of one ordinary ROME edit on an embedded model (SmolLM2 by default).
 
 Prints sha256 digests of the key statistics ``C``, of the update's two
 vectors and of ``W_out`` after the edit and after its revert.  Run it on two
@@ -8,7 +8,8 @@ them unchanged).  float32 throughout (``bf16=False``), so the result does not
 depend on whether the CPU has bfloat16 units.
 
 Run: ``.venv/bin/python benchmarks/edit_digest.py`` (about a minute on a
-2-core CPU: 200 chunks of statistics, not cached, and one edit).
+2-core CPU: 200 chunks of statistics, not cached, and one edit); ``--model
+gemma-3-270m`` for Gemma, whose ROME passes ``v*`` through the post-MLP norm.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def digest(tensor: torch.Tensor) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=200, help="chunks of key statistics")
+    parser.add_argument("--model", default="smollm2-135m", help="an embedded model")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
@@ -41,7 +43,7 @@ def main() -> None:
     from lens_rome.editing.hparams import RomeHyperParams
     from lens_rome.editing.statistics import key_statistics
 
-    model = load_model("smollm2-135m")
+    model = load_model(args.model)
     hp = RomeHyperParams.for_model(model).replace(bf16=False)
     stats = key_statistics(model, hp.layer, samples=args.samples, use_cache=False,
                            progress=False)
@@ -51,7 +53,8 @@ def main() -> None:
     after = digest(adapter_for(model).w_out(hp.layer))
     done.revert()
     reverted = digest(adapter_for(model).w_out(hp.layer))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, layer {hp.layer}")
+    print(f"{args.model}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"layer {hp.layer}")
     print(f"C          {digest(stats.second_moment)}  ({stats.count} keys)")
     print(f"left       {digest(done.left)}")
     print(f"right      {digest(done.right)}")
