@@ -23,17 +23,16 @@ import torch
 
 
 def norms(model, layer: int, text: str) -> tuple[float, float, torch.Tensor]:
-    """``|W_out k|`` and ``|hook_mlp_out|`` at the last token of ``text``, and the key ``k``."""
-    seen = {}
-    handle = model.blocks[layer].mlp.register_forward_hook(
-        lambda module, inputs, output: seen.__setitem__("value", output.detach()))
-    names = (f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.mlp.hook_post")
-    try:
-        _, cache = model.run_with_cache(text, names_filter=names.__contains__)
-    finally:
-        handle.remove()
-    return (float(seen["value"][0, -1].norm()), float(cache[names[0]][0, -1].norm()),
-            cache[names[1]][0, -1].double())
+    """``|W_out k|`` and ``|MLP output|`` at the last token of ``text``, and the key ``k``."""
+    from lens_rome import adapter_for
+
+    adapter = adapter_for(model)
+    names = (adapter.hook_name("mlp", layer), adapter.hook_name("key", layer))
+    _, cache = model.run_with_cache(text, names_filter=names.__contains__)
+    key = cache[names[1]][0, -1]
+    with torch.no_grad():
+        value = adapter.mlp_value(layer, key)
+    return float(value.norm()), float(cache[names[0]][0, -1].norm()), key.double()
 
 
 def main() -> None:

@@ -45,9 +45,8 @@ class _Group:
     the upper blocks on the positions from the lookup token on.
     """
 
-    # The norm ROME's delta passes through before the residual stream gets it: set by
-    # key_and_value for a change of W_out's output in a block that normalises its MLP's
-    # output (Gemma); None: delta is added to the residual stream as it is.
+    # The norm ROME's delta passes through before the residual stream gets it (Gemma; set
+    # by pass_through), or None: delta is added to the residual stream as it is.
     value_norm: torch.nn.Module | None = None
 
     def __init__(self, adapter: ModelAdapter, layer: int, rows: list[list[int]], lookup: int,
@@ -151,14 +150,23 @@ class _Group:
             self.prefix = {b: (fast.rotated_keys(b, k), v) for b, (k, v) in self.prefix.items()}
         return self
 
+    def pass_through(self, norm: torch.nn.Module) -> "_Group":
+        """Make ``delta`` a change of ``W_out``'s output that reaches the residual stream
+        through ``norm`` (a post-MLP norm): keep each row's ``v = W_out k`` and ``norm(v)``
+        ``[rows, d_model]``, which no step changes."""
+        self.value_norm = norm
+        with torch.no_grad():
+            self.value = self.adapter.mlp_value(self.layer, self.keys)
+            self.normed_value = norm(self.value)
+        return self
+
     def residual_delta(self, delta: torch.Tensor) -> torch.Tensor:
         """What the residual stream after the edited block gets at the lookup token,
         ``delta`` itself ``[d_model]``, or through the post-MLP norm ``[rows, 1, d_model]``,
         ``norm(v + delta) - norm(v)`` with ``v = W_out k`` each row's MLP output before it."""
         if self.value_norm is None:
             return delta.to(self.resid.dtype)
-        value = self.adapter.mlp_value(self.layer, self.keys)  # [rows, d_model]
-        change = self.value_norm(value + delta.to(value.dtype)) - self.value_norm(value)
+        change = self.value_norm(self.value + delta.to(self.value.dtype)) - self.normed_value
         return change.to(self.resid.dtype)[:, None]
 
     def log_probs(self, delta: torch.Tensor) -> torch.Tensor:
@@ -348,8 +356,9 @@ def key_and_value(adapter: ModelAdapter, request: EditRequest, hp: RomeHyperPara
     # MLP's down projection); where a norm follows the MLP (Gemma), the residual stream
     # gets it through that norm.  MEMIT's delta is a change of the residual stream itself.
     value_norm = adapter.mlp_post_norm(hp.layer) if hp.norm_reference == "mlp_out" else None
-    for group in [*groups, kl_group]:
-        group.value_norm = value_norm
+    if value_norm is not None:
+        for group in [*groups, kl_group]:
+            group.pass_through(value_norm)
     # m, the paper's target_init: at the bare prompt's lookup token, the output of W_out
     # (ROME) or the residual stream after the edited block (MEMIT)
     if hp.norm_reference == "hidden":

@@ -66,14 +66,6 @@ class BridgeAdapter(ModelAdapter):
             return None
         return getattr(layers[self.check_layer(layer)], "post_feedforward_layernorm", None)
 
-    def mlp_value(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
-        """What ``W_out`` outputs for ``keys`` ``[..., d_mlp]`` ``[..., d_model]``, before any
-        post-MLP norm (ROME's value space)."""
-        weight = self.w_out(layer)
-        value = keys.to(weight.dtype) @ weight
-        bias = getattr(self.model.blocks[layer].mlp, "b_out", None)
-        return value if bias is None else value + bias
-
     def w_out_parameter(self, layer: int) -> torch.nn.Parameter:
         """The Hugging Face parameter that :meth:`w_out` views (what an optimiser takes)."""
         view = self.w_out(layer)

@@ -163,9 +163,12 @@ class ModelAdapter:
 
     def mlp_value(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """What ``W_out`` outputs for ``keys`` ``[..., d_mlp]``: ``keys @ W_out + b_out``
-        ``[..., d_model]``, before any post-MLP norm (ROME's value space)."""
-        mlp = self.block(layer).mlp
-        return keys.to(mlp.W_out.dtype) @ mlp.W_out + mlp.b_out
+        ``[..., d_model]`` (no bias where the MLP has none), before any post-MLP norm
+        (ROME's value space)."""
+        weight = self.w_out(layer)
+        value = keys.to(weight.dtype) @ weight
+        bias = getattr(self.block(layer).mlp, "b_out", None)
+        return value if bias is None else value + bias
 
     def block(self, layer: int) -> torch.nn.Module:
         """Transformer block ``layer`` (call it as ``block(resid, past_kv_cache_entry=...)``)."""
