@@ -96,6 +96,15 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.facts).exists():
         sys.exit(f"error: {args.facts} is absent (is the shared data folder beside the project?)")
+    out = Path(args.out)
+    cases_file = out / "cases.json"
+    if args.report and not cases_file.exists():
+        sys.exit(f"error: {cases_file} is absent: --report prints the runs in --out, and "
+                 f"{out} holds none; run without --report first, or name the folder that does")
+    if args.n is None:  # a report covers every case the run in --out was built with
+        built_n = json.loads((out / SOURCE).read_text())["n"] \
+            if args.report and (out / SOURCE).exists() else None
+        args.n = built_n or DEFAULT_N
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -107,12 +116,6 @@ def main() -> None:
 
     with contextlib.redirect_stdout(io.StringIO()):
         model = load_model(args.model)
-    out = Path(args.out)
-    cases_file = out / "cases.json"
-    if args.n is None:  # a report covers every case the run in --out was built with
-        built_n = json.loads((out / SOURCE).read_text())["n"] \
-            if args.report and (out / SOURCE).exists() else None
-        args.n = built_n or DEFAULT_N
     source = {"model": args.model, "facts": content_hash(json.loads(Path(args.facts).read_text())),
               "n": args.n, "seed": args.seed, "generation_prompts": args.generation_prompts}
     if cases_file.exists():  # a resumed run uses exactly the cases it started with

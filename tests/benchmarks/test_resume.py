@@ -39,3 +39,14 @@ def test_attribution_quality_reads_an_older_run_with_a_warning(tmp_path, caplog)
     (tmp_path / "run.json").unlink()
     with pytest.raises(SavedFileError, match="window"):
         resumed(tmp_path, {**SETTINGS, "window": 5}, {"7": "a"})
+
+
+def test_evaluate_methods_reports_only_a_folder_that_holds_a_run(tmp_path, monkeypatch):
+    facts = tmp_path / "facts.json"
+    facts.write_text("[]")
+    empty = tmp_path / "no_run"
+    monkeypatch.setattr("sys.argv", ["evaluate_methods.py", "--report", "--out", str(empty),
+                                     "--facts", str(facts)])
+    with pytest.raises(SystemExit, match=r"no_run/cases.json is absent.*run without --report"):
+        load("evaluate_methods").main()
+    assert not empty.exists()  # nothing built, nothing written
